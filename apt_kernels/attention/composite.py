@@ -1,0 +1,64 @@
+"""The "torch" backend: the fastest composite of stock PyTorch ops (the CPU default).
+
+When the gate does not vary along the query axis (None, (B,1,1,P), (1,Hq,1,P), ...), the gate folds
+into the prefix: the prefix keys and values are scaled by the gate, concatenated in front of the
+token keys/values, and one call to ``F.scaled_dot_product_attention`` does the rest (SDPA's fused
+CPU/GPU kernels, GQA through ``enable_gqa`` when the gate is shared by heads). A per-token gate
+(varying along N) cannot fold into keys, and SDPA does not return the logsumexp; those cases
+(and ``return_lse=True``) take the explicit-matmul path of the reference, which is already a
+composite of stock ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import additive_mask, reference_attention
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def torch_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):
+    per_token_gate = gate is not None and gate.shape[2] != 1
+    if return_lse or per_token_gate or q.numel() == 0 or k.shape[2] + (0 if prefix_k is None else prefix_k.shape[2]) == 0:
+        return reference_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse)
+
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    # A gate that differs per query head makes the gated prefix differ per query head.
+    heads = Hq if gate is not None and gate.shape[1] != 1 else Hkv
+    mask = additive_mask(attn_mask, causal, N, M, q.dtype, q.device)
+    if prefix_k is not None:
+        P = prefix_k.shape[2]
+        pk, pv = _expand_heads(prefix_k, heads), _expand_heads(prefix_v, heads)
+        if gate is not None:
+            g = gate[:, :, 0, :, None].to(q.dtype)  # (1|B, 1|Hq, P, 1)
+            pk, pv = pk * g, pv * g
+        pk, pv = pk.expand(B, heads, P, D), pv.expand(B, heads, P, D)
+        k = torch.cat([pk, _expand_heads(k, heads)], dim=2)
+        v = torch.cat([pv, _expand_heads(v, heads)], dim=2)
+        if mask is not None:  # prefix columns are always visible
+            mask = torch.cat([mask.new_zeros(mask.shape[:-1] + (P,)).expand(*mask.shape[:-1], P), mask], dim=-1)
+    else:
+        k, v = _expand_heads(k, heads), _expand_heads(v, heads)
+
+    dead = None
+    if mask is not None and prefix_k is None:
+        # Rows with no visible key: SDPA would return NaN. Open one column so it computes finite
+        # numbers (and finite gradients), then return 0 there as the spec says.
+        dead = (mask == float("-inf")).all(-1, keepdim=True)
+        if bool(dead.any()):
+            first = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
+            first[0] = True
+            mask = mask.masked_fill(dead & first, 0.0)
+        else:
+            dead = None
+
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                         enable_gqa=heads != Hq)
+    if dead is not None:
+        out = out.masked_fill(dead, 0.0)
+    return out

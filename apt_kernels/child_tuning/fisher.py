@@ -1,0 +1,119 @@
+"""Fisher-information masks for Child-Tuning mode "D"."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import _validate as V
+
+
+def layer_stack_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters inside the model's stack of transformer layers.
+
+    The stack is the ``nn.ModuleList`` holding the most parameters (``encoder.layer`` in BERT,
+    ``transformer.h`` in GPT-2, ``model.layers`` in Llama); with no ModuleList, every parameter.
+    """
+    best, best_size = None, -1
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = module, size
+    source = best if best is not None else model
+    return {id(p) for p in source.parameters()}
+
+
+def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """model(**batch).loss for a dict batch, model(*batch).loss for a tuple/list, model(batch) else."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", out)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError("the model's output has no scalar loss; pass loss_fn=lambda model, batch: <scalar loss>")
+    return loss
+
+
+def quantile_threshold(values: torch.Tensor, q: float) -> float:
+    """The q-quantile of ``values`` with linear interpolation (numpy.percentile's default), found by
+    selection (kthvalue) on the values' device, in float64."""
+    n = values.numel()
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    v_lo = float(values.kthvalue(lo + 1).values)
+    v_hi = float(values.kthvalue(hi + 1).values) if hi != lo else v_lo
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
+                loss_fn: Callable | None = None, max_grad_norm: float | None = 1.0,
+                select: Callable[[str, torch.nn.Parameter], bool] | None = None,
+                progress: bool = True) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Child-Tuning-D masks: keep the reserve_p fraction of selected weights with the largest Fisher.
+
+    One pass over ``batches`` in train mode. For every batch the loss's gradient is taken; each
+    selected parameter's gradient is clipped to ``max_grad_norm`` on its own (as the paper's code
+    does; None disables clipping), squared and accumulated, and the sum is divided by the number of
+    batches. Over all selected parameters together, an element is kept iff its Fisher value is >= the
+    (1 - reserve_p) quantile (linear interpolation, as ``numpy.percentile``). The quantile is found
+    by selection on the device: nothing is copied to the host.
+
+    Args:
+        model: the model; its train/eval mode is restored afterwards, its grads cleared.
+        batches: an iterable of batches (a DataLoader); dict batches are passed as ``model(**batch)``.
+        reserve_p: fraction kept, in (0, 1].
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+        select: ``select(name, param) -> bool`` picks the parameters that get a mask; default: those
+            inside the transformer layer stack (see :func:`layer_stack_parameters`). Parameters without
+            a mask get full updates from :class:`ChildTuningAdamW`.
+        progress: show a progress bar.
+
+    Returns:
+        {parameter: bool mask of its shape} for the selected trainable parameters.
+    """
+    reserve_p = V.number("reserve_p", reserve_p, lo=0.0, hi=1.0, lo_open=True)
+    if max_grad_norm is not None:
+        max_grad_norm = V.number("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
+    loss_fn = loss_fn or default_loss
+    if select is None:
+        stack = layer_stack_parameters(model)
+        select = lambda name, p: id(p) in stack  # noqa: E731
+    chosen = [p for name, p in model.named_parameters() if p.requires_grad and select(name, p)]
+    if not chosen:
+        raise ValueError("no trainable parameter was selected for a Fisher mask")
+
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in chosen]
+    was_training = model.training
+    model.train()
+    model.zero_grad(set_to_none=True)
+    n_batches = 0
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, desc="Fisher information", total=total, disable=not progress):
+            loss = loss_fn(model, batch)
+            loss.backward()
+            for p, f in zip(chosen, fisher):
+                if p.grad is None:
+                    continue
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(p, max_grad_norm)
+                f.addcmul_(p.grad.float(), p.grad.float())
+            model.zero_grad(set_to_none=True)
+            n_batches += 1
+    finally:
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("batches was empty: the Fisher information needs at least one batch")
+    torch._foreach_div_(fisher, float(n_batches))
+
+    flat = torch.cat([f.reshape(-1) for f in fisher])
+    threshold = quantile_threshold(flat, 1.0 - reserve_p)
+    del flat
+    return {p: f.double() >= threshold for p, f in zip(chosen, fisher)}

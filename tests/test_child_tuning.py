@@ -1,0 +1,326 @@
+"""ChildTuningAdamW and fisher_mask against torch.optim.AdamW, the paper's optimizer and numpy."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import apt_kernels as ak
+from apt_kernels.child_tuning import keep_mask
+from apt_kernels.child_tuning.rng import philox4x32
+
+BACKENDS = ["reference", "torch"]
+
+
+def small_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+    return m.to(dtype)
+
+
+def fake_grads(model, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+class PaperChildTuningAdamW:
+    """A literal copy of the Child-Tuning paper's optimizer step (old transformers AdamW + grad mask),
+    with the F-mode Bernoulli draw replaced by the exposed keep mask of the same (seed, step, index)."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, reserve_p, mode, masks=None, seed=0):
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.reserve_p, self.mode, self.masks, self.seed = reserve_p, mode, masks or {}, seed
+        self.state = {}
+
+    def step(self):
+        for i, p in enumerate(self.params):
+            grad = p.grad.data.clone()
+            if self.mode == "D":
+                if p in self.masks:
+                    grad *= self.masks[p]
+            else:
+                st = self.state.get(i, {}).get("step", 0) + 1
+                grad_mask = keep_mask(self.seed, st, i, p.shape, self.reserve_p).float()
+                grad *= grad_mask / self.reserve_p
+            state = self.state.setdefault(i, {})
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p.data)
+                state["exp_avg_sq"] = torch.zeros_like(p.data)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            beta1, beta2 = self.betas
+            state["step"] += 1
+            exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().add_(self.eps)
+            step_size = self.lr
+            bias_correction1 = 1.0 - beta1 ** state["step"]
+            bias_correction2 = 1.0 - beta2 ** state["step"]
+            step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+            p.data.addcdiv_(exp_avg, denom, value=-step_size)
+            if self.wd > 0.0:
+                p.data.add_(p.data, alpha=-self.lr * self.wd)
+
+
+def test_philox_known_answers():
+    # Random123's published known-answer vectors for philox4x32-10.
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        got = tuple(int(x) for x in philox4x32(*ctr, *key))
+        assert got == want
+
+
+def test_keep_rate_and_independence():
+    p = 0.3
+    m = keep_mask(7, 1, 0, (1 << 20,), p)
+    rate = m.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / m.numel())
+    others = [keep_mask(7, 2, 0, (1 << 20,), p), keep_mask(7, 1, 1, (1 << 20,), p), keep_mask(8, 1, 0, (1 << 20,), p)]
+    for o in others:  # other step / parameter / seed: independent draws agree on ~p^2 + (1-p)^2
+        agree = (o == m).float().mean().item()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
+    assert torch.equal(keep_mask(7, 1, 0, (1 << 20,), p), m)  # deterministic
+    assert torch.equal(keep_mask(7, 1, 0, (100,), p, offset=1000), m[1000:1100])  # shard = slice
+    assert keep_mask(7, 1, 0, (1000,), 1.0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_torch_semantics_full_reserve_equals_torch_adamw(backend, wd):
+    a, b = small_model(), small_model()
+    opt_a = ak.ChildTuningAdamW(a.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=wd,
+                                reserve_p=1.0, semantics="torch", backend=backend)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=wd, foreach=False)
+    for step in range(60):
+        fake_grads(a, step)
+        fake_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_official_semantics_equals_paper_loop(backend, mode):
+    a, b = small_model(), small_model()
+    masks_a = masks_b = None
+    if mode == "D":
+        pa, pb = list(a.parameters()), list(b.parameters())
+        raw = [torch.rand(p.shape) > 0.6 for p in pa[:3]]  # the last bias gets full updates
+        masks_a, masks_b = dict(zip(pa, raw)), dict(zip(pb, raw))
+    kw = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, reserve_p=0.35, mode=mode)
+    opt_a = ak.ChildTuningAdamW(a.parameters(), **kw, masks=masks_a, seed=11, backend=backend)
+    opt_b = PaperChildTuningAdamW(b.parameters(), **kw, masks=masks_b, seed=11)
+    for step in range(40):
+        fake_grads(a, step)
+        fake_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    if mode == "D":  # masked-out weights moved only by weight decay: p * (1 - lr*wd)^40
+        p0 = list(small_model().parameters())[0]
+        p1, m = list(a.parameters())[0], raw[0]
+        torch.testing.assert_close(p1[~m], p0[~m] * (1 - 2e-3 * 0.01) ** 40, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_backends_agree(semantics, mode):
+    models = [small_model(), small_model()]
+    opts = []
+    for m, backend in zip(models, BACKENDS):
+        masks = {p: torch.ones(p.shape, dtype=torch.bool).tril() if p.dim() == 2 else None for p in m.parameters()}
+        masks = {p: x for p, x in masks.items() if x is not None} if mode == "D" else None
+        opts.append(ak.ChildTuningAdamW(m.parameters(), lr=1e-3, weight_decay=0.1, reserve_p=0.5, mode=mode,
+                                        masks=masks, semantics=semantics, backend=backend))
+    for step in range(20):
+        for m, o in zip(models, opts):
+            fake_grads(m, step)
+            o.step()
+    for pa, pb in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_params_keep_fp32_states(backend):
+    m32, m16 = small_model(), small_model(torch.bfloat16)
+    o32 = ak.ChildTuningAdamW(m32.parameters(), lr=1e-3, reserve_p=0.5, backend=backend)
+    o16 = ak.ChildTuningAdamW(m16.parameters(), lr=1e-3, reserve_p=0.5, backend=backend)
+    for p32, p16 in zip(m32.parameters(), m16.parameters()):
+        p32.data.copy_(p16.data.float())
+    for step in range(5):
+        fake_grads(m16, step)
+        for p32, p16 in zip(m32.parameters(), m16.parameters()):
+            p32.grad = p16.grad.float()
+        o32.step()
+        o16.step()
+        for p32, p16 in zip(m32.parameters(), m16.parameters()):
+            assert o16.state[p16]["exp_avg"].dtype == torch.float32
+            assert torch.equal(p16.data, p32.data.to(torch.bfloat16))  # one rounding per step
+            p32.data.copy_(p16.data.float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_resume_is_bit_exact(backend):
+    def make(m):
+        return ak.ChildTuningAdamW(m.parameters(), lr=1e-2, reserve_p=0.4, seed=5, weight_decay=0.01, backend=backend)
+
+    ref = small_model()
+    opt = make(ref)
+    for step in range(10):
+        fake_grads(ref, step)
+        opt.step()
+    half = small_model()
+    opt_h = make(half)
+    for step in range(5):
+        fake_grads(half, step)
+        opt_h.step()
+    saved_model, saved_opt = copy.deepcopy(half.state_dict()), copy.deepcopy(opt_h.state_dict())
+    resumed = small_model()
+    resumed.load_state_dict(saved_model)
+    opt_r = ak.ChildTuningAdamW(resumed.parameters(), lr=0.5, reserve_p=0.9, seed=99, backend=backend)
+    opt_r.load_state_dict(saved_opt)  # hyper-parameters and seed come back with the state
+    for step in range(5, 10):
+        fake_grads(resumed, step)
+        opt_r.step()
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bf16_state_dict_keeps_fp32_moments():
+    m = small_model(torch.bfloat16)
+    opt = ak.ChildTuningAdamW(m.parameters(), lr=1e-3)
+    fake_grads(m, 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = ak.ChildTuningAdamW(m.parameters(), lr=1e-3)
+    opt2.load_state_dict(sd)
+    for p in m.parameters():
+        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_grad_scaler_skips_inf_steps():
+    m = small_model()
+    opt = ak.ChildTuningAdamW(m.parameters(), lr=1e-2, reserve_p=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x = torch.randn(4, 7)
+    scaler.scale(m(x).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = [p.detach().clone() for p in m.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    scaler.scale(m(x).sum()).backward()
+    next(m.parameters()).grad[0, 0] = float("inf")
+    scaler.step(opt)  # skipped: inf found after unscale
+    scaler.update()
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b)
+    assert opt.state_dict()["state"][0]["step"] == state_before["state"][0]["step"] == 1
+
+
+def test_params_without_grad_are_skipped_and_grads_untouched():
+    m = small_model()
+    opt = ak.ChildTuningAdamW(m.parameters(), lr=1e-2, reserve_p=0.3)
+    fake_grads(m, 0)
+    frozen = m[2].weight
+    frozen.grad = None
+    w = frozen.detach().clone()
+    g = m[0].weight.grad.clone()
+    opt.step()
+    assert torch.equal(frozen, w) and frozen not in opt.state
+    assert torch.equal(m[0].weight.grad, g)
+
+
+def test_sparse_grad_rejected():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ak.ChildTuningAdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_param_groups_have_their_own_reserve_p_and_lr():
+    m = small_model()
+    opt = ak.ChildTuningAdamW([{"params": m[0].parameters(), "reserve_p": 0.1, "lr": 0.0},
+                               {"params": m[2].parameters()}], lr=1e-2, reserve_p=1.0)
+    before = [p.detach().clone() for p in m.parameters()]
+    fake_grads(m, 0)
+    opt.step()
+    after = list(m.parameters())
+    assert torch.equal(after[0], before[0])  # lr 0
+    assert not torch.equal(after[2], before[2])
+    assert opt.param_groups[0]["reserve_p"] == 0.1 and opt.param_groups[1]["reserve_p"] == 1.0
+
+
+class TinyClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 8)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x, labels=None):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        logits = self.head(h)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_fisher_mask_matches_paper_computation():
+    torch.manual_seed(3)
+    model = TinyClassifier()
+    batches = [{"x": torch.randn(5, 6), "labels": torch.randint(0, 3, (5,))} for _ in range(4)]
+    reserve_p = 0.3
+    masks = ak.fisher_mask(model, batches, reserve_p, max_grad_norm=0.5, progress=False)
+    # The paper's calculate_fisher on the same data: per-parameter clipping, numpy percentile.
+    ref = copy.deepcopy(model)
+    acc = {n: torch.zeros_like(p) for n, p in ref.named_parameters() if n.startswith("layers.")}
+    for batch in batches:
+        ref(**batch)["loss"].backward()
+        for n, p in ref.named_parameters():
+            if n in acc:
+                torch.nn.utils.clip_grad_norm_(p, 0.5)
+                acc[n] += p.grad ** 2 / len(batches)
+        ref.zero_grad()
+    r = np.concatenate([v.reshape(-1).numpy().astype(np.float64) for v in acc.values()])
+    polar = np.percentile(r, (1 - reserve_p) * 100)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in masks) == sorted(acc)
+    for p, m in masks.items():
+        want = torch.from_numpy(acc[names[id(p)]].double().numpy() >= polar)
+        assert torch.equal(m, want)
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert abs(kept - reserve_p) < 0.02
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_mask_drives_mode_d():
+    model = TinyClassifier()
+    batches = [{"x": torch.randn(5, 6), "labels": torch.randint(0, 3, (5,))} for _ in range(3)]
+    masks = ak.fisher_mask(model, batches, 0.2, progress=False, select=lambda n, p: n.endswith("weight"))
+    assert all(p.dim() == 2 for p in masks)
+    opt = ak.ChildTuningAdamW(model.parameters(), lr=1e-2, mode="D", masks=masks)
+    before = {p: p.detach().clone() for p in masks}
+    model(**batches[0])["loss"].backward()
+    opt.step()
+    for p, m in masks.items():
+        assert torch.equal(p[~m], before[p][~m])
+        assert bool((p[m] != before[p][m]).all())
+    assert sum(int(m.sum()) for m in masks.values()) > 0
+    with pytest.raises(ValueError, match="at least one batch"):
+        ak.fisher_mask(model, [], 0.2, progress=False)

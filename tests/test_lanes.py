@@ -1,0 +1,45 @@
+"""The Triton lane (interpreter on CPU, compiled on GPU) and the CUDA C++ compile lane."""
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from apt_kernels.child_tuning import keep_mask
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seed,step,index,shape,p,offset", [
+    (0, 1, 0, (37, 5), 0.3, 0),
+    (123456789012345, 7, 3, (1000,), 0.9, 0),
+    (2 ** 64 - 1, 2 ** 31 + 5, 70000, (3, 3), 0.5, 0),
+    (5, 1, 0, (10,), 0.5, 2 ** 32 - 3),  # element index crosses 2**32
+])
+def test_triton_keep_mask_equals_definition(seed, step, index, shape, p, offset):
+    want = keep_mask(seed, step, index, shape, p, DEVICE, offset, backend="reference")
+    got = keep_mask(seed, step, index, shape, p, DEVICE, offset, backend="triton")
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_cuda_sources_compile_for_sm90(source, tmp_path):
+    cmd = [shutil.which("nvcc"), "-std=c++17", "-O3", "-gencode=arch=compute_90,code=sm_90",
+           "-I", str(CSRC), "-c", str(CSRC / source), "-o", str(tmp_path / "out.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out.o").stat().st_size > 0
+
+
+def test_kernel_sources_are_free_of_torch_headers():
+    sources = list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh"))
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        assert "torch/" not in text and "ATen" not in text and "c10/" not in text, path

@@ -1,0 +1,149 @@
+"""PST: masks against an independent stable sort, the straight-through backward against autograd."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import apt_kernels as ak
+from apt_kernels.pst.reference import ordered_key
+
+BACKENDS = ["reference", "torch"]
+
+
+def make(n=7, k=9, rw=2, rs=3, *, dtype=torch.float64, ties=False, requires_grad=False):
+    w0 = torch.randn(n, k, dtype=dtype)
+    if ties:  # as at initialisation: bf16-valued weights, zero low-rank terms -> many equal scores
+        w0 = (torch.randint(-4, 5, (n, k)).to(dtype) / 4).to(torch.bfloat16).to(dtype)
+    u, a = torch.randn(n, rw, dtype=dtype) * 0.1, torch.randn(n, rs, dtype=dtype) * 0.1
+    if ties:
+        v, b = torch.zeros(rw, k, dtype=dtype), torch.zeros(rs, k, dtype=dtype)
+        r, c = torch.zeros(n, dtype=dtype), torch.zeros(k, dtype=dtype)
+    else:
+        v, b = torch.randn(rw, k, dtype=dtype) * 0.1, torch.randn(rs, k, dtype=dtype) * 0.1
+        r, c = torch.randn(n, dtype=dtype) * 0.1, torch.randn(k, dtype=dtype) * 0.1
+    ts = [w0, u, v, a, b, r, c]
+    if requires_grad:
+        for t in ts[1:]:
+            t.requires_grad_(True)
+    return ts
+
+
+def numpy_mask(w0, u, v, a, b, r, c, sparsity, beta=1.0, a1=1.0, a2=1.0):
+    """Independent selection: numpy stable argsort of the float64 scores; the first k indices are pruned."""
+    W = w0.double().numpy() + beta * (u.double().detach().numpy() @ v.double().detach().numpy())
+    S = (np.abs(W) + a1 * (a.double().detach().numpy() @ b.double().detach().numpy())
+         + a2 * (r.double().detach().numpy()[:, None] + c.double().detach().numpy()[None, :]))
+    kp = math.floor(W.size * sparsity)
+    order = np.argsort(S.reshape(-1), kind="stable")
+    keep = np.ones(W.size, dtype=bool)
+    keep[order[:kp]] = False
+    return torch.from_numpy(keep.reshape(W.shape)), W
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape", [(7, 9), (1, 13), (13, 1), (1, 1), (33, 65)])
+def test_mask_matches_stable_sort(backend, sparsity, ties, shape):
+    ts = make(*shape, ties=ties)
+    want, W = numpy_mask(*ts, sparsity)
+    got = ak.pst_mask(*ts, sparsity=sparsity, backend=backend)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert int((~got).sum()) == math.floor(got.numel() * sparsity)
+    wp = ak.pst_masked_weight(*ts, sparsity=sparsity, backend=backend)
+    torch.testing.assert_close(wp, torch.from_numpy(W) * want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_float32_and_bf16_weights_torch_equals_reference(sparsity):
+    for dtype in (torch.float32, torch.bfloat16):
+        ts = make(31, 47, dtype=torch.float32)
+        ts[0] = ts[0].to(dtype)
+        ref = ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference")
+        fast = ak.pst_masked_weight(*ts, sparsity=sparsity, backend="torch")
+        assert ref.dtype == dtype and torch.equal(ref, fast)
+        # ties under bf16 weights with zero low-rank terms: exact mask equality
+        tt = make(31, 47, dtype=torch.float32, ties=True)
+        tt[0] = tt[0].to(dtype)
+        assert torch.equal(ak.pst_mask(*tt, sparsity=sparsity, backend="reference"),
+                           ak.pst_mask(*tt, sparsity=sparsity, backend="torch"))
+
+
+def test_ordered_key_is_monotone_and_merges_zeros():
+    x = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, float("inf"), float("nan"),
+                      -float("nan")])
+    key = ordered_key(x)
+    assert torch.all(key[:-3][1:] >= key[:-3][:-1])
+    assert key[3] == key[4]  # -0 == +0
+    assert key[8] == key[9] and key[8] > key[7]  # every NaN above +inf
+    assert ordered_key(x.double())[3] == ordered_key(x.double())[4]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_scores_are_kept_and_propagate(backend):
+    ts = make(5, 6)
+    ts[0][2, 3] = float("nan")
+    wp = ak.pst_masked_weight(*ts, sparsity=0.9, backend=backend)
+    assert torch.isnan(wp[2, 3]) and int(torch.isnan(wp).sum()) == 1
+    assert bool(ak.pst_mask(*ts, sparsity=0.9, backend=backend)[2, 3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w0_grad", [False, True])
+def test_straight_through_backward_equals_surrogate_autograd(backend, w0_grad):
+    """The STE gradient is autograd's gradient of (M + S - S.detach()) * W: same value, mask as identity in S."""
+    ts = make(11, 13, requires_grad=True)
+    ts[0].requires_grad_(w0_grad)
+    beta, a1, a2, sp = 0.7, 1.3, 0.4, 0.6
+    g = torch.randn(11, 13, dtype=torch.float64)
+    out = ak.pst_masked_weight(*ts, sparsity=sp, beta=beta, alpha1=a1, alpha2=a2, backend=backend)
+    got = torch.autograd.grad(out, [t for t in ts if t.requires_grad], g)
+
+    mask = ak.pst_mask(*ts, sparsity=sp, beta=beta, alpha1=a1, alpha2=a2, backend="reference").double()
+    w0, u, v, a, b, r, c = ts
+    W = w0 + beta * u @ v
+    S = W.abs() + a1 * a @ b + a2 * (r[:, None] + c[None, :])
+    sur = (mask + S - S.detach()) * W
+    torch.testing.assert_close(sur, out, rtol=1e-14, atol=1e-14)
+    want = torch.autograd.grad(sur, [t for t in ts if t.requires_grad], g)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_spec_formulas_in_backward():
+    # dW = (M + |W|) * G reaches U and V; dR, dC are row/column sums of dS = G * W.
+    ts = make(4, 5, requires_grad=True)
+    w0, u, v, a, b, r, c = ts
+    g = torch.randn(4, 5, dtype=torch.float64)
+    out = ak.pst_masked_weight(*ts, sparsity=0.5, alpha2=2.0)
+    out.backward(g)
+    M = ak.pst_mask(*ts, sparsity=0.5, alpha2=2.0).double()
+    W = (w0 + u @ v).detach()
+    dS = g * W
+    torch.testing.assert_close(r.grad, 2.0 * dS.sum(1))
+    torch.testing.assert_close(c.grad, 2.0 * dS.sum(0))
+    torch.testing.assert_close(u.grad, ((M + W.abs()) * g) @ v.detach().T)
+    torch.testing.assert_close(b.grad, a.detach().T @ dS)
+
+
+def test_scores_gradcheck_and_values():
+    ts = make(4, 5, requires_grad=True)
+    ts[0] = ts[0] + 3.0  # keep W away from 0, where |W| has a kink
+    f = lambda *x: ak.pst_scores(ts[0], *x, beta=0.5, alpha1=2.0, alpha2=0.3)  # noqa: E731
+    assert torch.autograd.gradcheck(f, tuple(ts[1:]))
+    w0, u, v, a, b, r, c = ts
+    want = (w0 + 0.5 * u @ v).abs() + 2.0 * a @ b + 0.3 * (r[:, None] + c[None, :])
+    torch.testing.assert_close(f(*ts[1:]), want)
+
+
+def test_mixed_dtypes_compute_in_float32():
+    ts = make(6, 8, dtype=torch.float32)
+    ts[0] = ts[0].to(torch.bfloat16)
+    s = ak.pst_scores(*ts)
+    assert s.dtype == torch.float32
+    out = ak.pst_masked_weight(*ts, sparsity=0.5)
+    W = ts[0].float() + ts[1] @ ts[2]
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (W * ak.pst_mask(*ts, sparsity=0.5)).to(torch.bfloat16))

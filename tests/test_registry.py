@@ -1,0 +1,84 @@
+"""The backend registry, the environment report and packed bitmasks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import apt_kernels as ak
+from apt_kernels import bits
+from apt_kernels.registry import REGISTRIES, BackendUnavailable, Probe, Registry
+
+OPS = ["gated_prefix_attention", "pst_masked_weight", "child_tuning_adamw", "child_tuning_keep_mask", "pack_bits"]
+
+
+def test_every_op_is_registered_with_reference_and_torch():
+    assert set(OPS) <= set(REGISTRIES)
+    cpu = Probe(torch.device("cpu"), torch.float32)
+    for op in OPS:
+        for b in ("reference", "torch"):
+            assert REGISTRIES[op].reason(b, cpu) is None
+        assert REGISTRIES[op].select("auto", cpu)[0] == "torch"
+
+
+def test_unavailable_backends_say_why():
+    cpu = Probe(torch.device("cpu"), torch.float32)
+    reg = REGISTRIES["gated_prefix_attention"]
+    assert "no triton implementation yet" in reg.reason("triton", cpu)
+    assert "CUDA tensors" in REGISTRIES["pack_bits"].reason("cuda", cpu)
+    with pytest.raises(BackendUnavailable, match="pack_bits: backend='cuda' cannot run here"):
+        bits.pack_bits(torch.ones(3, dtype=torch.bool), backend="cuda")
+    text = ak.explain("gated_prefix_attention", "cpu", torch.float32)
+    assert "auto ->   torch" in text and "reference available" in text
+
+
+def test_auto_order_and_fallback():
+    reg = Registry("toy")
+    reg.register("reference")(lambda: "ref")
+    reg.register("torch", lambda p: "not for bf16" if p.dtype == torch.bfloat16 else None)(lambda: "torch")
+    cuda = Probe(torch.device("cuda"), torch.float32)
+    assert reg.select("auto", Probe(torch.device("cpu"), torch.float32))[0] == "torch"
+    assert reg.select("auto", Probe(torch.device("cpu"), torch.bfloat16))[0] == "reference"
+    assert reg.select("auto", cuda)[0] == "torch"  # no cuda/triton entries: falls through to torch
+    with pytest.raises(BackendUnavailable, match="not for bf16"):
+        reg.select("torch", Probe(torch.device("cpu"), torch.bfloat16))
+    with pytest.raises(ValueError, match="unknown backend"):
+        reg.register("jax")
+
+
+def test_triton_interpreter_availability_is_reported():
+    reg = REGISTRIES["child_tuning_keep_mask"]
+    why = reg.reason("triton", Probe(torch.device("cpu"), torch.bool))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert why is None
+    else:
+        assert "TRITON_INTERPRET=1" in why
+
+
+def test_environment_report_runs_and_tells_the_truth():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "apt_kernels"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    for needle in ["python", "torch", "triton", "transformers", "device"] + OPS:
+        assert needle in out
+    assert f"torch         {torch.__version__}" in out
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in out and "CUDA tensors" in out
+        assert "set TRITON_INTERPRET=1" in out
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 1000])
+def test_pack_bits_round_trip(n):
+    mask = torch.rand(n) > 0.5
+    words = bits.pack_bits(mask)
+    assert words.dtype == torch.int32 and words.numel() == (n + 31) // 32
+    assert torch.equal(bits.unpack_bits(words, (n,)), mask)
+    # bit j of word w is element 32 w + j
+    for i in range(min(n, 40)):
+        assert bool((int(words[i // 32]) >> (i % 32)) & 1) == bool(mask[i])
+    full = torch.ones(64, dtype=torch.bool)
+    assert torch.equal(bits.pack_bits(full), torch.full((2,), -1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="hold fewer than"):
+        bits.unpack_bits(words, (n + 64,))
