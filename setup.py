@@ -44,7 +44,7 @@ def cuda_extension():
         say(f"skipping the CUDA extension: {why}; the 'cuda' backend will be unavailable")
         return [], {}
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     if not arch:
         nvcc_flags += ["-gencode=arch=compute_90,code=sm_90"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
@@ -53,7 +53,7 @@ def cuda_extension():
         "apt_kernels._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -1,44 +1,7 @@
-// The torch-facing side of the CUDA kernels: argument checks, streams, and the Python module.
-// Kernel sources (*.cu) stay free of torch headers; only this file includes them.
-#include <torch/extension.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "bitpack.cuh"
-
-namespace {
-
-void check_cuda(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, what, " failed: ", cudaGetErrorString(status));
-}
-
-torch::Tensor pack_bits(const torch::Tensor& mask) {
-  TORCH_CHECK(mask.is_cuda() && mask.scalar_type() == torch::kBool, "pack_bits: mask must be a CUDA bool tensor");
-  const auto flat = mask.contiguous().view(-1);
-  const c10::cuda::CUDAGuard guard(mask.device());
-  auto words = torch::empty({(flat.numel() + 31) / 32}, flat.options().dtype(torch::kInt32));
-  check_cuda(apt_pack_bits(flat.data_ptr<bool>(), reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()),
-                           flat.numel(), c10::cuda::getCurrentCUDAStream()),
-             "apt_pack_bits");
-  return words;
-}
-
-torch::Tensor unpack_bits(const torch::Tensor& words, int64_t n) {
-  TORCH_CHECK(words.is_cuda() && words.scalar_type() == torch::kInt32, "unpack_bits: words must be a CUDA int32 tensor");
-  TORCH_CHECK(words.numel() * 32 >= n, "unpack_bits: ", words.numel(), " words hold fewer than ", n, " bits");
-  const auto flat = words.contiguous();
-  const c10::cuda::CUDAGuard guard(words.device());
-  auto mask = torch::empty({n}, flat.options().dtype(torch::kBool));
-  check_cuda(apt_unpack_bits(reinterpret_cast<const uint32_t*>(flat.data_ptr<int32_t>()), mask.data_ptr<bool>(), n,
-                             c10::cuda::getCurrentCUDAStream()),
-             "apt_unpack_bits");
-  return mask;
-}
-
-}  // namespace
+// The Python module apt_kernels._C: each op family adds its functions from its own *_bind.cpp.
+#include "bindings.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "apt_kernels CUDA C++ kernels";
-  m.def("pack_bits", &pack_bits, "pack a bool mask into int32 words, LSB first");
-  m.def("unpack_bits", &unpack_bits, "unpack n bools from int32 words");
+  apt::bind_bitpack(m);
 }

@@ -37,6 +37,35 @@ def test_cuda_sources_compile_for_sm90(source, tmp_path):
     assert (tmp_path / "out.o").stat().st_size > 0
 
 
+def _torch_include_flags(stub_dir: pathlib.Path) -> list[str]:
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    # CPU wheels of torch ship c10/cuda headers but not this generated one; it only sets a macro.
+    (stub_dir / "c10/cuda/impl").mkdir(parents=True)
+    (stub_dir / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    nvcc = pathlib.Path(shutil.which("nvcc")).resolve()
+    cuda_include = [p for p in (nvcc.parents[1] / "include", pathlib.Path("/usr/local/cuda/include"))
+                    if (p / "cuda_runtime.h").exists()]
+    if not cuda_include:  # nvcc may be a wrapper script: ask it where the toolkit is
+        out = subprocess.run([str(nvcc), "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+        tops = [line.split("=", 1)[1].strip() for line in out.splitlines() if "TOP=" in line]
+        cuda_include = [pathlib.Path(t) / "include" for t in tops]
+    return ([f"-I{stub_dir}"] + [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+            + [f"-I{p}" for p in cuda_include] + [f"-I{CSRC}"])
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cpp")))
+def test_bindings_compile_against_torch_headers(source, tmp_path):
+    """The torch-facing files cannot be built without a CUDA torch; check they at least compile."""
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=_C",
+           *_torch_include_flags(tmp_path), str(CSRC / source)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
 def test_kernel_sources_are_free_of_torch_headers():
     sources = list(CSRC.glob("*.cu")) + list(CSRC.glob("*.cuh"))
     assert sources
