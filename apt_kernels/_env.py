@@ -27,17 +27,28 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_UNSET = object()
+_triton_error = _UNSET
+
+
 def triton_import_error() -> str | None:
-    """None when ``import triton`` works, else the reason it does not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"import triton failed: {type(e).__name__}: {e}"
-    return None
+    """None when ``import triton`` works, else the reason it does not (computed once).
+
+    A plain module-level cache rather than functools.lru_cache, so torch.compile traces through it.
+    """
+    global _triton_error
+    if _triton_error is _UNSET:
+        if importlib.util.find_spec("triton") is None:
+            _triton_error = "triton is not installed (pip install triton)"
+        else:
+            try:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+
+                _triton_error = None
+            except Exception as e:  # noqa: BLE001
+                _triton_error = f"import triton failed: {type(e).__name__}: {e}"
+    return _triton_error
 
 
 def triton_reason(device: torch.device) -> str | None:

@@ -15,6 +15,21 @@ REGISTRY.register("reference")(reference_attention)
 REGISTRY.register("torch")(torch_attention)
 
 
+def _triton_supports(probe):
+    if probe.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes float16/bfloat16/float32, not {str(probe.dtype).replace('torch.', '')}"
+    if "head_dim>256" in probe.features:
+        return "the Triton kernel takes head dims up to 256"
+    return None
+
+
+@REGISTRY.register("triton", _triton_supports)
+def _triton_attention(*args):
+    from .fused import triton_attention  # imports triton: only once the registry said it can run
+
+    return triton_attention(*args)
+
+
 def _normalise_mask(attn_mask, B, Hq, N, M, q):
     if attn_mask is None:
         return None
@@ -116,6 +131,7 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
     dropout_p = V.number("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
 
     features = ("dropout" if dropout_p > 0 else "", "lse" if return_lse else "",
-                "prefix" if prefix_k is not None else "", "gate" if gate is not None else "")
+                "prefix" if prefix_k is not None else "", "gate" if gate is not None else "",
+                "head_dim>256" if D > 256 else "")
     _, fn = REGISTRY.select(backend, Probe.of(q, *features))
     return fn(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, bool(return_lse))

@@ -1,0 +1,521 @@
+"""Fused gated-prefix attention in Triton: forward and backward kernels, launchers, torch custom op.
+
+Design (docs/attention.md has the long form):
+
+* Forward: FlashAttention-2 tiling. A program owns BLOCK_M query rows of one (batch, query head).
+  It streams the prefix tiles (read straight from prefix_k/prefix_v; a shared prefix has batch
+  stride 0, so it is never expanded) and then the token tiles through one online softmax. Prefix
+  scores are multiplied by the gate tile, and so are the prefix probabilities before they meet
+  the prefix values (the gate scales keys *and* values). ``_attend`` is that loop body, compiled
+  twice (IS_PREFIX constexpr): once for prefix tiles, once for token tiles (masks, causal).
+* Backward: delta = rowsum(dO * O) - dlse; then a key-side kernel (one program per key tile and
+  (batch, kv head), looping over the query heads of its group and all query tiles: dk, dv; for
+  prefix tiles also dgate, written once per element, no atomics) launched once for the prefix
+  and once for the tokens, and a query-side kernel for dq. A shared prefix's gradient is summed
+  over the batch, and the gate's over its broadcast dims, from small float32 buffers.
+* Dropout: keep bits come from Philox4x32-10 keyed on (seed) with counter (column, row,
+  batch * Hq + head, 0x41505400); forward and backward regenerate the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._env import triton_interpret
+from ..child_tuning.triton_rng import philox4x32_10
+
+LOG2E = 1.4426950408889634
+DROPOUT_TAG = 0x41505400
+
+
+def keep_threshold(dropout_p: float) -> int:
+    return int((1.0 - dropout_p) * (1 << 24))
+
+
+@triton.jit
+def _dropout_keep(seed_lo, seed_hi, bh, rows, cols, threshold):
+    c0 = (cols[None, :] + tl.zeros_like(rows)[:, None]).to(tl.uint32)
+    c1 = (rows[:, None] + tl.zeros_like(cols)[None, :]).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + bh.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + DROPOUT_TAG
+    x, _, _, _ = philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    return (x >> 8).to(tl.int32) < threshold
+
+
+@triton.jit
+def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m, mask_min,
+            N, M, scale, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr,
+            CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Natural-log scores of a (BLOCK_M, BLOCK_N) tile, -inf where hidden; also the raw scaled dot and gate."""
+    raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * scale
+    s = raw
+    g = tl.zeros_like(raw) + 1.0
+    if IS_PREFIX:
+        if HAS_GATE:
+            g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
+                        mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            s = raw * g
+    else:
+        if MASK_KIND == 1:
+            keep = tl.load(Mk + mb + mh + offs_m[:, None] * sm_n + offs_n[None, :] * sm_m,
+                           mask=m_ok[:, None] & n_ok[None, :], other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        if MASK_KIND == 2:
+            add = tl.load(Mk + mb + mh + offs_m[:, None] * sm_n + offs_n[None, :] * sm_m,
+                          mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            s = s + tl.where(add <= mask_min, float("-inf"), add)
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    return s, raw, g
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
+                sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
+                sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m,
+                so_b, so_h, so_n, so_d,
+                Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // REP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    gb = b * sg_b
+    gh = h * sg_h
+    mb = b * sm_b
+    mh = h * sm_h
+    # prefix tiles, then token tiles (causal: only those some row of this tile can see)
+    hi_tok = M
+    if CAUSAL:
+        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
+    for part in tl.static_range(2):
+        IS_PREFIX: tl.constexpr = part == 0
+        if IS_PREFIX:
+            Kp = PK + b * spk_b + kvh * spk_h
+            Vp = PV + b * spv_b + kvh * spv_h
+            skn, skd, svn, svd, L, hi, col0 = spk_n, spk_d, spv_n, spv_d, P, P, 0
+        else:
+            Kp = K + b * sk_b + kvh * sk_h
+            Vp = V + b * sv_b + kvh * sv_h
+            skn, skd, svn, svd, L, hi, col0 = sk_n, sk_d, sv_n, sv_d, M, hi_tok, P
+        for start in range(0, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < L
+            kt = tl.load(Kp + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
+                                sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE, MASK_KIND, CAUSAL, PREC)
+            s = s * 1.4426950408889634  # base-2 domain for exp2
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
+                p = tl.where(keep, p * inv_keep, 0.0)
+            if IS_PREFIX:
+                if HAS_GATE:
+                    p = p * g
+            vt = tl.load(Vp + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + bh * N + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _probs(s, lse):
+    """Softmax probabilities of score tile s given its rows' lse (rows with lse = -inf give 0)."""
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    return tl.where((lse == float("-inf"))[:, None], 0.0, tl.exp(s - lse_safe[:, None]))
+
+
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
+                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                   sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
+                   sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sdg_b, sdg_h, sdg_n, sdg_p,
+                   Hq, Hkv, N, M, L, REP, col0, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
+                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate."""
+    pid_n = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // Hkv
+    kvh = bg % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < L
+    d_ok = offs_d < D
+    kt = tl.load(K + b * sk_b + kvh * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    vt = tl.load(V + b * sv_b + kvh * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        if not IS_PREFIX:  # rows i with i + (M - N) >= first key of this tile
+            lo = tl.maximum(pid_n * BLOCK_N - (M - N), 0) // BLOCK_M * BLOCK_M
+    for hh in range(0, REP):
+        h = kvh * REP + hh
+        bh = b * Hq + h
+        for start in range(lo, N, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N
+            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
+            delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+            s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
+                                b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE,
+                                MASK_KIND, CAUSAL, PREC)
+            p = _probs(s, lse)
+            u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
+            z = tl.zeros_like(p) + 1.0
+            if DROPOUT:
+                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
+                z = tl.where(keep, inv_keep, 0.0)
+            pz = p * z
+            dp = z * u
+            if IS_PREFIX:
+                if HAS_GATE:
+                    pz = pz * g
+                    dp = dp * g
+            dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            if IS_PREFIX:
+                if HAS_GATE:
+                    # d out / d G_ij through the score (ds * raw) and through the value (p z <dO, pv>).
+                    # Each program owns its (batch, kv head, key tile) slice of the buffer: the
+                    # atomics never contend; they only make the read-add-write safe across loops.
+                    dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * raw + p * z * u, 0.0)
+                    ds = ds * g
+                    gh_idx = h
+                    if GATE_H1:
+                        gh_idx = kvh
+                    if GATE_N1:
+                        tl.atomic_add(DG + b * sdg_b + gh_idx * sdg_h + offs_n * sdg_p, tl.sum(dgt, 0), mask=n_ok)
+                    else:
+                        tl.atomic_add(DG + b * sdg_b + gh_idx * sdg_h + offs_m[:, None] * sdg_n + offs_n[None, :] * sdg_p,
+                                      dgt, mask=m_ok[:, None] & n_ok[None, :])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+    tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(DV + b * sdv_b + kvh * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
+                  sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                  spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
+                  sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
+                  sdq_b, sdq_h, sdq_n, sdq_d,
+                  Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                  DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // REP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
+                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
+    delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_tok = M
+    if CAUSAL:
+        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
+    for part in tl.static_range(2):
+        IS_PREFIX: tl.constexpr = part == 0
+        if IS_PREFIX:
+            Kp = PK + b * spk_b + kvh * spk_h
+            Vp = PV + b * spv_b + kvh * spv_h
+            skn, skd, svn, svd, L, hi, col0 = spk_n, spk_d, spv_n, spv_d, P, P, 0
+        else:
+            Kp = K + b * sk_b + kvh * sk_h
+            Vp = V + b * sv_b + kvh * sv_h
+            skn, skd, svn, svd, L, hi, col0 = sk_n, sk_d, sv_n, sv_d, M, hi_tok, P
+        for start in range(0, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < L
+            kt = tl.load(Kp + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(Vp + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
+                                b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE,
+                                MASK_KIND, CAUSAL, PREC)
+            p = _probs(s, lse)
+            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+            if DROPOUT:
+                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            if IS_PREFIX:
+                if HAS_GATE:
+                    dp = dp * g
+            ds = p * (dp - delta[:, None])
+            if IS_PREFIX:
+                if HAS_GATE:
+                    ds = ds * g
+            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * scale
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _strides(t: torch.Tensor | None, ndim: int = 4):
+    """Strides with 0 on size-1 (broadcast) dims; zeros for a missing tensor."""
+    if t is None:
+        return (0,) * ndim
+    return tuple(0 if s == 1 else st for s, st in zip(t.shape, t.stride()))
+
+
+def _blocks(D: int, device: torch.device):
+    block_d = max(16, triton.next_power_of_2(D))
+    if device.type != "cuda" or triton_interpret():
+        return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
+    if block_d <= 64:
+        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64), dict(num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=32), dict(num_warps=8, num_stages=2)
+    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32), dict(num_warps=8, num_stages=2)
+
+
+def _bwd_blocks(D: int, device: torch.device):
+    block_d = max(16, triton.next_power_of_2(D))
+    if device.type != "cuda" or triton_interpret():
+        return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
+    if block_d <= 64:
+        return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
+    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32 if block_d <= 128 else 16), dict(num_warps=8, num_stages=1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+class _Prepared:
+    """Kernel-ready views of the op's arguments: mask kind, dummy pointers, strides, dropout keys."""
+
+    def __init__(self, q, k, v, pk, pv, gate, mask, dropout_p, seed):
+        self.B, self.Hq, self.N, self.D = q.shape
+        self.Hkv, self.M = k.shape[1], k.shape[2]
+        self.P = 0 if pk is None else pk.shape[2]
+        self.REP = self.Hq // self.Hkv
+        dummy = q.new_empty(1)
+        self.pk = dummy if pk is None else pk
+        self.pv = dummy if pv is None else pv
+        self.pk_strides = (0, 0, 0, 0) if pk is None else _strides(pk)
+        self.pv_strides = (0, 0, 0, 0) if pv is None else _strides(pv)
+        self.has_gate = gate is not None and self.P > 0
+        self.gate = gate if self.has_gate else dummy
+        self.g_strides = _strides(gate) if self.has_gate else (0, 0, 0, 0)
+        self.mask_min = 0.0
+        if mask is None:
+            self.mask_kind, self.mask = 0, dummy
+        elif mask.dtype == torch.bool:
+            self.mask_kind, self.mask = 1, mask.view(torch.uint8)
+        else:
+            m = mask if mask.dtype in (torch.float16, torch.bfloat16, torch.float32) else mask.float().masked_fill(
+                mask <= torch.finfo(mask.dtype).min, float("-inf"))
+            self.mask_kind, self.mask, self.mask_min = 2, m, float(torch.finfo(m.dtype).min)
+        self.m_strides = _strides(mask) if mask is not None else (0, 0, 0, 0)
+        self.dropout = dropout_p > 0.0
+        self.keep_thr = keep_threshold(dropout_p) if self.dropout else 0
+        self.inv_keep = 1.0 / (1.0 - dropout_p) if self.dropout else 1.0
+        seed &= (1 << 64) - 1
+        self.seed_lo, self.seed_hi = seed & 0xFFFFFFFF, seed >> 32
+
+
+def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, dropout_p: float, seed: int):
+    """(out, lse) from the fused forward kernel."""
+    a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    blocks, launch = _blocks(a.D, q.device)
+    grid = (triton.cdiv(a.N, blocks["BLOCK_M"]), a.B * a.Hq)
+    _fwd_kernel[grid](q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
+                      *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
+                      *a.g_strides, *a.m_strides, *out.stride(),
+                      a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
+                      D=a.D, HAS_GATE=a.has_gate, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout,
+                      PREC=_precision(q.dtype), **blocks, **launch)
+    return out, lse
+
+
+def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal: bool, scale: float,
+                       dropout_p: float, seed: int):
+    """(dq, dk, dv, dprefix_k, dprefix_v, dgate), each reduced to its input's (broadcast) shape."""
+    a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
+    B, Hq, N, D, Hkv, M, P = a.B, a.Hq, a.N, a.D, a.Hkv, a.M, a.P
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    do = grad_out
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    dpk = dpv = dgate = None
+    gate_n1 = gate_h1 = False
+    if P:
+        dpk = torch.zeros((B, Hkv, P, D), dtype=torch.float32, device=q.device)
+        dpv = torch.zeros_like(dpk)
+    dg_buf = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
+    if a.has_gate:
+        gate_n1, gate_h1 = gate.shape[2] == 1, gate.shape[1] == 1
+        dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if gate_n1 else N, P), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or (M == 0 and P == 0):
+        return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
+    blocks, launch = _bwd_blocks(D, q.device)
+    prec = _precision(q.dtype)
+    common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=prec, **blocks, **launch)
+    dropout_args = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep)
+    for is_prefix in (True, False):
+        L = P if is_prefix else M
+        if L == 0:
+            continue
+        Kt, Vt = (a.pk, a.pv) if is_prefix else (k, v)
+        k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
+        DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
+        grid = (triton.cdiv(L, blocks["BLOCK_N"]), B * Hkv)
+        _bwd_kv_kernel[grid](q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, dg_buf,
+                             *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
+                             *DKt.stride(), *DVt.stride(), *_strides(dg_buf),
+                             Hq, Hkv, N, M, L, a.REP, 0 if is_prefix else P, *dropout_args,
+                             IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
+                             GATE_H1=gate_h1, **common)
+    grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * Hq)
+    _bwd_q_kernel[grid](q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
+                        *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
+                        *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
+                        Hq, N, M, P, a.REP, *dropout_args, HAS_GATE=a.has_gate, **common)
+    return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
+
+
+def _reduce_prefix(buf, prefix):
+    if prefix is None:
+        return None
+    if prefix.shape[0] == 1:  # shared prefix: its gradient is summed over the batch
+        buf = buf.sum(0, keepdim=True)
+    return buf.to(prefix.dtype)
+
+
+def _reduce_gate(buf, gate, has_gate):
+    if gate is None:
+        return None
+    if not has_gate:
+        return torch.zeros_like(gate)
+    dims = [d for d in (0, 1) if gate.shape[d] == 1 and buf.shape[d] != 1]
+    if dims:
+        buf = buf.sum(dims, keepdim=True)
+    return buf.expand(gate.shape).to(gate.dtype) if buf.shape != gate.shape else buf.to(gate.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch custom ops: traceable by torch.compile (fake implementations) with autograd attached.
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("apt_kernels::gated_prefix_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
+            prefix_v: torch.Tensor | None, gate: torch.Tensor | None, attn_mask: torch.Tensor | None,
+            causal: bool, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("apt_kernels::gated_prefix_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None, gate: torch.Tensor | None,
+            attn_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+            dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
+    grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
+                               causal, scale, dropout_p, seed)
+    # custom ops return tensors only: an absent gradient travels as an empty tensor
+    return tuple(q.new_empty(_EMPTY) if g is None else g for g in grads)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, causal, scale,
+              dropout_p, seed):
+    like = [q, k, v, prefix_k, prefix_v, gate]
+    return tuple(q.new_empty(_EMPTY) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in like)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse)
+    ctx.args = (causal, scale, dropout_p, seed)
+    ctx.present = tuple(t is not None for t in (prefix_k, prefix_v, gate))
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
+    grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, *ctx.args)
+    dq, dk, dv, dpk, dpv, dg = grads
+    opt = [g if present else None for g, present in zip((dpk, dpv, dg), ctx.present)]
+    return (dq, dk, dv, *opt, None, None, None, None, None)
+
+
+torch.library.register_autograd("apt_kernels::gated_prefix_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):
+    """The "triton" backend: arguments as normalised by apt_kernels.gated_prefix_attention."""
+    seed = int(torch.randint(0, 2 ** 62, (), device="cpu")) if dropout_p > 0 else 0
+    out, lse = torch.ops.apt_kernels.gated_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, gate, attn_mask,
+                                                                 causal, float(scale), float(dropout_p), seed)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,224 @@
+"""The fused Triton gated-prefix attention against the float64 reference.
+
+On CPU the kernels run through Triton's interpreter (small shapes, float32: the interpreter has no
+bf16 dot); on a GPU the same tests run compiled, in every dtype and at larger shapes. Every output
+and gradient must lie within the error budget of apt_kernels.testing (twice the reference's own
+error in that dtype, plus a floor).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import apt_kernels as ak
+from apt_kernels.testing import assert_parity
+from attention_cases import cast, make_inputs
+
+pytestmark = pytest.mark.triton
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if GPU else [torch.float32]
+NAMES = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dgate"]
+
+
+def check(tensors, mask, dtype, *, causal=False, with_lse=False, scale=None):
+    """Forward and every gradient of the triton backend within budget of the float64 truth."""
+    tensors = [None if t is None else t.to(DEVICE).requires_grad_(True) for t in tensors]
+    mask = None if mask is None else mask.to(DEVICE)
+    grad_out = torch.randn(tensors[0].shape, dtype=torch.float64, device=DEVICE)
+    grad_lse = torch.randn(tensors[0].shape[:3], dtype=torch.float64, device=DEVICE)
+
+    def run(ts, backend):
+        res = ak.gated_prefix_attention(*ts, attn_mask=mask, causal=causal, scale=scale, backend=backend,
+                                        return_lse=with_lse)
+        out, lse = res if with_lse else (res, None)
+        loss = (out.double() * grad_out).sum()
+        if with_lse:
+            loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * grad_lse).sum()
+        live = [t for t in ts if t is not None]
+        grads = torch.autograd.grad(loss, live, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, live)]
+        return [out.detach()] + ([lse.detach()] if with_lse else []) + grads
+
+    truth = run(tensors, "reference")
+    lowp = run(cast(tensors, dtype), "reference")
+    fast = run(cast(tensors, dtype), "triton")
+    names = NAMES[:1] + (["lse"] if with_lse else []) + [n for n, t in zip(NAMES[1:], tensors) if t is not None]
+    for name, f, lp, t in zip(names, fast, lowp, truth):
+        assert f.dtype == lp.dtype, name
+        assert_parity(f, lp, t, name=name, dtype=dtype)
+
+
+SMALL = dict(B=2, Hq=4, Hkv=2, N=19, M=23, D=24, P=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", ["none", "example", "token", "head", "full"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gates_and_causal(dtype, gate, causal):
+    tensors, keep = make_inputs(**SMALL, gate=gate, dtype=torch.float64)
+    check(tensors, keep, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "bool4d"])
+def test_masks_and_per_example_prefix(dtype, mask):
+    tensors, am = make_inputs(**SMALL, gate="token", shared_prefix=False, dtype=torch.float64,
+                              mask="float" if mask == "float" else "bool" if mask == "bool" else "none")
+    if mask == "bool4d":
+        am = torch.rand(2, 4, 19, 23) > 0.4
+        am[..., 0] = True
+    check(tensors, am, dtype, causal=False, with_lse=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", [dict(N=1, M=9), dict(N=17, M=5), dict(N=33, M=33, P=1), dict(P=20, N=3, M=2),
+                                  dict(Hq=6, Hkv=1), dict(Hq=3, Hkv=3)])
+def test_odd_sizes_and_gqa(dtype, dims):
+    shape = dict(SMALL)
+    shape.update(dims)
+    tensors, keep = make_inputs(**shape, gate="token", dtype=torch.float64)
+    check(tensors, keep, dtype, causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("D", [16, 48, 80] + ([96, 112, 128, 256] if GPU else []))
+def test_head_dims(D):
+    tensors, keep = make_inputs(B=1, Hq=2, Hkv=1, N=17, M=18, D=D, P=3, gate="example", dtype=torch.float64)
+    check(tensors, keep, DTYPES[-1], causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_prefix_equals_sdpa(dtype, mask, causal):
+    (q, k, v, _, _, _), am = make_inputs(B=2, Hq=4, Hkv=4, N=21, M=21, D=32, P=None, mask=mask,
+                                         dtype=torch.float32, device=DEVICE)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    sd_mask = am[:, None, None, :] if mask == "bool" else (None if am is None else am.to(dtype))
+    got = ak.gated_prefix_attention(q, k, v, attn_mask=am, causal=causal, backend="triton")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=sd_mask, is_causal=causal and am is None)
+    if causal and am is not None:
+        c = torch.ones(21, 21, dtype=torch.bool, device=DEVICE).tril()
+        m = sd_mask & c if mask == "bool" else sd_mask.masked_fill(~c, float("-inf"))
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_rows_without_keys_and_empty_inputs():
+    (q, k, v, _, _, _), _ = make_inputs(B=2, Hq=2, Hkv=1, N=5, M=7, D=16, P=None, mask="none", dtype=torch.float32,
+                                        device=DEVICE, requires_grad=True)
+    keep = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
+    keep[0, 3] = True
+    out, lse = ak.gated_prefix_attention(q, k, v, attn_mask=keep, backend="triton", return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    for dims in (dict(B=0), dict(N=0), dict(M=0), dict(M=0, P=None)):
+        kw = dict(B=2, Hq=2, Hkv=1, N=5, M=7, D=16, P=3, gate="example", mask="none", dtype=torch.float32,
+                  device=DEVICE, requires_grad=True)
+        kw.update(dims)
+        ts, _ = make_inputs(**kw)
+        out = ak.gated_prefix_attention(*ts, backend="triton")
+        ref = ak.gated_prefix_attention(*ts, backend="reference")
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        for t in ts:
+            if t is not None:
+                assert t.grad is not None and t.grad.shape == t.shape
+
+
+def test_nan_propagates():
+    (q, k, v, pk, pv, g), _ = make_inputs(**SMALL, gate="example", mask="none", dtype=torch.float32, device=DEVICE)
+    q = q.clone()
+    q[1, 2, 3, 0] = float("nan")
+    out = ak.gated_prefix_attention(q, k, v, pk, pv, g, backend="triton")
+    assert torch.isnan(out[1, 2, 3]).all() and int(torch.isnan(out).any(-1).sum()) == 1
+
+
+def test_non_contiguous_inputs_honour_strides():
+    (q, k, v, pk, pv, g), keep = make_inputs(**SMALL, gate="token", dtype=torch.float32, device=DEVICE)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k.transpose(2, 3).contiguous().transpose(2, 3)
+    pvt = pv.transpose(0, 1).contiguous().transpose(0, 1)
+    a = ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=keep, backend="triton")
+    b = ak.gated_prefix_attention(qt, kt, v, pk, pvt, g.transpose(2, 3).contiguous().transpose(2, 3),
+                                  attn_mask=keep, backend="triton")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    from apt_kernels.attention import fused
+
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(fused.torch, "empty", poisoned)
+    (q, k, v, pk, pv, g), keep = make_inputs(**SMALL, gate="token", dtype=torch.float32, device=DEVICE)
+    out, lse = fused.attention_forward(q, k, v, pk[None], pv[None], g, keep[:, None, None, :], True, 0.2, 0.0, 0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_dropout_is_seeded_statistical_and_differentiable():
+    (q, k, v, pk, pv, g), _ = make_inputs(B=2, Hq=2, Hkv=1, N=32, M=32, D=16, P=8, gate="example", mask="none",
+                                          dtype=torch.float32, device=DEVICE)
+    plain = ak.gated_prefix_attention(q, k, v, pk, pv, g, backend="triton")
+    assert torch.equal(ak.gated_prefix_attention(q, k, v, pk, pv, g, dropout_p=0.0, backend="triton"), plain)
+    torch.manual_seed(3)
+    a = ak.gated_prefix_attention(q, k, v, pk, pv, g, dropout_p=0.25, backend="triton")
+    torch.manual_seed(3)
+    b = ak.gated_prefix_attention(q, k, v, pk, pv, g, dropout_p=0.25, backend="triton")
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    # unit values and no gate: each output entry is (sum of kept probabilities) / (1 - p), mean 1
+    out = ak.gated_prefix_attention(q, k, torch.ones_like(v), pk, torch.ones_like(pv), None, dropout_p=0.25,
+                                    backend="triton")
+    assert abs(out[..., 0].mean().item() - 1.0) < 0.05
+    # with a fixed seed the op is a smooth function: its gradient matches central differences
+    ts = [t.clone().requires_grad_(True) for t in (q, k, v, pk, pv, g)]
+
+    def f(*xs):
+        torch.manual_seed(7)
+        return (ak.gated_prefix_attention(*xs, dropout_p=0.25, backend="triton") ** 2).sum()
+
+    grads = torch.autograd.grad(f(*ts), ts)
+    for i, (t, gr) in enumerate(zip(ts, grads)):
+        d = torch.randn_like(t)
+        eps = 1e-2
+        with torch.no_grad():
+            xs_p = [x + eps * d if j == i else x for j, x in enumerate(ts)]
+            xs_m = [x - eps * d if j == i else x for j, x in enumerate(ts)]
+            fd = (f(*xs_p) - f(*xs_m)) / (2 * eps)
+        assert abs(fd.item() - (gr * d).sum().item()) <= 2e-2 * max(1.0, abs(fd.item())), NAMES[i + 1]
+
+
+def test_custom_op_opcheck_and_compile():
+    from apt_kernels.attention import fused  # noqa: F401  (registers the custom ops)
+
+    (q, k, v, pk, pv, g), keep = make_inputs(B=1, Hq=2, Hkv=1, N=5, M=6, D=16, P=3, gate="token",
+                                             dtype=torch.float32, device=DEVICE, requires_grad=True)
+    args = (q, k, v, pk[None], pv[None], g, keep[:, None, None, :], True, 0.25, 0.0, 0)
+    torch.library.opcheck(torch.ops.apt_kernels.gated_prefix_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
+
+    def f(q, k, v, pk, pv, g):
+        return ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=keep, causal=True, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if not GPU else "inductor")
+    out = compiled(q, k, v, pk, pv, g)
+    torch.testing.assert_close(out, f(q, k, v, pk, pv, g))
+    out.sum().backward()
+    assert q.grad is not None and g.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [dict(B=4, Hq=12, Hkv=12, N=128, M=128, D=64, P=16),
+                                   dict(B=2, Hq=32, Hkv=8, N=300, M=300, D=128, P=64)])
+def test_larger_shapes_on_gpu(dtype, shape):
+    tensors, keep = make_inputs(**shape, gate="token", dtype=torch.float64)
+    check(tensors, keep, dtype, causal=shape["Hq"] != shape["Hkv"])
