@@ -1,0 +1,1 @@
+"""Benchmarks of apt_kernels against peers: python -m benchmarks.run --help."""

@@ -1,0 +1,519 @@
+"""One benchmark runner for every op.
+
+A :class:`Case` is one op at one shape: a recipe for fresh random inputs (``make_inputs(seed)``), the
+*contenders* that compute the op from those inputs (our backends and the peers we compare with), the
+modes to time ("fwd", "bwd", "fwd+bwd") and optional nominal FLOP / byte counts per mode.
+
+For every contender the harness builds ``N_INPUT_SETS`` input sets from different seeds (same seeds for
+every contender, so all of them see the same data), builds the contender's closure on each, and times
+a function that rotates through them, so a set's data is not still in cache from the previous call.
+
+* fwd:      the closure, under ``torch.no_grad()``.
+* bwd:      the closure runs once per set outside the timed region; ``torch.autograd.grad`` of that
+            output with a fixed random output gradient (``retain_graph=True``) is timed.
+* fwd+bwd:  closure + ``torch.autograd.grad``.
+
+Timing: on CUDA ``triton.testing.do_bench(..., return_mode="median")`` (CUDA events and a median when
+Triton is missing); on CPU the median of ``time.perf_counter`` over repeated calls after a warm-up.
+Peak memory (CUDA only) is ``max_memory_allocated`` during one call minus what was allocated before
+it (inputs, optimizer states, saved graphs): the extra memory the op needs.
+
+A contender that cannot run (``BackendUnavailable``, a peer that does not exist on this device, a
+failed compile) is recorded with status "skipped" and the reason; an unexpected exception from one of
+*our* backends is recorded as "error" (a bug to look at) without stopping the run.
+
+Every ok row gets ``ratio_to_best_peer`` = its median / the best peer's median in the same
+(op, case, mode): below 1 means faster than every peer measured in that run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from apt_kernels import _env
+from apt_kernels.registry import REGISTRIES, BackendUnavailable, Probe
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+N_INPUT_SETS = 3
+MODES = ("fwd", "bwd", "fwd+bwd")
+OUR_BACKENDS = ("reference", "torch", "triton", "cuda")
+
+CSV_COLUMNS = ("op", "case", "mode", "contender", "kind", "status", "median_ms", "tflops", "gb_s",
+               "peak_mem_mb", "ratio_to_best_peer", "best_peer", "frac_of_matmul_peak",
+               "frac_of_copy_bw", "params", "reason")
+
+
+class Skip(Exception):
+    """Raised by a contender's build when it cannot run here (the message is the reason)."""
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+@dataclasses.dataclass
+class Contender:
+    """One way to compute a case.
+
+    ``build(inputs)`` returns a zero-argument callable computing the op on ``inputs`` (a tensor
+    output for ops with gradients). ``check(inputs)`` may return a reason to skip before building.
+    """
+
+    name: str
+    build: Callable[[dict], Callable[[], Any]]
+    ours: bool = False
+    check: Callable[[dict], "str | None"] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "ours" if self.ours else "peer"
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    name: str
+    params: dict
+    make_inputs: Callable[[int], dict]
+    contenders: list[Contender]
+    modes: tuple[str, ...] = ("fwd",)
+    grad_names: tuple[str, ...] = ()  # input tensors the backward differentiates with respect to
+    flops: dict[str, float] | None = None  # per mode
+    bytes: dict[str, float] | None = None  # per mode
+
+
+@dataclasses.dataclass
+class Timing:
+    warmup_ms: float = 25.0  # CUDA (do_bench)
+    rep_ms: float = 100.0  # CUDA (do_bench)
+    cpu_warmup: int = 0  # extra calls after the first pass over the input sets (which already warms up)
+    cpu_min_runs: int = 5  # ... but a slow contender stops at 3 runs once it took 4x cpu_target_s
+    cpu_max_runs: int = 200
+    cpu_target_s: float = 0.25  # keep repeating until this much time was spent (and min_runs done)
+
+
+def our_backend(op_registry: str, backend: str, build: Callable[[dict], Callable[[], Any]],
+                probe: Callable[[dict], Probe]) -> Contender:
+    """A contender for one of our backends; availability comes from the op's registry."""
+
+    def check(inputs):
+        p = probe(inputs)
+        if backend == "triton" and p.device.type == "cpu" and _env.triton_interpret():
+            return "Triton's CPU interpreter (TRITON_INTERPRET=1) is a correctness tool, not a performance measurement"
+        return REGISTRIES[op_registry].reason(backend, p)
+
+    return Contender(backend, build, ours=True, check=check)
+
+
+def fill(shape, *, seed: int, device, dtype=torch.float32, scale: float = 1.0, offset: float = 0.0,
+         requires_grad: bool = False, kind: str = "randn") -> torch.Tensor:
+    """Seeded random tensor (never all zeros); ``kind`` "randn" or "rand" (uniform [0, 1))."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    f = torch.randn if kind == "randn" else torch.rand
+    t = f(shape, generator=g, device=device, dtype=torch.float32)
+    if scale != 1.0 or offset != 0.0:
+        t = t * scale + offset
+    t = t.to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _do_bench(fn, timing: Timing) -> float:
+    try:
+        import triton.testing
+    except Exception:  # noqa: BLE001 - fall back to CUDA events
+        return _cuda_events(fn, timing)
+    try:
+        return float(triton.testing.do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median"))
+    except TypeError:  # an older Triton without return_mode
+        return float(triton.testing.do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, quantiles=[0.5])[0])
+
+
+def _cuda_events(fn, timing: Timing) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    for _ in range(max(1, int(timing.warmup_ms / est))):
+        fn()
+    n = max(3, min(1000, int(timing.rep_ms / est)))
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in evs:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in evs)
+
+
+def _cpu_time(fn, timing: Timing) -> float:
+    for _ in range(timing.cpu_warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+
+    def more() -> bool:
+        n, spent = len(times), time.perf_counter() - start
+        if n >= timing.cpu_max_runs:
+            return False
+        if n < min(3, timing.cpu_min_runs) or spent < timing.cpu_target_s:
+            return True
+        return n < timing.cpu_min_runs and spent < 4 * timing.cpu_target_s
+
+    while more():
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(fn, device: torch.device, timing: Timing) -> float:
+    """Median milliseconds of ``fn()``."""
+    if device.type == "cuda":
+        return _do_bench(fn, timing)
+    return _cpu_time(fn, timing)
+
+
+def peak_extra_mb(fn, device: torch.device) -> float | None:
+    """Peak memory of one call beyond what was allocated before it (CUDA), else None."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _rotate(calls: list[Callable[[], Any]]) -> Callable[[], None]:
+    it = itertools.cycle(calls)
+
+    def run():
+        next(it)()
+
+    return run
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _mode_calls(case: Case, mode: str, fns: list, input_sets: list[dict], device) -> list[Callable[[], Any]]:
+    """One zero-argument callable per input set computing ``mode``."""
+    if mode == "fwd":
+        def fwd(f):
+            def call():
+                with torch.no_grad():
+                    return f()
+            return call
+        return [fwd(f) for f in fns]
+
+    calls = []
+    gouts: dict[int, torch.Tensor] = {}  # fwd+bwd: the output gradient of each set, made at its first call
+    for s, (f, inputs) in enumerate(zip(fns, input_sets)):
+        leaves = [inputs[n] for n in case.grad_names]
+        if mode == "bwd":
+            with torch.enable_grad():
+                out = _first_output(f())
+            gout = fill(out.shape, seed=10_000 + s, device=device, dtype=out.dtype)
+
+            def call(out=out, gout=gout, leaves=leaves):
+                return torch.autograd.grad(out, leaves, gout, retain_graph=True, allow_unused=True)
+        else:  # fwd+bwd
+            def call(f=f, leaves=leaves, s=s):
+                with torch.enable_grad():
+                    out = _first_output(f())
+                    gout = gouts.get(s)
+                    if gout is None:
+                        gout = gouts[s] = fill(out.shape, seed=10_000 + s, device=device, dtype=out.dtype)
+                    return torch.autograd.grad(out, leaves, gout, allow_unused=True)
+        calls.append(call)
+    return calls
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > 400:
+        msg = msg[:400] + " ..."
+    return f"{type(e).__name__}: {msg}" if not isinstance(e, (Skip, BackendUnavailable)) else msg
+
+
+def _row(case: Case, mode: str, c: Contender, status: str, reason: str = "", ms=None, mem=None) -> dict:
+    row = dict(op=case.op, case=case.name, mode=mode, contender=c.name, kind=c.kind, status=status,
+               median_ms=ms, tflops=None, gb_s=None, peak_mem_mb=mem, ratio_to_best_peer=None,
+               best_peer=None, frac_of_matmul_peak=None, frac_of_copy_bw=None, params=dict(case.params),
+               reason=reason)
+    if ms is not None and ms > 0:
+        fl = (case.flops or {}).get(mode)
+        by = (case.bytes or {}).get(mode)
+        if fl:
+            row["tflops"] = fl / (ms * 1e-3) / 1e12
+        if by:
+            row["gb_s"] = by / (ms * 1e-3) / 1e9
+    return row
+
+
+def _cleanup(device: torch.device) -> None:
+    # Only on CUDA (memory is measured there; gc.collect costs ~0.1 s with torch loaded).
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: float | None = None,
+             n_sets: int = N_INPUT_SETS, log: Callable[[str], None] = print) -> list[dict]:
+    rows: list[dict] = []
+    for c in case.contenders:
+        if deadline is not None and time.monotonic() > deadline:
+            rows += [_row(case, m, c, "skipped", "time budget exhausted") for m in case.modes]
+            continue
+        rows += _run_contender(case, c, device, timing, n_sets, log)
+        _cleanup(device)
+    add_ratios(rows)
+    return rows
+
+
+def _run_contender(case, c, device, timing, n_sets, log) -> list[dict]:
+    rows = []
+    fail_status = "error" if c.ours else "skipped"
+    try:
+        input_sets = [case.make_inputs(0)]
+        why = c.check(input_sets[0]) if c.check else None
+        if why:
+            raise Skip(why)
+        input_sets += [case.make_inputs(s) for s in range(1, n_sets)]
+        fns = [c.build(inputs) for inputs in input_sets]
+    except (Skip, BackendUnavailable) as e:
+        log(f"    {c.name:22s} skipped: {_reason(e)}")
+        return [_row(case, m, c, "skipped", _reason(e)) for m in case.modes]
+    except torch.OutOfMemoryError as e:
+        log(f"    {c.name:22s} skipped: out of memory")
+        return [_row(case, m, c, "skipped", "out of memory: " + _reason(e)) for m in case.modes]
+    except Exception as e:  # noqa: BLE001
+        log(f"    {c.name:22s} {fail_status}: {_reason(e)}")
+        return [_row(case, m, c, fail_status, _reason(e)) for m in case.modes]
+
+    for mode in case.modes:
+        calls = run = None
+        try:
+            calls = _mode_calls(case, mode, fns, input_sets, device)
+            for call in calls:  # first pass: compiles, autotunes, creates optimizer state
+                call()
+            _sync(device)
+            run = _rotate(calls)
+            mem = peak_extra_mb(run, device)
+            ms = measure(run, device, timing)
+            if not (math.isfinite(ms) and ms > 0):
+                raise RuntimeError(f"timer returned {ms}")
+            row = _row(case, mode, c, "ok", ms=ms, mem=mem)
+            extra = "".join([f"  {row['tflops']:8.2f} TFLOP/s" if row["tflops"] else "",
+                             f"  {row['gb_s']:8.1f} GB/s" if row["gb_s"] else "",
+                             f"  +{mem:.0f} MiB" if mem is not None else ""])
+            log(f"    {c.name:22s} {mode:8s} {ms:10.4f} ms{extra}")
+        except (Skip, BackendUnavailable) as e:
+            row = _row(case, mode, c, "skipped", _reason(e))
+            log(f"    {c.name:22s} {mode:8s} skipped: {_reason(e)}")
+        except torch.OutOfMemoryError as e:  # a size limit of this device, not a bug
+            row = _row(case, mode, c, "skipped", "out of memory: " + _reason(e))
+            log(f"    {c.name:22s} {mode:8s} skipped: out of memory")
+        except Exception as e:  # noqa: BLE001
+            row = _row(case, mode, c, fail_status, _reason(e))
+            log(f"    {c.name:22s} {mode:8s} {fail_status}: {_reason(e)}")
+            if c.ours and os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+        rows.append(row)
+        calls = run = None  # free this mode's saved graphs before the next mode
+        _cleanup(device)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["case"], r["mode"]), []).append(r)
+    for group in groups.values():
+        peers = [r for r in group if r["kind"] == "peer" and r["status"] == "ok"]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r["median_ms"])
+        for r in group:
+            r["best_peer"] = best["contender"]
+            if r["status"] == "ok":
+                r["ratio_to_best_peer"] = r["median_ms"] / best["median_ms"]
+
+
+def add_floor_fractions(rows: list[dict], floors: dict | None) -> None:
+    if not floors:
+        return
+    for r in rows:
+        if r.get("tflops") and floors.get("matmul_bf16_tflops"):
+            r["frac_of_matmul_peak"] = r["tflops"] / floors["matmul_bf16_tflops"]
+        if r.get("gb_s") and floors.get("copy_gb_s"):
+            r["frac_of_copy_bw"] = r["gb_s"] / floors["copy_gb_s"]
+
+
+def run_cases(cases: list[Case], device, timing: Timing | None = None, *, deadline: float | None = None,
+              n_sets: int = N_INPUT_SETS, log: Callable[[str], None] = print,
+              on_case: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run every case; returns the rows (``on_case(rows_so_far)`` after each case, for incremental saves)."""
+    device = torch.device(device)
+    timing = timing or Timing()
+    rows: list[dict] = []
+    for i, case in enumerate(cases, 1):
+        shape = ", ".join(f"{k}={v}" for k, v in case.params.items())
+        log(f"[{case.op} {i}/{len(cases)}] {case.name} ({shape})")
+        rows += run_case(case, device, timing, deadline=deadline, n_sets=n_sets, log=log)
+        if on_case:
+            on_case(rows)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (torch.dtype, torch.device)):
+        return str(x)
+    return x
+
+
+def metadata(device, **extra) -> dict:
+    device = torch.device(device)
+    if device.type == "cuda":
+        desc = _env.device_description()
+    else:
+        desc = (f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch threads)")
+    return dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), device=desc,
+                device_type=device.type, versions=_env.versions(), **extra)
+
+
+def write_results(rows: list[dict], out_dir: str | Path, name: str, meta: dict, *, plots: bool = True) -> dict:
+    """Write ``<name>.json``, ``<name>.csv`` and (``plots``) ``<name>-<op>.png``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "csv": out_dir / f"{name}.csv"}
+    doc = _jsonable(dict(meta, name=name, rows=rows))
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(paths["json"])
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            r = dict(r, params=json.dumps(r["params"], sort_keys=True))
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    if plots:
+        for op in dict.fromkeys(r["op"] for r in rows):
+            p = plot_op([r for r in rows if r["op"] == op], out_dir / f"{name}-{op}.png", title=f"{op} — {meta.get('device', '')}")
+            if p:
+                paths[f"png:{op}"] = p
+    return paths
+
+
+def plot_op(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """Bars of median ms per contender, grouped by case, one panel per mode (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches  # noqa: F401
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    contenders = list(dict.fromkeys(r["contender"] for r in ok))  # only those measured somewhere
+    kind = {r["contender"]: r["kind"] for r in ok}
+    colors = plt.get_cmap("tab10" if len(contenders) <= 10 else "tab20")
+    color = {c: colors(i % colors.N) for i, c in enumerate(contenders)}
+    ms = {(r["mode"], r["case"], r["contender"]): r["median_ms"] for r in ok}
+    most = max(sum((m, cs, c) in ms for c in contenders) for m in modes for cs in cases)
+    width = 0.8 / max(1, most)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6.0, 0.35 * len(cases) * most + 2), 3.2 * len(modes)),
+                             squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, cs in enumerate(cases):
+            here = [c for c in contenders if (mode, cs, c) in ms]
+            for j, c in enumerate(here):
+                ax.bar(i + (j - (len(here) - 1) / 2) * width, ms[(mode, cs, c)], width=width, color=color[c],
+                       hatch=None if kind[c] == "ours" else "//", edgecolor="black", linewidth=0.3)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{mode}: median ms")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    handles = [matplotlib.patches.Patch(facecolor=color[c], edgecolor="black", hatch=None if kind[c] == "ours" else "//",
+                                        label=c) for c in contenders]
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"{title}  (hatched = peers; lower is better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (op, case, mode): our best backend and the best peer."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["case"], r["mode"]), []).append(r)
+    for (op, case, mode), g in groups.items():
+        ok = [r for r in g if r["status"] == "ok"]
+        ours = min((r for r in ok if r["kind"] == "ours"), key=lambda r: r["median_ms"], default=None)
+        peer = min((r for r in ok if r["kind"] == "peer"), key=lambda r: r["median_ms"], default=None)
+        out.append(dict(op=op, case=case, mode=mode,
+                        ours=ours["contender"] if ours else None, ours_ms=ours["median_ms"] if ours else None,
+                        peer=peer["contender"] if peer else None, peer_ms=peer["median_ms"] if peer else None,
+                        ratio=(ours["median_ms"] / peer["median_ms"]) if ours and peer else None))
+    return out
+
+
+def format_summary(rows: list[dict]) -> str:
+    s = summary(rows)
+    head = ("op", "case", "mode", "ours", "ours ms", "best peer", "peer ms", "ratio")
+    body = [(r["op"], r["case"], r["mode"], r["ours"] or "-",
+             f"{r['ours_ms']:.4f}" if r["ours_ms"] is not None else "-",
+             r["peer"] or "-", f"{r['peer_ms']:.4f}" if r["peer_ms"] is not None else "-",
+             f"{r['ratio']:.3f}" if r["ratio"] is not None else "-") for r in s]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    lines.append("ratio = our best backend's median / the best peer's median (< 1: ours is faster).")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Benchmark cases for PST's masked weight W' = M * (W0 + U V) with top-k importance scores.
+
+Shapes (CUDA): W0 in bf16 (frozen), the trainable factors U, V, A, B, R, C in float32, rank 8,
+sparsity 0.9, matrices 768x768, 768x3072, 3072x768 (BERT-base), 4096x4096, 4096x11008 (Llama-7B/8B).
+CPU: float32, small matrices.
+
+Peers (both compute the dense score matrix S in float32 and use the straight-through surrogate
+W' = (M + S - S.detach()) * W, whose forward is M * W and whose backward is dS = G W, dW = (M + |W|) G,
+the gradients of :func:`apt_kernels.pst_masked_weight`):
+  * paper_dense_argsort: argsort of the flattened S, the k smallest indices zeroed in a dense mask.
+  * torch_kthvalue: the k-th smallest score by ``kthvalue``, mask = S > threshold (ties may differ).
+
+Bytes: a nominal 3 passes over W0's bytes per direction (fwd 3, bwd 3, fwd+bwd 6).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import apt_kernels
+from apt_kernels.registry import Probe
+
+from .harness import OUR_BACKENDS, Case, Contender, fill, our_backend
+
+OP = "pst"
+REGISTRY_OP = "pst_masked_weight"
+RANK = 8
+SPARSITY = 0.9
+BETA = ALPHA1 = ALPHA2 = 1.0
+GRAD_NAMES = ("u", "v", "a", "b", "r", "c")
+
+
+def _inputs(n, k, rank, device, wdtype):
+    def make(seed: int) -> dict:
+        s = 1000 * (seed + 1)
+        f = dict(device=device, dtype=torch.float32, requires_grad=True)
+        return dict(
+            w0=fill((n, k), seed=s + 1, device=device, dtype=wdtype, scale=0.02),
+            u=fill((n, rank), seed=s + 2, scale=0.02, **f),
+            v=fill((rank, k), seed=s + 3, scale=0.02, **f),
+            a=fill((n, rank), seed=s + 4, scale=0.02, **f),
+            b=fill((rank, k), seed=s + 5, scale=0.02, **f),
+            r=fill((n,), seed=s + 6, scale=0.01, **f),
+            c=fill((k,), seed=s + 7, scale=0.01, **f),
+        )
+
+    return make
+
+
+def _dense(inp):
+    """W (float32) and S (float32), differentiable."""
+    w = inp["w0"].float() + BETA * (inp["u"] @ inp["v"])
+    s = w.abs() + ALPHA1 * (inp["a"] @ inp["b"]) + ALPHA2 * (inp["r"][:, None] + inp["c"][None, :])
+    return w, s
+
+
+def build_paper_argsort(n_pruned: int):
+    def build(inp):
+        def run():
+            w, s = _dense(inp)
+            idx = torch.argsort(s.detach().flatten())[:n_pruned]
+            m = torch.ones(s.numel(), device=s.device, dtype=s.dtype)
+            m[idx] = 0.0
+            m = m.view_as(s)
+            return ((m + s - s.detach()) * w).to(inp["w0"].dtype)
+
+        return run
+
+    return build
+
+
+def build_kthvalue(n_pruned: int):
+    def build(inp):
+        def run():
+            w, s = _dense(inp)
+            sd = s.detach()
+            thr = sd.flatten().kthvalue(n_pruned).values
+            m = (sd > thr).to(s.dtype)
+            return ((m + s - sd) * w).to(inp["w0"].dtype)
+
+        return run
+
+    return build
+
+
+def build_ours(backend):
+    def build(inp):
+        args = tuple(inp[x] for x in ("w0", "u", "v", "a", "b", "r", "c"))
+
+        def run():
+            return apt_kernels.pst_masked_weight(*args, sparsity=SPARSITY, beta=BETA, alpha1=ALPHA1, alpha2=ALPHA2,
+                                                 backend=backend)
+
+        return run
+
+    return build
+
+
+def make_case(n: int, k: int, *, device, wdtype, rank: int = RANK) -> Case:
+    n_pruned = int(math.floor(n * k * SPARSITY))
+    wbytes = n * k * torch.empty((), dtype=wdtype).element_size()
+    contenders = [our_backend(REGISTRY_OP, b, build_ours(b), lambda inp: Probe.of(inp["w0"])) for b in OUR_BACKENDS]
+    contenders += [Contender("paper_dense_argsort", build_paper_argsort(n_pruned)),
+                   Contender("torch_kthvalue", build_kthvalue(n_pruned))]
+    return Case(op=OP, name=f"{n}x{k}", params=dict(n=n, k=k, rank=rank, sparsity=SPARSITY,
+                                                  w_dtype=str(wdtype).replace("torch.", ""), factor_dtype="float32"),
+                make_inputs=_inputs(n, k, rank, device, wdtype), contenders=contenders,
+                modes=("fwd", "bwd", "fwd+bwd"), grad_names=GRAD_NAMES,
+                bytes={"fwd": 3 * wbytes, "bwd": 3 * wbytes, "fwd+bwd": 6 * wbytes})
+
+
+def cases(device, quick: bool) -> list[Case]:
+    device = torch.device(device)
+    if device.type != "cuda":
+        shapes = [(256, 384)] if quick else [(256, 384), (768, 768), (768, 3072)]
+        return [make_case(n, k, device=device, wdtype=torch.float32) for n, k in shapes]
+    shapes = [(768, 768), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008)]
+    if quick:
+        shapes = [(768, 3072), (4096, 11008)]
+    return [make_case(n, k, device=device, wdtype=torch.bfloat16) for n, k in shapes]
