@@ -4,4 +4,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "apt_kernels CUDA C++ kernels";
   apt::bind_bitpack(m);
+  apt::bind_pst(m);
+  apt::bind_child_tuning(m);
 }

@@ -13,5 +13,7 @@ inline void check_cuda(cudaError_t status, const char* what) {
 
 // One function per op family, each defined in its own <family>_bind.cpp.
 void bind_bitpack(pybind11::module_& m);
+void bind_pst(pybind11::module_& m);
+void bind_child_tuning(pybind11::module_& m);
 
 }  // namespace apt

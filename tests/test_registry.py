@@ -25,8 +25,8 @@ def test_every_op_is_registered_with_reference_and_torch():
 
 def test_unavailable_backends_say_why():
     cpu = Probe(torch.device("cpu"), torch.float32)
-    reg = REGISTRIES["gated_prefix_attention"]
-    assert "no triton implementation yet" in reg.reason("triton", cpu)
+    assert "no triton implementation yet" in REGISTRIES["pack_bits"].reason("triton", cpu)
+    assert "float64" in REGISTRIES["gated_prefix_attention"].reason("triton", Probe(torch.device("cuda"), torch.float64))
     assert "CUDA tensors" in REGISTRIES["pack_bits"].reason("cuda", cpu)
     with pytest.raises(BackendUnavailable, match="pack_bits: backend='cuda' cannot run here"):
         bits.pack_bits(torch.ones(3, dtype=torch.bool), backend="cuda")

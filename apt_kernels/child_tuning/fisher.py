@@ -1,13 +1,18 @@
-"""Fisher-information masks for Child-Tuning mode "D"."""
+"""Fisher-information masks for Child-Tuning mode "D", and saving / loading masks."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import _validate as V
+from .. import bits as _bits
+
+MASKS_FORMAT = "apt_kernels.child_tuning.masks/1"
 
 
 def layer_stack_parameters(model: torch.nn.Module) -> set[int]:
@@ -99,12 +104,14 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
         for batch in tqdm(batches, desc="Fisher information", total=total, disable=not progress):
             loss = loss_fn(model, batch)
             loss.backward()
-            for p, f in zip(chosen, fisher):
-                if p.grad is None:
-                    continue
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(p, max_grad_norm)
-                f.addcmul_(p.grad.float(), p.grad.float())
+            have = [(p.grad, f) for p, f in zip(chosen, fisher) if p.grad is not None]
+            if max_grad_norm is not None:  # per parameter, on its own (as the paper's code)
+                for p in chosen:
+                    if p.grad is not None:
+                        torch.nn.utils.clip_grad_norm_(p, max_grad_norm)
+            if have:  # F += g * g for every parameter at once
+                grads = [g.float() for g, _ in have]
+                torch._foreach_addcmul_([f for _, f in have], grads, grads)
             model.zero_grad(set_to_none=True)
             n_batches += 1
     finally:
@@ -117,3 +124,65 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
     threshold = quantile_threshold(flat, 1.0 - reserve_p)
     del flat
     return {p: f.double() >= threshold for p, f in zip(chosen, fisher)}
+
+
+def save_masks(masks: dict[torch.Tensor, torch.Tensor], model: torch.nn.Module, path: str | os.PathLike, *,
+               packed: bool = True) -> None:
+    """Save D-mode masks to a safetensors file, by parameter name.
+
+    Args:
+        masks: {parameter of ``model``: bool mask of its shape}, e.g. from :func:`fisher_mask` or
+            ``ChildTuningAdamW.masks()``.
+        model: the model the parameters belong to (it gives their names).
+        path: the file to write.
+        packed: store 1 bit per element (int32 words, :mod:`apt_kernels.bits`, 32x smaller) rather than one
+            bool byte per element. :func:`load_masks` reads both.
+    """
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, shapes = {}, {}
+    for p, mask in masks.items():
+        name = names.get(id(p))
+        if name is None:
+            raise ValueError(f"masks holds a tensor of shape {V.shape(p)} that is not a parameter of the model")
+        V.tensor(f"the mask of {name}", mask, dtypes=(torch.bool,))
+        if mask.shape != p.shape:
+            raise ValueError(f"the mask of {name} has shape {V.shape(mask)}, the parameter {V.shape(p)}")
+        mask = mask.detach().cpu().contiguous()
+        tensors[name] = _bits.pack_bits(mask) if packed else mask
+        shapes[name] = list(mask.shape)
+    metadata = {"format": MASKS_FORMAT, "packed": "1" if packed else "0", "shapes": json.dumps(shapes)}
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_masks(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True
+               ) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Read masks written by :func:`save_masks`: {parameter of ``model``: bool mask}, on the parameters' devices.
+
+    With ``strict`` (the default) every name in the file must be a parameter of ``model`` of the saved
+    shape; otherwise unknown names are skipped. A shape mismatch is always an error.
+    """
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    out = {}
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != MASKS_FORMAT:
+            raise ValueError(f"{path} is not a masks file written by apt_kernels.child_tuning.save_masks")
+        packed, shapes = meta.get("packed") == "1", json.loads(meta["shapes"])
+        for name in f.keys():
+            p = params.get(name)
+            if p is None:
+                if strict:
+                    raise ValueError(f"{path} holds a mask for {name!r}, which is not a parameter of the model "
+                                     "(load_masks(..., strict=False) skips it)")
+                continue
+            if list(p.shape) != shapes[name]:
+                raise ValueError(f"the mask of {name} in {path} has shape {tuple(shapes[name])}, the parameter "
+                                 f"{V.shape(p)}")
+            t = f.get_tensor(name)
+            mask = _bits.unpack_bits(t, p.shape) if packed else t
+            out[p] = mask.to(p.device)
+    return out

@@ -1,20 +1,109 @@
-"""ChildTuningAdamW: AdamW that updates only a child network. Math: docs/math.md, section 4."""
+"""ChildTuningAdamW: AdamW that updates only a child network. Math: docs/math.md, section 4.
+
+The optimizer keeps the state (fp32 moments, the per-parameter step, D-mode masks as packed bits) and
+hands each param group's work to a backend of the op ``child_tuning_adamw`` (``update.py`` defines the
+interface): "reference" and "torch" (``update.py``), "triton" (``triton_update.py``) and "cuda" (the C++
+extension, ``csrc/child_tuning*.cu``); the last two go through ``fused.py``.
+"""
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 
 import torch
 
+from .. import _env
 from .. import _validate as V
+from .. import bits as _bits
 from ..registry import BACKENDS, Probe, registry
-from . import rng
-from .update import foreach_update, reference_update
+from . import fused
+from .update import Masking, foreach_update, reference_update
 
 OP = "child_tuning_adamw"
 REGISTRY = registry(OP)
 REGISTRY.register("reference")(reference_update)
 REGISTRY.register("torch")(foreach_update)
+
+
+def _fused_dtypes(probe: Probe) -> str | None:
+    if probe.dtype not in fused.DTYPES:
+        return f"the fused kernels take float32/bfloat16/float16 parameters, not {str(probe.dtype).replace('torch.', '')}"
+    return None
+
+
+@REGISTRY.register("triton", _fused_dtypes)
+def triton_update(*args, **kwargs):
+    """The fused Triton kernel (``triton_update.py``): F bits drawn in-kernel, D bits read packed."""
+    from . import triton_update as _t
+
+    fused.run(_t.launch, *args, **kwargs)
+
+
+def _cuda_launch(launch: fused.Launch, h: fused.Hyper) -> None:
+    _env.cuda_extension().child_tuning_adamw(
+        launch.params, launch.grads, launch.exp_avgs, launch.exp_avg_sqs, launch.bits, launch.offsets,
+        launch.indices, launch.steps, launch.step_sizes, launch.bc2_sqrts,
+        h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.has_decay, h.inv_reserve_p,
+        h.seed_lo, h.seed_hi, h.threshold, h.official, launch.mode)
+
+
+@REGISTRY.register("cuda", _fused_dtypes)
+def cuda_update(*args, **kwargs):
+    """The CUDA C++ multi-tensor kernel (``csrc/child_tuning.cu``), one launch per dtype group and mode."""
+    fused.run(_cuda_launch, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded parameters (FSDP2's DTensor): the kernels see the local shard and its global element offset
+# ---------------------------------------------------------------------------------------------------
+
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor's local shard (same storage: updating it updates the DTensor), else the tensor."""
+    return t.to_local() if t is not None and _is_dtensor(t) else t
+
+
+def _shard_region(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset per dim) of a DTensor's local shard."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+
+
+def _element_offset(p: torch.Tensor) -> int:
+    """The global row-major index of the first element of ``p``'s local shard (0 for a plain tensor).
+
+    Local index + offset is the global index only when the shard is one contiguous slab of rows of the
+    full tensor: sharded along dim 0 (as FSDP2 does) or replicated.
+    """
+    if not _is_dtensor(p):
+        return 0
+    if not all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements):
+        raise NotImplementedError(
+            f"ChildTuningAdamW mode F needs parameters sharded along dim 0 (as FSDP2 shards them) or replicated, "
+            f"got placements {p.placements} for a parameter of shape {tuple(p.shape)}")
+    _, offset = _shard_region(p)
+    strides = [math.prod(p.shape[d + 1:]) for d in range(len(p.shape))]
+    return sum(o * s for o, s in zip(offset, strides))
+
+
+def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The part of a full-shape mask that ``p``'s local shard holds."""
+    if not _is_dtensor(p):
+        return mask
+    shape, offset = _shard_region(p)
+    for d, (n, o) in enumerate(zip(shape, offset)):
+        mask = mask.narrow(d, o, n)
+    return mask
 
 
 def _check_hyper(group: dict, where: str) -> None:
@@ -49,6 +138,13 @@ class ChildTuningAdamW(torch.optim.Optimizer):
     Moments are float32 whatever the parameter dtype. Parameters whose ``.grad`` is None are
     skipped (their step does not advance). ``.grad`` is never modified.
 
+    D-mode masks are kept packed, 1 bit per element (``state[p]["mask_bits"]``, int32 words of
+    :mod:`apt_kernels.bits`); :meth:`masks` unpacks them. No F-mode mask is stored: the "triton" and
+    "cuda" backends draw the bits inside the update kernel, "torch" and "reference" draw them per step.
+    The masks do not depend on the backend, the device or the data-parallel rank; parameters sharded by
+    FSDP2 (DTensors sharded along dim 0) draw the bits of their global element indices, so a sharded run
+    equals the unsharded one (docs/child_tuning.md).
+
     Example:
         >>> import torch, apt_kernels
         >>> model = torch.nn.Linear(4, 2)
@@ -67,10 +163,15 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         _check_hyper(defaults, "")
         super().__init__(params, defaults)
         self.backend = backend
-        for group in self.param_groups:
-            if backend != "auto" and group["params"]:  # say now, not at the first step, if it cannot run
-                REGISTRY.select(backend, Probe.of(group["params"][0]))
+        if backend != "auto":  # say now, not at the first step, if it cannot run
+            for device, dtype in {(_local(p).device, p.dtype) for g in self.param_groups for p in g["params"]}:
+                REGISTRY.select(backend, Probe(device, dtype))
         self._set_masks(masks)
+        if any(type(p).__name__ == "FlatParameter" for g in self.param_groups for p in g["params"]):
+            warnings.warn("ChildTuningAdamW got FSDP1 flat parameters: F-mode masks are drawn per flat shard, "
+                          "so they differ from an unsharded run's (and D-mode masks must be given per flat "
+                          "shard). Use FSDP2 (fully_shard), whose sharded parameters draw the unsharded masks.",
+                          stacklevel=2)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -95,7 +196,14 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                                 f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
             if mask.shape != p.shape:
                 raise ValueError(f"the mask of parameter {V.shape(p)} has shape {V.shape(mask)}")
-            self.state[p]["mask"] = mask.to(p.device)
+            # Kept packed, 1 bit per element (of the local shard for a sharded parameter).
+            self.state[p]["mask_bits"] = _bits.pack_bits(_local_mask(p, _local(mask)).to(_local(p).device))
+
+    def masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The D-mode masks, {parameter: bool tensor} (of the local shard for a sharded parameter),
+        unpacked from the packed bits the optimizer keeps."""
+        return {p: _bits.unpack_bits(s["mask_bits"], _local(p).shape) for p, s in self.state.items()
+                if "mask_bits" in s}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch.optim.Optimizer would cast floating state to each parameter's dtype, rounding the
@@ -108,7 +216,10 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             for key, value in tensors.get(pid, {}).items():
-                self.state[p][key] = value.to(device=p.device, copy=True)
+                value = value.to(device=_local(p).device if key == "mask_bits" else p.device, copy=True)
+                if key == "mask" and value.dtype == torch.bool:  # a state_dict of version 0.1 (bool masks)
+                    key, value = "mask_bits", _bits.pack_bits(_local_mask(p, value))
+                self.state[p][key] = value
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,7 +229,8 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 loss = closure()
         index = 0
         for group in self.param_groups:
-            work = ([], [], [], [], [], [])
+            f_masked = group["mode"] == "F" and group["reserve_p"] < 1.0
+            work: dict[tuple, tuple[list, ...]] = {}  # (device, dtype) -> the backend's lists
             for p in group["params"]:
                 i, index = index, index + 1
                 if p.grad is None:
@@ -132,19 +244,19 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["step"] += 1
-                if group["mode"] == "D":
-                    keep = state.get("mask")
-                elif group["reserve_p"] < 1.0:
-                    keep = rng.keep_mask(group["seed"], state["step"], i, p.shape, group["reserve_p"], p.device)
-                else:
-                    keep = None
-                for lst, x in zip(work, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], keep)):
+                local = _local(p)
+                lists = work.setdefault((local.device, local.dtype), tuple([] for _ in range(8)))
+                for lst, x in zip(lists, (local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                                          state["step"], i, _element_offset(p) if f_masked else 0,
+                                          state.get("mask_bits"))):
                     lst.append(x)
-            if not work[0]:
-                continue
-            _, fn = REGISTRY.select(self.backend, Probe.of(work[0][0]))
             beta1, beta2 = group["betas"]
-            fn(*work, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-               weight_decay=group["weight_decay"], semantics=group["semantics"],
-               rescale=group["reserve_p"] if group["mode"] == "F" else None)
+            for (device, dtype), (ps, gs, ms, vs, ts, indices, offsets, bits) in work.items():
+                _, fn = REGISTRY.select(self.backend, Probe(device, dtype))
+                if group["mode"] == "F":
+                    masking = Masking("F", group["reserve_p"], group["seed"], indices, offsets)
+                else:
+                    masking = Masking("D", bits=bits)
+                fn(ps, gs, ms, vs, ts, masking, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                   weight_decay=group["weight_decay"], semantics=group["semantics"])
         return loss

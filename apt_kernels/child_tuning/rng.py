@@ -13,7 +13,8 @@ backend, the launch shape or the data-parallel rank, and a data-parallel shard t
 element index of its first element draws exactly the bits the unsharded tensor would.
 
 This module is the plain-PyTorch definition (uint32 arithmetic emulated in int64 without overflow). It is exact but
-slow; the Triton and CUDA kernels draw the bits in-kernel.
+slow; the Triton and CUDA kernels draw the bits in-kernel (``triton_rng.philox_keep``, ``keep_bit`` in
+csrc/child_tuning_kernel.cuh), and the "triton" and "cuda" backends of ``keep_mask`` expose those draws.
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def _keep_mask_triton(*args, **kwargs):
     from .triton_rng import keep_mask_triton
 
     return keep_mask_triton(*args, **kwargs)
+
+
+@REGISTRY.register("cuda")
+def _keep_mask_cuda(seed: int, step: int, param_index: int, shape, reserve_p: float, device, offset: int = 0):
+    """The bits of the CUDA update kernel's own draw (csrc/child_tuning_kernel.cuh, ``keep_bit``)."""
+    from .. import _env
+
+    shape = torch.Size(shape)
+    device = torch.device(device)
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if device.type == "cuda" else 0
+    seed &= (1 << 64) - 1
+    out = _env.cuda_extension().child_tuning_keep_mask(shape.numel(), offset, step, param_index, seed & MASK32,
+                                                       seed >> 32, keep_threshold(reserve_p), index)
+    return out.view(shape)
 
 
 def keep_mask(seed: int, step: int, param_index: int, shape, reserve_p: float, device=None, offset: int = 0,

@@ -1,16 +1,77 @@
-"""The masked AdamW update, reference and "torch" (foreach) backends.
+"""The masked AdamW update: the backend interface, and the reference and "torch" (foreach) backends.
 
-A backend takes one param group's work: ``params, grads, exp_avgs, exp_avg_sqs, steps, keeps`` (lists
-in step, ``steps`` already incremented, ``keeps[i]`` the bool keep-mask or None for "no masking") and
-the hyper-parameters, and updates params and states in place. States are float32; bf16/fp16
-parameters are updated in float32 and rounded back once.
+A backend takes one param group's work and updates params and states in place::
+
+    fn(params, grads, exp_avgs, exp_avg_sqs, steps, masking, *, lr, beta1, beta2, eps, weight_decay, semantics)
+
+``params, grads, exp_avgs, exp_avg_sqs, steps`` are lists in step (``steps`` already incremented) and
+``masking`` (a :class:`Masking`) says how the gradients are masked. It never holds an F-mode mask: it
+holds what defines one, ``(seed, reserve_p, parameter indices, element offsets)``, and D-mode masks as
+packed bits (:mod:`apt_kernels.bits`). The reference and torch backends materialise bool masks from it
+(:meth:`Masking.keep`); the fused backends (``fused.py``) draw F bits in-kernel and read D bits packed.
+States are float32; bf16/fp16 parameters are updated in float32 and rounded back once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Sequence
 
 import torch
+
+from .. import bits as _bits
+from . import rng
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+    """How one param group's gradients are masked (docs/math.md, 4.1).
+
+    Attributes:
+        mode: "F" (a fresh Bernoulli(reserve_p) mask per step, kept gradients divided by reserve_p) or
+            "D" (a fixed mask per tensor, no rescale).
+        reserve_p: F: the keep probability; reserve_p = 1 means no masking.
+        seed: F: the optimizer's seed.
+        indices: F: each tensor's parameter index.
+        offsets: F: the global element index of each tensor's first element (0 unless the tensor is a
+            shard of a larger parameter); empty means all 0.
+        bits: D: each tensor's mask as packed int32 words (``apt_kernels.bits.pack_bits``), or None for
+            a tensor without a mask (updated fully).
+    """
+
+    mode: str
+    reserve_p: float = 1.0
+    seed: int = 0
+    indices: Sequence[int] = ()
+    offsets: Sequence[int] = ()
+    bits: Sequence[torch.Tensor | None] = ()
+
+    @classmethod
+    def none(cls, n: int) -> "Masking":
+        """No masking for any of n tensors (plain AdamW)."""
+        return cls("D", bits=[None] * n)
+
+    @property
+    def rescale(self) -> float | None:
+        """The divisor of kept gradients: reserve_p in mode F, None (no rescale) in mode D."""
+        return self.reserve_p if self.mode == "F" else None
+
+    def offset(self, j: int) -> int:
+        return int(self.offsets[j]) if self.offsets else 0
+
+    def active(self, j: int) -> bool:
+        """Whether tensor j is masked at all."""
+        return self.reserve_p < 1.0 if self.mode == "F" else self.bits[j] is not None
+
+    def keep(self, j: int, like: torch.Tensor, step: int, *, backend: str = "auto") -> torch.Tensor | None:
+        """Tensor j's bool keep mask at ``step`` (the shape and device of ``like``), None if unmasked."""
+        if not self.active(j):
+            return None
+        if self.mode == "F":
+            return rng.keep_mask(self.seed, step, self.indices[j], like.shape, self.reserve_p, like.device,
+                                 self.offset(j), backend=backend)
+        return _bits.unpack_bits(self.bits[j], like.shape)
 
 
 def masked_grad(grad: torch.Tensor, keep: torch.Tensor | None, rescale: float | None) -> torch.Tensor:
@@ -23,11 +84,11 @@ def masked_grad(grad: torch.Tensor, keep: torch.Tensor | None, rescale: float | 
     return g * (keep.float() / rescale)  # mode F, as the paper's code: Bernoulli sample / reserve_p
 
 
-def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, keeps, *, lr, beta1, beta2, eps,
-                     weight_decay, rescale, semantics):
+def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
+                     weight_decay, semantics):
     """One parameter at a time, the formulas of the spec written out."""
-    for p, grad, m, v, t, keep in zip(params, grads, exp_avgs, exp_avg_sqs, steps, keeps):
-        g = masked_grad(grad, keep, rescale)
+    for j, (p, grad, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        g = masked_grad(grad, masking.keep(j, p, t, backend="reference"), masking.rescale)
         w = p.detach().float()
         if semantics == "official":
             m.mul_(beta1).add_(g, alpha=1 - beta1)
@@ -46,8 +107,8 @@ def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, keeps, *, lr, 
         p.detach().copy_(w)
 
 
-def foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, keeps, *, lr, beta1, beta2, eps,
-                   weight_decay, rescale, semantics):
+def foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
+                   weight_decay, semantics):
     """The same update with torch._foreach_* ops: a few launches per dtype group instead of per tensor."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
@@ -58,7 +119,7 @@ def foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, keeps, *, lr, be
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_avg_sqs[i] for i in idx]
         ts = [steps[i] for i in idx]
-        gs = [masked_grad(grads[i], keeps[i], rescale) for i in idx]
+        gs = [masked_grad(grads[i], masking.keep(i, params[i], steps[i]), masking.rescale) for i in idx]
         if semantics == "official":
             torch._foreach_mul_(ms, beta1)
             torch._foreach_add_(ms, gs, alpha=1 - beta1)

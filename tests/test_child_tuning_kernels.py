@@ -1,0 +1,533 @@
+"""The fused Child-Tuning backends (Triton, CUDA C++), packed D masks, saved masks, and the example.
+
+Lanes:
+  * triton: the Triton kernel through the interpreter on CPU (compiled on a GPU) against the torch backend;
+    its F masks bit-exactly against the stream's definition.
+  * nvcc: the CUDA kernel's own chunk loop and math (csrc/child_tuning_kernel.cuh) compiled by nvcc for
+    the host and run on CPU tensors through the binding's Python-side call, against the torch backend.
+  * gpu: the built extension on a CUDA device: the cuda and triton backends against torch, the masks
+    bit-exactly.
+"""
+
+import copy
+import ctypes
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import apt_kernels as ak
+from apt_kernels import bits
+from apt_kernels.child_tuning import fused, keep_mask, load_masks, optimizer, save_masks
+from apt_kernels.child_tuning.update import Masking
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+ULP_RTOL = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers: parameters of awkward sizes, fake gradients, a comparison of two optimizer runs
+# ---------------------------------------------------------------------------------------------------
+
+def make_params(dtype, device, sizes=((37, 29), (29,), (1000,), (5, 3, 7)), seed=0):
+    """Parameters with given sizes, plus a misaligned view (odd storage offset) and a transposed one."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in sizes]
+    base = torch.randn(1 + 333, generator=g).to(device=device, dtype=dtype)
+    ps.append(base[1:])  # contiguous, but its address is not 16-byte aligned: the kernels' scalar path
+    ps.append(torch.randn(13, 11, generator=g).to(device=device, dtype=dtype).t())  # not contiguous
+    return [torch.nn.Parameter(p) for p in ps]
+
+
+def set_grads(params, step, *, value=None):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        full = torch.randn(p.shape, generator=g) if value is None else torch.full(p.shape, float(value))
+        p.grad = full.to(device=p.device, dtype=p.dtype)
+
+
+def masks_for(params):
+    return {p: (torch.arange(p.numel(), device=p.device) % 3 != 1).view(p.shape) for p in params[::2]}
+
+
+def run_opt(params, backend, steps=3, **kw):
+    masks = masks_for(params) if kw.get("mode") == "D" else None
+    opt = ak.ChildTuningAdamW(params, backend=backend, masks=masks, **kw)
+    opt.initial = {p: p.detach().float().clone() for p in params}
+    for step in range(steps):
+        set_grads(params, step)
+        opt.step()
+    return opt
+
+
+def assert_same_run(params_a, opt_a, params_b, opt_b, dtype):
+    """Same states up to float rounding. A parameter may differ by an ulp of its dtype, plus 1e-3 of the
+    distance it moved: m / sqrt(v) amplifies last-bit differences of m where v is tiny, and the kernels
+    round differently from PyTorch's CPU ops (FMA contraction); a wrong mask or formula moves it by ~lr."""
+    for pa, pb in zip(params_a, params_b):
+        moved = float((pa.detach().float() - opt_a.initial[pa]).abs().max())
+        torch.testing.assert_close(pb.detach().float(), pa.detach().float(), rtol=ULP_RTOL[dtype],
+                                   atol=1e-7 + 1e-3 * moved)
+        for key in ("exp_avg", "exp_avg_sq"):  # a few float32 ulps of the terms (m may cancel to ~0)
+            ref = opt_a.state[pa][key]
+            scale = max(1.0, float(ref.abs().max()))
+            torch.testing.assert_close(opt_b.state[pb][key], ref, rtol=2e-6, atol=1e-6 * scale)
+        assert opt_a.state[pa]["step"] == opt_b.state[pb]["step"]
+
+
+def drawn_keep_masks(backend, params, *, reserve_p, seed, steps=2):
+    """The keep mask a backend applied, read from the moments: grad 1, beta1 0, lr 0 make exp_avg = keep / p."""
+    opt = ak.ChildTuningAdamW(params, lr=0.0, betas=(0.0, 0.5), reserve_p=reserve_p, seed=seed, backend=backend)
+    for _ in range(steps):
+        set_grads(params, 0, value=1.0)
+        opt.step()
+    return [opt.state[p]["exp_avg"] != 0 for p in params]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 256 elements in 64-element blocks, so small tensors span several programs."""
+    from apt_kernels.child_tuning import triton_update
+
+    monkeypatch.setattr(triton_update, "CHUNK", 256)
+    monkeypatch.setattr(triton_update, "BLOCK", 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The optimizer/backend interface: packed D masks in the state, F masks never materialised by fused paths
+# ---------------------------------------------------------------------------------------------------
+
+def test_d_masks_are_kept_packed_and_round_trip_state_dict():
+    params = make_params(torch.float32, "cpu")
+    masks = masks_for(params)
+    opt = ak.ChildTuningAdamW(params, lr=1e-2, mode="D", masks=masks)
+    for p, m in masks.items():
+        words = opt.state[p]["mask_bits"]
+        assert words.dtype == torch.int32 and words.numel() == (p.numel() + 31) // 32
+        assert torch.equal(bits.unpack_bits(words, p.shape), m)
+    assert all(torch.equal(opt.masks()[p], m) for p, m in masks.items())
+    set_grads(params, 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = ak.ChildTuningAdamW(clones, lr=1e-2, mode="D", masks={})
+    opt2.load_state_dict(sd)
+    for step in range(1, 4):
+        set_grads(params, step)
+        set_grads(clones, step)
+        opt.step()
+        opt2.step()
+    for a, b in zip(params, clones):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_with_bool_masks_still_loads():
+    """A state_dict from before masks were packed (state["mask"], bool) loads into packed bits."""
+    params = make_params(torch.float32, "cpu")
+    masks = masks_for(params)
+    opt = ak.ChildTuningAdamW(params, lr=1e-2, mode="D", masks=masks)
+    sd = opt.state_dict()
+    for pid, s in sd["state"].items():
+        if "mask_bits" in s:
+            p = params[pid]
+            s["mask"] = bits.unpack_bits(s.pop("mask_bits"), p.shape)
+    opt2 = ak.ChildTuningAdamW(params, lr=1e-2, mode="D", masks={})
+    opt2.load_state_dict(sd)
+    assert set(opt2.masks()) == set(masks)
+    assert all(torch.equal(opt2.masks()[p], m) for p, m in masks.items())
+
+
+def test_reference_and_torch_backends_draw_f_masks_from_the_masking():
+    p = torch.nn.Parameter(torch.zeros(3000))
+    masking = Masking("F", reserve_p=0.25, seed=3, indices=[7], offsets=[123])
+    assert torch.equal(masking.keep(0, p, 5), keep_mask(3, 5, 7, (3000,), 0.25, offset=123))
+    assert Masking("F", reserve_p=1.0, indices=[0]).keep(0, p, 1) is None
+    assert Masking.none(1).keep(0, p, 1) is None
+
+
+def test_fused_plan_splits_by_dtype_and_mode():
+    params = make_params(torch.float32, "cpu")[:3] + make_params(torch.bfloat16, "cpu")[:2]
+    set_grads(params, 0)
+    ms = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    vs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    words = [bits.pack_bits(torch.ones(p.shape, dtype=torch.bool)) if j % 2 == 0 else None
+             for j, p in enumerate(params)]
+    seen = {}
+
+    def launch_fn(launch, h):
+        seen[(launch.dtype, launch.mode)] = (len(launch), launch.steps, launch.step_sizes, len(launch.bits))
+
+    fused.run(launch_fn, params, [p.grad for p in params], ms, vs, [1, 2, 3, 1, 2], Masking("D", bits=words),
+              lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, semantics="torch")
+    size = {t: 1e-3 / (1 - 0.9 ** t) for t in (1, 2, 3)}
+    assert seen == {(torch.float32, fused.MODE_D): (2, [1, 3], [size[1], size[3]], 2),
+                    (torch.float32, fused.MODE_NONE): (1, [2], [size[2]], 0),
+                    (torch.bfloat16, fused.MODE_D): (1, [2], [size[2]], 1),
+                    (torch.bfloat16, fused.MODE_NONE): (1, [1], [size[1]], 0)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton lane
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+@pytest.mark.parametrize("mode,reserve_p", [("F", 0.4), ("F", 1.0), ("D", 0.3)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_triton_backend_matches_torch(small_chunks, dtype, semantics, mode, reserve_p, weight_decay):
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay, reserve_p=reserve_p, mode=mode,
+              semantics=semantics, seed=12)
+    pa, pb = make_params(dtype, DEVICE), make_params(dtype, DEVICE)
+    oa, ob = run_opt(pa, "torch", **kw), run_opt(pb, "triton", **kw)
+    assert_same_run(pa, oa, pb, ob, dtype)
+
+
+@pytest.mark.triton
+def test_triton_backend_default_chunking():
+    """The launcher's own CHUNK/BLOCK: two full 8192-element chunks and a tail, F and D."""
+    for mode in ("F", "D"):
+        kw = dict(lr=1e-2, weight_decay=0.05, reserve_p=0.3, mode=mode, seed=4)
+        pa, pb = (make_params(torch.bfloat16, DEVICE, sizes=((2 * 8192 + 5,),)) for _ in range(2))
+        oa, ob = run_opt(pa, "torch", steps=2, **kw), run_opt(pb, "triton", steps=2, **kw)
+        assert_same_run(pa, oa, pb, ob, torch.bfloat16)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("reserve_p", [0.3, 0.9])
+def test_triton_f_masks_are_the_stream(small_chunks, reserve_p):
+    params = make_params(torch.float32, DEVICE, sizes=((700,), (3, 50), (1,)))
+    got = drawn_keep_masks("triton", params, reserve_p=reserve_p, seed=2 ** 64 - 3)
+    for i, (p, m) in enumerate(zip(params, got)):
+        assert torch.equal(m.cpu(), keep_mask(2 ** 64 - 3, 2, i, p.shape, reserve_p, backend="reference")), i
+
+
+@pytest.mark.triton
+def test_triton_f_masks_of_a_shard_use_the_global_index(small_chunks):
+    """A tensor with element offset 2**32 - 100 (a shard of a huge parameter) draws the global bits."""
+    from apt_kernels.child_tuning.optimizer import triton_update
+
+    p = torch.zeros(300, device=DEVICE)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    offset = 2 ** 32 - 100
+    triton_update([p], [torch.ones_like(p)], [m], [v], [4], Masking("F", 0.5, seed=9, indices=[6], offsets=[offset]),
+                  lr=0.0, beta1=0.0, beta2=0.5, eps=1e-6, weight_decay=0.0, semantics="official")
+    assert torch.equal((m != 0).cpu(), keep_mask(9, 4, 6, (300,), 0.5, offset=offset, backend="reference"))
+
+
+@pytest.mark.triton
+def test_triton_d_masks_read_packed_bits(small_chunks):
+    params = make_params(torch.bfloat16, DEVICE, sizes=((300,), (4, 33)))
+    masks = {p: torch.rand(p.shape, device=DEVICE) < 0.3 for p in params}
+    opt = ak.ChildTuningAdamW(params, lr=0.0, betas=(0.0, 0.5), mode="D", masks=masks, backend="triton")
+    set_grads(params, 0, value=1.0)
+    opt.step()
+    for p in params:
+        if p in masks:
+            assert torch.equal(opt.state[p]["exp_avg"] != 0, masks[p])
+        else:
+            assert bool((opt.state[p]["exp_avg"] != 0).all())
+
+
+@pytest.mark.triton
+def test_triton_state_dict_resume_is_bit_exact(small_chunks):
+    kw = dict(lr=1e-2, reserve_p=0.4, seed=5, weight_decay=0.01, backend="triton")
+    ref = make_params(torch.float32, DEVICE, sizes=((300,), (7, 9)))
+    opt = ak.ChildTuningAdamW(ref, **kw)
+    half = make_params(torch.float32, DEVICE, sizes=((300,), (7, 9)))
+    opt_h = ak.ChildTuningAdamW(half, **kw)
+    for step in range(4):
+        set_grads(ref, step)
+        opt.step()
+        if step < 2:
+            set_grads(half, step)
+            opt_h.step()
+    saved = copy.deepcopy(opt_h.state_dict())
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in half]
+    opt_r = ak.ChildTuningAdamW(resumed, lr=0.5, reserve_p=0.9, seed=99, backend="triton")
+    opt_r.load_state_dict(saved)
+    for step in range(2, 4):
+        set_grads(resumed, step)
+        opt_r.step()
+    for a, b in zip(ref, resumed):
+        assert torch.equal(a, b)
+
+
+TRITON_COMPILE = r"""
+import itertools, re, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from apt_kernels.child_tuning import triton_update as tu
+sig = {"ptrs": "*i64", "meta": "*i64", "scal": "*fp32", "work": "*i32", "beta1": "fp32", "one_minus_beta1": "fp32",
+       "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "decay": "fp32", "inv_reserve_p": "fp32",
+       "seed_lo": "i64", "seed_hi": "i32", "threshold": "i32"}
+for dt, mode, official, aligned in [(tl.float32, 1, True, True), (tl.bfloat16, 2, False, True),
+                                    (tl.float16, 0, True, False), (tl.bfloat16, 1, False, True)]:
+    consts = dict(P_DTYPE=dt, MODE=mode, OFFICIAL=official, HAS_DECAY=True, ALIGNED=aligned, CHUNK=tu.CHUNK,
+                  BLOCK=tu.BLOCK)
+    c = triton.compile(ASTSource(tu._child_tuning_adamw_kernel, {**sig, **{k: "constexpr" for k in consts}},
+                                 constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    vec = len(re.findall(r"ld\.global\.v4", c.asm["ptx"]))
+    assert (vec > 0) == aligned, (dt, mode, aligned, vec)
+print("compiled")
+"""
+
+
+@pytest.mark.triton
+def test_triton_kernel_compiles_for_sm90_and_vectorises():
+    """The interpreter is lenient; compile the kernel for sm_90 for real (no GPU needed), and check that
+    aligned launches get 128-bit accesses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", TRITON_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# nvcc lane: the CUDA kernel's code, compiled for the host, run on CPU tensors
+# ---------------------------------------------------------------------------------------------------
+
+HOST_HARNESS = r"""
+// Runs child_tuning_kernel.cuh's chunk loop on host memory: every chunk of the table, every lane of a
+// block in turn (lanes are independent), exactly the indexing of the kernel with kThreads threads.
+#include <vector>
+#include "child_tuning_kernel.cuh"
+namespace ct = apt::child_tuning;
+
+extern "C" void host_philox(const uint32_t* ctr, const uint32_t* key, uint32_t* out) {
+  uint32_t c[4] = {ctr[0], ctr[1], ctr[2], ctr[3]};
+  ct::philox4x32_10(c, key[0], key[1]);
+  for (int i = 0; i < 4; ++i) out[i] = c[i];
+}
+
+extern "C" void host_keep_mask(bool* out, int64_t n, int64_t offset, uint32_t step, uint32_t index, uint32_t seed_lo,
+                               uint32_t seed_hi, uint32_t threshold) {
+  for (int64_t i = 0; i < n; ++i) out[i] = ct::keep_bit(i + offset, step, index, seed_lo, seed_hi, threshold);
+}
+
+extern "C" int host_adamw(int64_t n, void* const* params, const void* const* grads, float* const* ms, float* const* vs,
+                          const uint32_t* const* words, const int64_t* numels, const int64_t* offsets,
+                          const int64_t* indices, const int64_t* steps, const double* step_sizes,
+                          const double* bc2_sqrts, const double* f, const int64_t* u, int dtype, int mode,
+                          int official, int has_decay) {
+  std::vector<ct::TensorRow> rows(n);
+  for (int64_t i = 0; i < n; ++i) {
+    rows[i] = ct::TensorRow{params[i], grads[i], ms[i], vs[i], words[i], numels[i], offsets[i],
+                            static_cast<uint32_t>(indices[i]), static_cast<uint32_t>(steps[i]),
+                            static_cast<float>(step_sizes[i]), static_cast<float>(bc2_sqrts[i])};
+  }
+  const ct::Hyper h{float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]),
+                    uint32_t(u[0]), uint32_t(u[1]), uint32_t(u[2])};
+  const std::vector<ct::ChunkRow> chunks = ct::chunk_table(rows.data(), n);
+  return ct::dispatch(dtype, mode, official != 0, has_decay != 0, [&](auto p, auto m, auto o, auto d) -> cudaError_t {
+    using P = typename decltype(p)::type;
+    for (const ct::ChunkRow& c : chunks)
+      for (int lane = 0; lane < ct::kThreads; ++lane)
+        ct::update_chunk<P, decltype(m)::value, decltype(o)::value, decltype(d)::value>(rows[c.tensor], c.chunk, lane,
+                                                                                         ct::kThreads, h);
+    return cudaSuccess;
+  });
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    d = tmp_path_factory.mktemp("ct_host")
+    (d / "harness.cu").write_text(HOST_HARNESS)
+    lib = d / "libct_host.so"
+    res = subprocess.run([nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc"),
+                          str(d / "harness.cu"), "-o", str(lib)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+def _ptrs(ctype, tensors):
+    return (ctype * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
+
+
+class HostExtension:
+    """Stands in for apt_kernels._C: the binding's Python-side signature, the kernel's code run on the host."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def child_tuning_adamw(self, params, grads, exp_avgs, exp_avg_sqs, bits_, elem_offsets, param_indices, steps,
+                           step_sizes, bc2_sqrts, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                           has_decay, inv_reserve_p, seed_lo, seed_hi, threshold, official, mode):
+        n = len(params)
+        assert all(t.is_contiguous() for t in params + grads + exp_avgs + exp_avg_sqs)
+        i64 = lambda xs: (ctypes.c_int64 * max(1, n))(*xs)  # noqa: E731
+        f64 = lambda xs: (ctypes.c_double * max(1, len(xs)))(*xs)  # noqa: E731
+        code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[params[0].dtype]
+        words = _ptrs(ctypes.c_void_p, bits_) if bits_ else (ctypes.c_void_p * n)()
+        rc = self.lib.host_adamw(
+            ctypes.c_int64(n), _ptrs(ctypes.c_void_p, params), _ptrs(ctypes.c_void_p, grads),
+            _ptrs(ctypes.c_void_p, exp_avgs), _ptrs(ctypes.c_void_p, exp_avg_sqs), words,
+            i64([p.numel() for p in params]), i64(elem_offsets), i64(param_indices), i64(steps), f64(step_sizes),
+            f64(bc2_sqrts), f64([beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p]),
+            (ctypes.c_int64 * 3)(seed_lo, seed_hi, threshold), code, mode, int(official), int(has_decay))
+        assert rc == 0
+
+    def child_tuning_keep_mask(self, numel, offset, step, index, seed_lo, seed_hi, threshold, device_index):
+        out = torch.empty(numel, dtype=torch.bool)
+        self.lib.host_keep_mask(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(numel), ctypes.c_int64(offset),
+                                ctypes.c_uint32(step), ctypes.c_uint32(index), ctypes.c_uint32(seed_lo),
+                                ctypes.c_uint32(seed_hi), ctypes.c_uint32(threshold))
+        return out
+
+
+@pytest.fixture
+def cuda_on_host(host_kernels, monkeypatch):
+    """backend="cuda" on CPU tensors runs the CUDA kernel's code compiled for the host."""
+    from apt_kernels import _env
+    from apt_kernels.child_tuning import rng
+
+    monkeypatch.setattr(_env, "cuda_extension", lambda: HostExtension(host_kernels))
+    for reg, name in ((optimizer.REGISTRY, "cuda"), (rng.REGISTRY, "cuda")):
+        monkeypatch.setattr(reg._entries[name], "checks", ())
+    return host_kernels
+
+
+@pytest.mark.nvcc
+def test_cuda_philox_known_answers_and_stream(cuda_on_host):
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        out = (ctypes.c_uint32 * 4)()
+        cuda_on_host.host_philox((ctypes.c_uint32 * 4)(*ctr), (ctypes.c_uint32 * 2)(*key), out)
+        assert tuple(out) == want
+    for seed, step, index, n, p, offset in [(0, 1, 0, 5000, 0.3, 0), (2 ** 64 - 1, 2 ** 32 - 1, 70000, 999, 0.5, 0),
+                                            (5, 3, 2, 1000, 0.9, 2 ** 32 - 500), (1234, 1, 0, 8, 0.5, 0)]:
+        got = keep_mask(seed, step, index, (n,), p, offset=offset, backend="cuda")
+        assert torch.equal(got, keep_mask(seed, step, index, (n,), p, offset=offset, backend="reference"))
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+@pytest.mark.parametrize("mode,reserve_p", [("F", 0.4), ("F", 1.0), ("D", 0.3)])
+def test_cuda_kernel_code_matches_torch(cuda_on_host, dtype, semantics, mode, reserve_p):
+    # (300, 257): three 32768-element chunks and a tail that is not a multiple of 4.
+    sizes = ((300, 257), (29,), (1000,), (5, 3, 7))
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, reserve_p=reserve_p, mode=mode,
+              semantics=semantics, seed=12)
+    pa, pb = make_params(dtype, "cpu", sizes), make_params(dtype, "cpu", sizes)
+    oa, ob = run_opt(pa, "torch", **kw), run_opt(pb, "cuda", **kw)
+    assert_same_run(pa, oa, pb, ob, dtype)
+
+
+@pytest.mark.nvcc
+def test_cuda_kernel_code_f_masks_are_the_stream(cuda_on_host):
+    params = make_params(torch.float32, "cpu", sizes=((300, 257), (3, 50)))
+    got = drawn_keep_masks("cuda", params, reserve_p=0.3, seed=77)
+    for i, (p, m) in enumerate(zip(params, got)):
+        assert torch.equal(m, keep_mask(77, 2, i, p.shape, 0.3, backend="reference")), i
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU lane: the real extension and compiled Triton
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+@pytest.mark.parametrize("mode,reserve_p", [("F", 0.3), ("F", 1.0), ("D", 0.3)])
+def test_gpu_backends_match_torch(backend, dtype, semantics, mode, reserve_p):
+    sizes = ((1024, 3072), (3072,), (300, 257), (5, 3, 7))
+    kw = dict(lr=1e-3, weight_decay=0.01, reserve_p=reserve_p, mode=mode, semantics=semantics, seed=3)
+    pa, pb = make_params(dtype, "cuda", sizes), make_params(dtype, "cuda", sizes)
+    oa, ob = run_opt(pa, "torch", steps=5, **kw), run_opt(pb, backend, steps=5, **kw)
+    assert_same_run(pa, oa, pb, ob, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_f_masks_are_bit_exact(backend):
+    params = make_params(torch.float32, "cuda", sizes=((1024, 3072), (300, 257), (7,)))
+    got = drawn_keep_masks(backend, params, reserve_p=0.3, seed=2 ** 63 + 5)
+    for i, (p, m) in enumerate(zip(params, got)):
+        assert torch.equal(m.cpu(), keep_mask(2 ** 63 + 5, 2, i, p.shape, 0.3, backend="reference")), i
+    for offset in (0, 2 ** 32 - 1000):
+        want = keep_mask(11, 3, 4, (5000,), 0.7, offset=offset, backend="reference")
+        assert torch.equal(keep_mask(11, 3, 4, (5000,), 0.7, "cuda", offset, backend=backend).cpu(), want)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_cuda_and_matches_cpu_run():
+    assert optimizer.REGISTRY.select("auto", optimizer.Probe(torch.device("cuda"), torch.bfloat16))[0] == "cuda"
+    kw = dict(lr=1e-3, weight_decay=0.01, reserve_p=0.3, seed=3)
+    pc, pg = make_params(torch.float32, "cpu"), make_params(torch.float32, "cuda")
+    oc, og = run_opt(pc, "torch", **kw), run_opt(pg, "auto", **kw)
+    for a, b in zip(pc, pg):
+        moved = float((a.detach() - oc.initial[a]).abs().max())
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=2e-6, atol=1e-7 + 1e-3 * moved)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saved masks
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_save_and_load_masks(tmp_path, packed):
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Linear(13, 5))
+    masks = {p: torch.rand(p.shape) < 0.3 for p in model.parameters() if p.dim() == 2}
+    path = tmp_path / "masks.safetensors"
+    save_masks(masks, model, path, packed=packed)
+    other = copy.deepcopy(model)
+    loaded = load_masks(other, path)
+    by_name = dict(other.named_parameters())
+    assert {id(p) for p in loaded} == {id(by_name["0.weight"]), id(by_name["1.weight"])}
+    for (name, p) in model.named_parameters():
+        if p in masks:
+            assert torch.equal(loaded[by_name[name]], masks[p])
+    ak.ChildTuningAdamW(other.parameters(), mode="D", masks=loaded)  # usable as they are
+    smaller = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Linear(13, 4))
+    with pytest.raises(ValueError, match=r"1.weight .* has shape \(5, 13\)"):
+        load_masks(smaller, path)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        load_masks(torch.nn.Sequential(torch.nn.Linear(7, 13)), path)
+    assert len(load_masks(torch.nn.Sequential(torch.nn.Linear(7, 13)), path, strict=False)) == 1
+
+
+def test_packed_masks_file_is_small(tmp_path):
+    model = torch.nn.Linear(512, 512)
+    masks = {model.weight: torch.rand(512, 512) < 0.5}
+    save_masks(masks, model, tmp_path / "p.safetensors")
+    save_masks(masks, model, tmp_path / "b.safetensors", packed=False)
+    assert (tmp_path / "p.safetensors").stat().st_size * 6 < (tmp_path / "b.safetensors").stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# The example
+# ---------------------------------------------------------------------------------------------------
+
+def test_train_child_tuning_example_runs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "examples/train_child_tuning.py", "--steps", "3", "--train-size", "64",
+                          "--eval-size", "32", "--fisher-batches", "2", "--no-progress",
+                          "--save-masks", str(tmp_path / "masks.safetensors")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = res.stdout
+    assert res.returncode == 0, f"stdout:\n{out}\nstderr:\n{res.stderr[-4000:]}"
+    needles = ["Fisher mask", "saved the Fisher mask", "Child-Tuning-F (loop): 3 steps", "Child-Tuning-D (loop): 3 steps"]
+    if importlib.util.find_spec("accelerate") is not None:
+        needles += ["Child-Tuning-F (Trainer): 3 steps", "Child-Tuning-D (Trainer): 3 steps"]
+    else:
+        needles += ["Trainer runs skipped: transformers' Trainer needs the accelerate package"]
+    for needle in needles:
+        assert needle in out, out
