@@ -17,6 +17,7 @@ from . import bits
 from .attention import gated_prefix_attention
 from .child_tuning import ChildTuningAdamW, fisher_mask
 from .pst import pst_mask, pst_masked_weight, pst_scores
+from .pst import PSTLinear, SparsityScheduler
 from .registry import BackendUnavailable, explain
 
 __all__ = [
@@ -29,4 +30,6 @@ __all__ = [
     "pst_mask",
     "pst_masked_weight",
     "pst_scores",
+    "PSTLinear",
+    "SparsityScheduler",
 ]

@@ -147,3 +147,16 @@ def test_mixed_dtypes_compute_in_float32():
     W = ts[0].float() + ts[1] @ ts[2]
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, (W * ak.pst_mask(*ts, sparsity=0.5)).to(torch.bfloat16))
+
+
+def test_backward_computes_in_the_forwards_dtype_when_only_r_is_float64():
+    ts = make(6, 7, dtype=torch.float32, requires_grad=True)
+    ts[5] = ts[5].detach().double().requires_grad_(True)  # r alone in float64
+    out = ak.pst_masked_weight(*ts, sparsity=0.5)
+    assert out.dtype == torch.float32
+    g = torch.randn(6, 7, dtype=torch.float64)
+    out.backward(g.float())
+    full = [t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+    ak.pst_masked_weight(*full, sparsity=0.5).backward(g.float().double())
+    assert ts[5].grad.dtype == torch.float64
+    torch.testing.assert_close(ts[5].grad, full[5].grad, rtol=1e-12, atol=1e-12)

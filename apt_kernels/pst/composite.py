@@ -2,6 +2,7 @@
 
 ``kthvalue`` finds the k-th smallest ordered key (a selection, not a sort); everything strictly
 below it is pruned, and among the keys equal to it the first ones in flat order, until k are pruned.
+In N:M mode each entry's rank inside its group of M is counted by pairwise comparison (no sort).
 """
 
 from __future__ import annotations
@@ -23,8 +24,21 @@ def select_keep_mask(s: torch.Tensor, k: int) -> torch.Tensor:
     return (~prune).view(s.shape)
 
 
-def torch_forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, k):
+def nm_keep_mask(s: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """Keep the N largest of every M consecutive scores of a row; equal scores: smaller index pruned first."""
+    keep_n, m = nm
+    rows, k = s.shape
+    key = ordered_key(s.reshape(rows, k // m, m))
+    idx = torch.arange(m, device=s.device)
+    kj, ki = key[..., None, :], key[..., :, None]  # [..., i, j]: does entry j come before entry i?
+    before = (kj < ki) | ((kj == ki) & (idx[None, :] < idx[:, None]))
+    rank = before.sum(-1)
+    return (rank >= m - keep_n).view(rows, k)
+
+
+def torch_forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, k, nm=None):
     dt = compute_dtype(w0, u, v, a, b, r, c)
     w = dense_weight(w0, u, v, beta, dt)
-    keep = select_keep_mask(scores_from_weight(w, a, b, r, c, alpha1, alpha2), k)
+    s = scores_from_weight(w, a, b, r, c, alpha1, alpha2)
+    keep = select_keep_mask(s, k) if nm is None else nm_keep_mask(s, nm)
     return (w * keep).to(w0.dtype), keep

@@ -55,12 +55,55 @@ def reference_keep_mask(s: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(s.shape)
 
 
-def reference_forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, k):
-    """(W', keep mask) per the spec, with a stable sort for the selection."""
+def reference_nm_keep_mask(s: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """N:M: in every group of M consecutive entries of a row, keep the N largest scores.
+
+    Among equal scores the smaller index is pruned first (a stable sort of each group).
+    """
+    keep_n, m = nm
+    rows, k = s.shape
+    keys = ordered_key(s.reshape(rows, k // m, m))
+    order = torch.sort(keys, dim=-1, stable=True).indices
+    keep = torch.ones_like(keys, dtype=torch.bool)
+    keep.scatter_(-1, order[..., : m - keep_n], False)
+    return keep.view(rows, k)
+
+
+def reference_forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, k, nm=None):
+    """(W', keep mask) per the spec, with a stable sort for the selection (per group of M with ``nm``)."""
     dt = compute_dtype(w0, u, v, a, b, r, c)
     w = dense_weight(w0, u, v, beta, dt)
-    keep = reference_keep_mask(scores_from_weight(w, a, b, r, c, alpha1, alpha2), k)
+    s = scores_from_weight(w, a, b, r, c, alpha1, alpha2)
+    keep = reference_keep_mask(s, k) if nm is None else reference_nm_keep_mask(s, nm)
     return (w * keep).to(w0.dtype), keep
+
+
+def fused_order_scores(w0, u, v, a, b, r, c, beta, alpha1, alpha2):
+    """(W, S) in float32, evaluated in the fused kernels' order (Triton and CUDA C++ backends).
+
+    Every operation is one IEEE float32 operation rounded to nearest (no fused multiply-add):
+
+        uv = 0;  for j in 0..rw-1:  uv = uv + U[i, j] * V[j, c]          (sequential in j)
+        ab = 0;  for j in 0..rs-1:  ab = ab + A[i, j] * B[j, c]
+        W  = W0 + beta * uv
+        S  = (|W| + alpha1 * ab) + alpha2 * (R[i] + C[c])
+
+    The reference computes ``U @ V`` and ``A @ B`` with a matrix product whose summation order is the
+    library's, so its scores can differ from these in the last bits; where the products are exact
+    (e.g. ``V = B = 0`` at initialisation, R = C = 0) both give the same bits, hence the same mask.
+    """
+    f = torch.float32
+    w = w0.to(f)
+    uv = torch.zeros(w.shape, dtype=f, device=w.device)
+    for j in range(u.shape[1]):
+        uv = uv + u[:, j:j + 1].to(f) * v[j:j + 1, :].to(f)
+    ab = torch.zeros(w.shape, dtype=f, device=w.device)
+    for j in range(a.shape[1]):
+        ab = ab + a[:, j:j + 1].to(f) * b[j:j + 1, :].to(f)
+    w = w + beta * uv
+    s = w.abs() + alpha1 * ab
+    s = s + alpha2 * (r.to(f)[:, None] + c.to(f)[None, :])
+    return w, s
 
 
 def ste_backward(grad, keep, w0, u, v, a, b, beta, alpha1, alpha2, needs):

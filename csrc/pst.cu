@@ -1,0 +1,316 @@
+// PST selection and mask passes (see pst.cuh for the contract).
+//
+// Global selection, all on the device (no host synchronisation):
+//   3 histogram passes over the unsigned keys, digits of 11, 11 and 10 bits from the top. Pass p
+//   recomputes every score, keeps the entries whose higher digits equal the prefix chosen so far,
+//   counts their digit in a shared-memory histogram and adds it to a global one. A one-block "pick"
+//   kernel then finds the bucket holding the need-th smallest candidate and narrows the prefix.
+//   After the last pass the prefix is the threshold key T, need = how many entries equal to T must be
+//   pruned, count = how many there are. If need < count the ties are split in row-major order: one
+//   block per row counts its ties, and a one-block "cut" kernel scans the row counts and then the one
+//   row where the cumulative count reaches need, giving the flat index F of the need-th tie.
+//   Mask pass: keep iff key > T, or key == T and flat index > F (F = n k - 1 when every tie goes).
+// Workspace: a State, 3 histograms of 2048 64-bit counters, n 64-bit row counters.
+#include "pst.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace {
+
+constexpr int kPasses = 3;
+constexpr int kMaxBins = 2048;
+constexpr int kThreads = 256;
+constexpr int kScanThreads = 1024;
+
+__host__ __device__ constexpr int digit_bits(int pass) { return pass == 2 ? 10 : 11; }
+__host__ __device__ constexpr int digit_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+
+struct State {
+  unsigned long long prefix;  // key bits chosen so far (the threshold T after the last pass)
+  long long need;             // rank still needed among the entries matching the prefix (1-based)
+  long long count;            // entries in the chosen bucket
+  long long f_excl;           // ties with flat index < f_excl are pruned
+};
+
+size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
+
+// ---- exact float32 arithmetic, immune to --use_fast_math (no contraction, no flush-to-zero) ----
+__device__ __forceinline__ float add_rn(float x, float y) {
+  float z;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
+  return z;
+}
+__device__ __forceinline__ float mul_rn(float x, float y) {
+  float z;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
+  return z;
+}
+__device__ __forceinline__ float abs_bits(float x) { return __uint_as_float(__float_as_uint(x) & 0x7fffffffu); }
+
+__device__ __forceinline__ float load_w0(const AptPstProblem& p, int64_t f) {
+  switch (p.w0_dtype) {
+    case APT_PST_F16: return __half2float(static_cast<const __half*>(p.w0)[f]);
+    case APT_PST_BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.w0)[f]);
+    default: return static_cast<const float*>(p.w0)[f];
+  }
+}
+
+__device__ __forceinline__ void store_out(const AptPstProblem& p, void* out, int64_t f, float x) {
+  switch (p.w0_dtype) {
+    case APT_PST_F16: static_cast<__half*>(out)[f] = __float2half_rn(x); break;
+    case APT_PST_BF16: static_cast<__nv_bfloat16*>(out)[f] = __float2bfloat16_rn(x); break;
+    default: static_cast<float*>(out)[f] = x;
+  }
+}
+
+__device__ __forceinline__ float weight_at(const AptPstProblem& p, int64_t i, int64_t c) {
+  float uv = 0.0f;
+  for (int j = 0; j < p.rw; ++j) uv = add_rn(uv, mul_rn(p.u[i * p.rw + j], p.v[j * p.k + c]));
+  return add_rn(load_w0(p, i * p.k + c), mul_rn(p.beta, uv));
+}
+
+__device__ __forceinline__ float score_at(const AptPstProblem& p, int64_t i, int64_t c, float w) {
+  float ab = 0.0f;
+  for (int j = 0; j < p.rs; ++j) ab = add_rn(ab, mul_rn(p.a[i * p.rs + j], p.b[j * p.k + c]));
+  const float s = add_rn(abs_bits(w), mul_rn(p.alpha1, ab));
+  return add_rn(s, mul_rn(p.alpha2, add_rn(p.r[i], p.c[c])));
+}
+
+// Unsigned order-preserving key (integer tests only: fast-math cannot touch them).
+__device__ __forceinline__ unsigned int ukey(float s) {
+  unsigned int bits = __float_as_uint(s);
+  const unsigned int mag = bits & 0x7fffffffu;
+  if (mag > 0x7f800000u) bits = 0x7fc00000u;  // NaN: the key of +NaN, above +inf
+  else if (mag == 0u) bits = 0u;              // -0 -> +0
+  const unsigned int key = (bits & 0x80000000u) ? (bits ^ 0x7fffffffu) : bits;  // signed order
+  return key ^ 0x80000000u;                                                      // unsigned order
+}
+
+__device__ __forceinline__ unsigned int key_at(const AptPstProblem& p, int64_t i, int64_t c, float* w_out) {
+  const float w = weight_at(p, i, c);
+  if (w_out) *w_out = w;
+  return ukey(score_at(p, i, c, w));
+}
+
+// Inclusive scan over a block (blockDim.x <= 1024, a multiple of 32); returns this thread's value,
+// *total gets the block sum. Every thread must call it.
+__device__ long long block_inclusive_scan(long long x, long long* total) {
+  __shared__ long long warp_sums[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int off = 1; off < 32; off <<= 1) {
+    const long long y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    long long s = lane < nwarps ? warp_sums[lane] : 0;
+    for (int off = 1; off < 32; off <<= 1) {
+      const long long y = __shfl_up_sync(0xffffffffu, s, off);
+      if (lane >= off) s += y;
+    }
+    warp_sums[lane] = s;
+  }
+  __syncthreads();
+  if (warp > 0) x += warp_sums[warp - 1];
+  *total = warp_sums[nwarps - 1];
+  __syncthreads();
+  return x;
+}
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+__global__ void hist_kernel(AptPstProblem p, int pass, const State* st, unsigned long long* hist) {
+  __shared__ unsigned int sh[kMaxBins];
+  const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
+  for (int b = threadIdx.x; b < nbins; b += blockDim.x) sh[b] = 0;
+  __syncthreads();
+  const unsigned int prefix = pass ? static_cast<unsigned int>(st->prefix) : 0u;
+  const int hi = shift + bits;  // < 32 whenever pass > 0
+  const int64_t numel = p.n * p.k;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < numel; f += stride) {
+    const int64_t i = f / p.k, c = f - i * p.k;
+    const unsigned int key = key_at(p, i, c, nullptr);
+    if (pass == 0 || (key >> hi) == (prefix >> hi)) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < nbins; b += blockDim.x)
+    if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
+}
+
+// One block of kThreads: choose the bucket of this pass's histogram that holds the need-th candidate.
+__global__ void pick_kernel(int pass, const unsigned long long* hist, State* st, long long n_pruned) {
+  const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
+  const long long need = pass == 0 ? n_pruned : st->need;
+  const unsigned long long prefix = pass == 0 ? 0ull : st->prefix;
+  const int per = nbins / kThreads, b0 = threadIdx.x * per;
+  long long local = 0;
+  for (int t = 0; t < per; ++t) local += static_cast<long long>(hist[b0 + t]);
+  long long total;
+  const long long incl = block_inclusive_scan(local, &total);
+  const long long before = incl - local;
+  if (before < need && need <= incl) {  // exactly one thread
+    long long run = before;
+    for (int t = 0; t < per; ++t) {
+      const long long h = static_cast<long long>(hist[b0 + t]);
+      if (run + h >= need) {
+        st->prefix = prefix | (static_cast<unsigned long long>(b0 + t) << shift);
+        st->need = need - run;
+        st->count = h;
+        break;
+      }
+      run += h;
+    }
+  }
+}
+
+// One block per row (grid-stride): the number of entries of the row whose key is T.
+__global__ void tie_rows_kernel(AptPstProblem p, const State* st, unsigned long long* rowcnt) {
+  if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
+  const unsigned int thr = static_cast<unsigned int>(st->prefix);
+  for (int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+    long long cnt = 0;
+    for (int64_t c = threadIdx.x; c < p.k; c += blockDim.x) cnt += key_at(p, i, c, nullptr) == thr;
+    long long total;
+    block_inclusive_scan(cnt, &total);
+    if (threadIdx.x == 0) rowcnt[i] = static_cast<unsigned long long>(total);
+  }
+}
+
+// One block of kScanThreads: the flat index bound of the pruned ties.
+__global__ void cut_kernel(AptPstProblem p, State* st, const unsigned long long* rowcnt) {
+  __shared__ long long s_row, s_before, s_col;
+  const long long need = st->need, count = st->count;
+  const unsigned int thr = static_cast<unsigned int>(st->prefix);
+  const int64_t numel = p.n * p.k;
+  if (need == count) {
+    if (threadIdx.x == 0) st->f_excl = numel;
+    return;
+  }
+  if (threadIdx.x == 0) s_row = s_before = s_col = 0;
+  __syncthreads();
+  long long base = 0;
+  for (int64_t start = 0; start < p.n && base < need; start += blockDim.x) {  // base is block-uniform
+    const int64_t i = start + threadIdx.x;
+    const long long x = i < p.n ? static_cast<long long>(rowcnt[i]) : 0;
+    long long total;
+    const long long incl = block_inclusive_scan(x, &total) + base;
+    if (i < p.n && incl >= need && incl - x < need) {
+      s_row = i;
+      s_before = incl - x;
+    }
+    base += total;
+  }
+  __syncthreads();
+  const int64_t row = s_row;
+  const long long m = need - s_before;  // prune the first m ties of this row
+  base = 0;
+  for (int64_t start = 0; start < p.k && base < m; start += blockDim.x) {
+    const int64_t c = start + threadIdx.x;
+    const long long t = (c < p.k && key_at(p, row, c, nullptr) == thr) ? 1 : 0;
+    long long total;
+    const long long incl = block_inclusive_scan(t, &total) + base;
+    if (t && incl == m) s_col = c;
+    base += total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) st->f_excl = row * p.k + s_col + 1;
+}
+
+// Grid-stride over the flat index; every warp covers 32 consecutive, 32-aligned entries: one word.
+__global__ void mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out, uint32_t* words) {
+  const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
+  const long long f_excl = any_pruned ? st->f_excl : 0;
+  const int64_t numel = p.n * p.k;
+  const int64_t padded = (numel + 31) & ~static_cast<int64_t>(31);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < padded; f += stride) {
+    bool keep = false;
+    if (f < numel) {
+      const int64_t i = f / p.k, c = f - i * p.k;
+      float w;
+      const unsigned int key = key_at(p, i, c, &w);
+      keep = key > thr || (key == thr && f >= f_excl);
+      store_out(p, out, f, mul_rn(w, keep ? 1.0f : 0.0f));
+    }
+    const unsigned int word = __ballot_sync(0xffffffffu, keep);
+    if ((threadIdx.x & 31) == 0) words[f >> 5] = word;
+  }
+}
+
+// N:M: one thread per group of m consecutive entries of a row (k % m == 0, m <= 32).
+__global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_t* words) {
+  const int64_t groups = p.n * p.k / m;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    const int64_t f0 = g * m, i = f0 / p.k, c0 = f0 - i * p.k;
+    unsigned int keys[32];
+    float ws[32];
+    for (int t = 0; t < m; ++t) keys[t] = key_at(p, i, c0 + t, &ws[t]);
+    unsigned long long bitsv = 0;
+    for (int t = 0; t < m; ++t) {
+      int rank = 0;  // entries before t in (key, index) order
+      for (int q = 0; q < m; ++q) rank += keys[q] < keys[t] || (keys[q] == keys[t] && q < t);
+      const bool keep = rank >= m - keep_n;
+      store_out(p, out, f0 + t, mul_rn(ws[t], keep ? 1.0f : 0.0f));
+      bitsv |= static_cast<unsigned long long>(keep) << t;
+    }
+    bitsv <<= (f0 & 31);
+    const int64_t w = f0 >> 5;
+    if (static_cast<unsigned int>(bitsv)) atomicOr(&words[w], static_cast<unsigned int>(bitsv));
+    if (bitsv >> 32) atomicOr(&words[w + 1], static_cast<unsigned int>(bitsv >> 32));
+  }
+}
+
+unsigned int grid_for(int64_t work, int threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+}
+
+}  // namespace
+
+extern "C" size_t apt_pst_workspace_bytes(int64_t n, int64_t /*k*/) {
+  return align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins) +
+         align256(sizeof(unsigned long long) * static_cast<size_t>(n > 0 ? n : 1));
+}
+
+extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_pruned, int nm_n, int nm_m,
+                                       void* w_out, uint32_t* words, void* workspace, size_t workspace_bytes,
+                                       cudaStream_t stream) {
+  if (!problem) return cudaErrorInvalidValue;
+  const AptPstProblem p = *problem;
+  if (p.n < 0 || p.k < 0 || p.rw < 0 || p.rs < 0) return cudaErrorInvalidValue;
+  const int64_t numel = p.n * p.k;
+  if (numel == 0) return cudaSuccess;
+  const size_t nwords = static_cast<size_t>((numel + 31) / 32);
+  cudaError_t err;
+  if (nm_m > 0) {
+    if (nm_m > 32 || nm_n < 0 || nm_n > nm_m || p.k % nm_m) return cudaErrorInvalidValue;
+    if ((err = cudaMemsetAsync(words, 0, nwords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
+    nm_kernel<<<grid_for(numel / nm_m, kThreads), kThreads, 0, stream>>>(p, nm_n, nm_m, w_out, words);
+    return cudaGetLastError();
+  }
+  if (n_pruned < 0 || n_pruned >= numel) return cudaErrorInvalidValue;
+  if (workspace_bytes < apt_pst_workspace_bytes(p.n, p.k)) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(workspace);
+  State* st = reinterpret_cast<State*>(ws);
+  unsigned long long* hist = reinterpret_cast<unsigned long long*>(ws + align256(sizeof(State)));
+  unsigned long long* rowcnt = reinterpret_cast<unsigned long long*>(
+      ws + align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins));
+  const unsigned int grid = grid_for(numel, kThreads);
+  if (n_pruned > 0) {
+    const size_t zero = align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins);
+    if ((err = cudaMemsetAsync(ws, 0, zero, stream)) != cudaSuccess) return err;
+    for (int pass = 0; pass < kPasses; ++pass) {
+      hist_kernel<<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins);
+      pick_kernel<<<1, kThreads, 0, stream>>>(pass, hist + pass * kMaxBins, st, n_pruned);
+    }
+    tie_rows_kernel<<<grid_for(p.n, 1), kThreads, 0, stream>>>(p, st, rowcnt);
+    cut_kernel<<<1, kScanThreads, 0, stream>>>(p, st, rowcnt);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  mask_kernel<<<grid, kThreads, 0, stream>>>(p, st, n_pruned > 0, w_out, words);
+  return cudaGetLastError();
+}

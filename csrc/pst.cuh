@@ -1,0 +1,48 @@
+// PST selection and mask passes: fused low-rank scores, exact radix select of the n_pruned-th
+// smallest score, W' = M * W and a packed keep bitmask. Plain CUDA: no torch headers.
+//
+// Scores, per entry (i, c), every operation one IEEE float32 operation rounded to nearest (no FMA,
+// no flush-to-zero; done with inline PTX so that compiler flags such as --use_fast_math cannot
+// change them):
+//   uv = 0; for j < rw: uv = uv + U[i, j] * V[j, c]        ab likewise with A, B and rs
+//   W  = W0[i, c] + beta * uv
+//   S  = (|W| + alpha1 * ab) + alpha2 * (R[i] + C[c])
+// Ordered keys: the float bits with negative values flipped, -0 -> +0, every NaN above +inf, as
+// apt_kernels.pst.reference.ordered_key (here as unsigned: key ^ 0x80000000).
+// Mask: exactly n_pruned entries with the smallest keys are pruned; among equal keys the smaller
+// row-major index first. N:M mode (nm_m > 0): in every group of nm_m consecutive entries of a row the
+// nm_n largest (key, then larger index) are kept.
+// Bitmask: bit j of word w is entry 32 * w + j (row-major), 1 = kept; ceil(n * k / 32) words.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+extern "C" {
+
+// Element type of W0 and of W'.
+enum AptPstDtype { APT_PST_F32 = 0, APT_PST_F16 = 1, APT_PST_BF16 = 2 };
+
+typedef struct AptPstProblem {
+  const void* w0;   // (n, k) row-major, w0_dtype
+  int w0_dtype;     // AptPstDtype
+  const float* u;   // (n, rw) row-major
+  const float* v;   // (rw, k)
+  const float* a;   // (n, rs)
+  const float* b;   // (rs, k)
+  const float* r;   // (n,)
+  const float* c;   // (k,)
+  int64_t n, k;
+  int rw, rs;
+  float beta, alpha1, alpha2;
+} AptPstProblem;
+
+// Bytes of device workspace apt_pst_forward needs for an (n, k) weight (it zeroes what it uses).
+size_t apt_pst_workspace_bytes(int64_t n, int64_t k);
+
+// w_out: n * k elements of w0_dtype; words: ceil(n * k / 32) uint32. n_pruned in [0, n * k) for the
+// global selection (nm_m == 0); with nm_m in [1, 32], k % nm_m == 0 and 0 <= nm_n <= nm_m, the N:M
+// mode (n_pruned ignored). Returns the first launch error (cudaErrorInvalidValue for bad arguments).
+cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_pruned, int nm_n, int nm_m, void* w_out,
+                            uint32_t* words, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+}

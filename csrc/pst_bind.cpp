@@ -1,0 +1,74 @@
+// Torch-facing side of pst.cu: argument checks, dtype conversion of the (small) factors, device
+// guard, stream, output and workspace allocation.
+#include "bindings.h"
+#include "pst.cuh"
+
+namespace {
+
+int w0_dtype_code(const torch::Tensor& w0) {
+  switch (w0.scalar_type()) {
+    case torch::kFloat: return APT_PST_F32;
+    case torch::kHalf: return APT_PST_F16;
+    case torch::kBFloat16: return APT_PST_BF16;
+    default: TORCH_CHECK(false, "pst_forward: w0 must be float32, float16 or bfloat16, got ", w0.scalar_type());
+  }
+  return APT_PST_F32;
+}
+
+std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Tensor& u, const torch::Tensor& v,
+                                       const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& r,
+                                       const torch::Tensor& c, double beta, double alpha1, double alpha2,
+                                       int64_t n_pruned, int64_t nm_n, int64_t nm_m) {
+  TORCH_CHECK(w0.is_cuda() && w0.dim() == 2, "pst_forward: w0 must be a 2-D CUDA tensor");
+  const int64_t n = w0.size(0), k = w0.size(1);
+  const int64_t rw = u.dim() == 2 ? u.size(1) : -1, rs = a.dim() == 2 ? a.size(1) : -1;
+  TORCH_CHECK(u.sizes() == torch::IntArrayRef({n, rw}) && v.sizes() == torch::IntArrayRef({rw, k}),
+              "pst_forward: u must be (n, rw) and v (rw, k)");
+  TORCH_CHECK(a.sizes() == torch::IntArrayRef({n, rs}) && b.sizes() == torch::IntArrayRef({rs, k}),
+              "pst_forward: a must be (n, rs) and b (rs, k)");
+  TORCH_CHECK(r.sizes() == torch::IntArrayRef({n}) && c.sizes() == torch::IntArrayRef({k}),
+              "pst_forward: r must be (n,) and c (k,)");
+  for (const auto* t : {&u, &v, &a, &b, &r, &c})
+    TORCH_CHECK(t->device() == w0.device(), "pst_forward: every tensor must be on w0's device");
+  TORCH_CHECK(nm_m == 0 ? (n_pruned >= 0 && (n * k == 0 || n_pruned < n * k))
+                        : (nm_m <= 32 && 0 <= nm_n && nm_n <= nm_m && k % nm_m == 0),
+              "pst_forward: need 0 <= n_pruned < n * k, or N:M with M <= 32, 0 <= N <= M and k % M == 0");
+  const c10::cuda::CUDAGuard guard(w0.device());
+  const auto w = w0.contiguous();
+  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
+  const auto u32 = f32(u), v32 = f32(v), a32 = f32(a), b32 = f32(b), r32 = f32(r), c32 = f32(c);
+  auto out = torch::empty_like(w);
+  auto words = torch::empty({(n * k + 31) / 32}, w.options().dtype(torch::kInt32));
+  auto ws = torch::empty({static_cast<int64_t>(apt_pst_workspace_bytes(n, k))}, w.options().dtype(torch::kUInt8));
+  AptPstProblem p;
+  p.w0 = w.data_ptr();
+  p.w0_dtype = w0_dtype_code(w);
+  p.u = u32.data_ptr<float>();
+  p.v = v32.data_ptr<float>();
+  p.a = a32.data_ptr<float>();
+  p.b = b32.data_ptr<float>();
+  p.r = r32.data_ptr<float>();
+  p.c = c32.data_ptr<float>();
+  p.n = n;
+  p.k = k;
+  p.rw = static_cast<int>(rw);
+  p.rs = static_cast<int>(rs);
+  p.beta = static_cast<float>(beta);
+  p.alpha1 = static_cast<float>(alpha1);
+  p.alpha2 = static_cast<float>(alpha2);
+  apt::check_cuda(apt_pst_forward(&p, n_pruned, static_cast<int>(nm_n), static_cast<int>(nm_m), out.data_ptr(),
+                                  reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), ws.data_ptr(),
+                                  static_cast<size_t>(ws.numel()), c10::cuda::getCurrentCUDAStream()),
+                  "apt_pst_forward");
+  return {out, words};
+}
+
+}  // namespace
+
+void apt::bind_pst(pybind11::module_& m) {
+  m.def("pst_forward", &pst_forward,
+        "PST selection + mask passes: (W' in w0's dtype, packed keep bits as int32 words)",
+        pybind11::arg("w0"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("a"), pybind11::arg("b"),
+        pybind11::arg("r"), pybind11::arg("c"), pybind11::arg("beta"), pybind11::arg("alpha1"),
+        pybind11::arg("alpha2"), pybind11::arg("n_pruned"), pybind11::arg("nm_n"), pybind11::arg("nm_m"));
+}

@@ -1,0 +1,507 @@
+"""PST's fused backends: the Triton kernels (interpreter on CPU, compiled on GPU) and the CUDA C++ ones (GPU).
+
+Mask rules checked here:
+
+* **Exact** equality with the reference backend wherever the low-rank products are exactly representable:
+  V = B = 0 and R = C = 0 (as at initialisation) with bf16-valued W0, which also makes many equal scores
+  (ties). Then every backend computes S = |W0| bit-for-bit and must pick the same entries.
+* **Exact** equality with ``reference_keep_mask(fused_order_scores(...))`` for any data: the kernels'
+  documented evaluation order, emulated in PyTorch, gives the same float32 bits.
+* **Against the reference with arbitrary low-rank terms** (whose ``U @ V`` is a library matmul with its own
+  summation order), the tolerance rule: let S* be the float64 scores, tau* the n_pruned-th smallest of S*,
+  and E = (max(rw, rs) + 5) * 2**-24 * max_e(|W0| + |beta| |U||V| + |alpha1| |A||B| + |alpha2| (|R| + |C|))
+  a bound on the distance of either float32 score from S*. An entry with S* < tau* - 2E is pruned by both,
+  one with S* > tau* + 2E kept by both; masks may differ only where |S* - tau*| <= 2E, and both prune
+  exactly n_pruned entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import apt_kernels as ak
+from apt_kernels import _env, bits
+from apt_kernels.pst import _run
+from apt_kernels.pst.reference import fused_order_scores, n_pruned, reference_keep_mask, ste_backward
+from apt_kernels.testing import assert_parity
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_OK = _env.triton_reason(torch.device(DEVICE)) is None
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton cannot run here: {_env.triton_reason(torch.device(DEVICE))}")
+SPARSITIES = [0.0, 0.5, 0.9, 0.99]
+SHAPES = [(37, 53), (64, 96), (1, 1), (1, 13), (13, 1), (33, 64)]
+
+
+def make(n, k, rw=3, rs=2, *, ties=False, dtype=torch.float32, fdtype=torch.float32, device=DEVICE):
+    """Inputs as at initialisation (ties=True: bf16-valued W0 on a coarse grid, V = B = R = C = 0) or random."""
+    if ties:
+        w0 = (torch.randint(-6, 7, (n, k)).float() / 4).to(torch.bfloat16).float()
+    else:
+        w0 = torch.randn(n, k)
+    u, a = torch.randn(n, rw) * 0.1, torch.randn(n, rs) * 0.1
+    if ties:
+        v, b, r, c = torch.zeros(rw, k), torch.zeros(rs, k), torch.zeros(n), torch.zeros(k)
+    else:
+        v, b = torch.randn(rw, k) * 0.1, torch.randn(rs, k) * 0.1
+        r, c = torch.randn(n) * 0.1, torch.randn(k) * 0.1
+    return [w0.to(device=device, dtype=dtype)] + [t.to(device=device, dtype=fdtype) for t in (u, v, a, b, r, c)]
+
+
+def numpy_mask(ts, sparsity):
+    """An independent stable sort (numpy) of the float64 scores."""
+    w0, u, v, a, b, r, c = [t.detach().double().cpu().numpy() for t in ts]
+    S = np.abs(w0 + u @ v) + a @ b + (r[:, None] + c[None, :])
+    kp = math.floor(S.size * sparsity)
+    keep = np.ones(S.size, dtype=bool)
+    keep[np.argsort(S.reshape(-1), kind="stable")[:kp]] = False
+    return torch.from_numpy(keep.reshape(S.shape))
+
+
+def tolerance_band(ts, sparsity, beta=1.0, a1=1.0, a2=1.0):
+    """Entries where two float32 evaluations of the scores may legitimately disagree (see the module doc)."""
+    w0, u, v, a, b, r, c = [t.detach().double().cpu() for t in ts]
+    s = (w0 + beta * u @ v).abs() + a1 * a @ b + a2 * (r[:, None] + c[None, :])
+    mag = w0.abs() + abs(beta) * u.abs() @ v.abs() + abs(a1) * a.abs() @ b.abs() + abs(a2) * (r.abs()[:, None]
+                                                                                            + c.abs()[None, :])
+    e = (max(u.shape[1], a.shape[1]) + 5) * 2.0 ** -24 * float(mag.max())
+    kp = n_pruned(s.numel(), sparsity)
+    if kp == 0:
+        return torch.zeros(s.shape, dtype=torch.bool)
+    tau = s.reshape(-1).kthvalue(kp).values
+    return (s - tau).abs() <= 2 * e
+
+
+def _emulated(ts, sparsity=None, nm=None, beta=1.0, a1=1.0, a2=1.0):
+    w, s = fused_order_scores(*ts, beta, a1, a2)
+    if nm is not None:
+        keep = ak.pst.composite.nm_keep_mask(s, nm)
+    else:
+        keep = reference_keep_mask(s, n_pruned(s.numel(), sparsity))
+    return keep, (w * keep).to(ts[0].dtype)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Small tiles so that small matrices span several tiles in both directions (edges, cross-tile ties)."""
+    if not TRITON_OK:
+        pytest.skip("triton cannot run here")
+    from apt_kernels.pst import triton_pst
+
+    monkeypatch.setattr(triton_pst, "FWD_BLOCK", (16, 32))
+    monkeypatch.setattr(triton_pst, "CUT_BLOCK", 32)
+    monkeypatch.setattr(triton_pst, "BWD_BLOCK", (16, 16))
+    monkeypatch.setattr(triton_pst, "BWD_SPLIT", 2)
+    return triton_pst
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: masks
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_triton_ties_equal_reference_exactly(small_tiles, shape, sparsity):
+    ts = make(*shape, ties=True)
+    want = ak.pst_mask(*ts, sparsity=sparsity, backend="reference")
+    got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton")
+    assert torch.equal(got.cpu(), want.cpu())
+    assert torch.equal(got.cpu(), numpy_mask(ts, sparsity))
+    assert int((~got).sum()) == n_pruned(got.numel(), sparsity)
+    wp = ak.pst_masked_weight(*ts, sparsity=sparsity, backend="triton")
+    assert torch.equal(wp, ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("ties", [True, False])
+def test_triton_default_tiles(ties):
+    """The production tile sizes (one test: on CPU the interpreter is slow with big tiles)."""
+    ts = make(70, 300, rw=8, rs=8, ties=ties)
+    keep, wp = _emulated(ts, 0.9)
+    got_w, words, _ = _run(*ts, 0.9, 1.0, 1.0, 1.0, "triton")
+    assert torch.equal(bits.unpack_bits(words, keep.shape), keep) and torch.equal(got_w, wp)
+    if ties:
+        assert torch.equal(keep, ak.pst_mask(*ts, sparsity=0.9, backend="reference"))
+    ts = [t.requires_grad_(i > 0) for i, t in enumerate(ts)]
+    out = ak.pst_masked_weight(*ts, sparsity=0.9, backend="triton")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, ts[1:], g)
+    want = ste_backward(g.double(), keep, *[t.detach().double() for t in ts[:5]], 1.0, 1.0, 1.0, (False,) + (True,) * 6)
+    lowp = ste_backward(g, keep, *[t.detach() for t in ts[:5]], 1.0, 1.0, 1.0, (False,) + (True,) * 6)
+    for name, x, lp, t in zip("uvabrc", got, lowp[1:], want[1:]):
+        assert_parity(x, lp, t, name=f"d{name}", dtype=torch.float32)
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ties", [True, False])
+def test_triton_dtypes_equal_fused_order_emulation(small_tiles, dtype, ties):
+    """Any data: the mask and W' are those of the documented evaluation order, bit for bit, in every dtype."""
+    ts = make(37, 53, ties=ties, dtype=dtype)
+    for sparsity in (0.5, 0.9):
+        w, s = fused_order_scores(*ts, 1.0, 1.0, 1.0)
+        want = reference_keep_mask(s, n_pruned(s.numel(), sparsity))
+        wp, words, name = _run(*ts, sparsity, 1.0, 1.0, 1.0, "triton")
+        assert name == "triton" and wp.dtype == dtype
+        assert torch.equal(bits.unpack_bits(words, s.shape), want)
+        assert torch.equal(wp, (w * want).to(dtype))
+        if ties:
+            assert torch.equal(wp, ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape", [(37, 53), (64, 96)])
+def test_triton_vs_reference_within_rounding(small_tiles, shape):
+    beta, a1, a2 = 0.7, 1.3, 0.4
+    ts = make(*shape, rw=8, rs=8)
+    for sparsity in (0.3, 0.9):
+        ref = ak.pst_mask(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="reference").cpu()
+        got = ak.pst_mask(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="triton").cpu()
+        band = tolerance_band(ts, sparsity, beta, a1, a2)
+        assert int((~got).sum()) == int((~ref).sum()) == n_pruned(got.numel(), sparsity)
+        assert not bool(((got != ref) & ~band).any()), "masks differ outside the rounding band of the threshold"
+        w, s = fused_order_scores(*ts, beta, a1, a2)
+        assert torch.equal(got, reference_keep_mask(s, n_pruned(s.numel(), sparsity)).cpu())
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape", [(7, 9), (37, 53), (1, 40)])
+def test_triton_one_pruned_and_all_equal_scores(small_tiles, shape):
+    n, k = shape
+    ts = make(n, k, ties=True)
+    one = 1.5 / (n * k)  # floor(n k s) == 1
+    assert torch.equal(ak.pst_mask(*ts, sparsity=one, backend="triton"), ak.pst_mask(*ts, sparsity=one, backend="reference"))
+    ts[0] = torch.ones_like(ts[0])  # every score equal: the first n_pruned entries in row-major order go
+    ts[0].view(-1)[::3] *= -1  # -1 and +1 have the same |W|
+    for sparsity in (0.3, 0.9):
+        got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton").reshape(-1).cpu()
+        kp = n_pruned(n * k, sparsity)
+        assert not got[:kp].any() and got[kp:].all()
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_signed_zeros_nan_and_inf(small_tiles):
+    ts = make(9, 40, ties=True)
+    w0 = ts[0]
+    w0[0, :5] = -0.0
+    w0[1, :5] = 0.0
+    w0[2, 3] = float("nan")
+    w0[3, 4] = float("inf")
+    w0[4, 5] = -float("inf")
+    for sparsity in (0.1, 0.5, 0.99):
+        ref = ak.pst_mask(*ts, sparsity=sparsity, backend="reference")
+        got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton")
+        assert torch.equal(got, ref)
+    wp = ak.pst_masked_weight(*ts, sparsity=0.9, backend="triton")
+    assert torch.isnan(wp[2, 3]) and wp[3, 4] == float("inf") and wp[4, 5] == -float("inf")
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("k", [64, 53])
+def test_triton_bitmask_layout(small_tiles, k):
+    """Words as apt_kernels.bits packs them: aligned rows (k % 32 == 0, plain stores) and straddling rows."""
+    ts = make(11, k)
+    _, words, _ = _run(*ts, 0.6, 1.0, 1.0, 1.0, "triton")
+    mask = ak.pst_mask(*ts, sparsity=0.6, backend="triton")
+    assert words.dtype == torch.int32 and words.numel() == (11 * k + 31) // 32
+    assert torch.equal(words, bits.pack_bits(mask, backend="torch"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (0, 4), (16, 32)])
+@pytest.mark.parametrize("ties", [True, False])
+def test_triton_nm_equals_reference(small_tiles, nm, ties):
+    ts = make(13, 64, ties=ties)
+    got = ak.pst_mask(*ts, nm=nm, backend="triton")
+    if ties:  # exact scores: the reference's stable sort per group
+        assert torch.equal(got, ak.pst_mask(*ts, nm=nm, backend="reference"))
+    keep, wp = _emulated(ts, nm=nm)
+    assert torch.equal(got, keep)
+    assert torch.all(got.view(13, -1, nm[1]).sum(-1) == nm[0])
+    assert torch.equal(ak.pst_masked_weight(*ts, nm=nm, backend="triton"), wp)
+
+
+_AOT = r"""
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from apt_kernels.pst import triton_pst as tp
+
+def build(fn, types, consts, opts):
+    sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options=opts)
+
+w = "*bf16"
+t = dict(w0_ptr=w, out_ptr=w, g_ptr=w, dw0_ptr=w, hist_ptr="*i32", rowcnt_ptr="*i32", state_ptr="*i64",
+         words_ptr="*i32", n="i32", k="i32", RW="i32", RS="i32", beta="fp32", alpha1="fp32", alpha2="fp32",
+         k_target="i32", SPLIT="i32")
+t.update({f"{x}_ptr": "*fp32" for x in ("u", "v", "a", "b", "r", "c", "du", "dv", "da", "db", "dr", "dc")})
+sel = dict(BITS=tp.RADIX_BITS, NBINS=tp.BINS)
+nofma = dict(enable_fp_fusion=False)
+score_kernels = [build(tp._hist_kernel, t, dict(PASS=p, BN=32, BK=128, **sel), nofma) for p in range(tp.NPASS)]
+score_kernels += [build(tp._tie_rows_kernel, t, dict(NDONE=tp.NPASS, BN=32, BK=128, **sel), nofma),
+                  build(tp._cut_kernel, t, dict(NDONE=tp.NPASS, ROWB=1024, BK=1024, **sel), nofma)]
+score_kernels += [build(tp._mask_kernel, t, dict(NM_N=nn, NM_M=m, ALIGNED=al, BN=32, BK=128), nofma)
+                  for nn, m, al in ((0, 0, True), (0, 0, False), (2, 4, True))]
+for need in (False, True):
+    build(tp._bwd_kernel, t, dict(RWP=16, RSP=16, NEED_W0=need, BN=32, BK=64), {})
+for kern in score_kernels:  # the documented evaluation order: no contraction, no flush-to-zero
+    ptx = kern.asm["ptx"]
+    assert not re.search(r"\bfma\.", ptx) and ".ftz" not in ptx, kern.name
+print("compiled", len(score_kernels) + 2)
+"""
+
+
+@pytest.mark.triton
+def test_triton_kernels_compile_for_sm90_without_fma():
+    """Compile every Triton kernel for sm_90 (Triton's own ptxas, no GPU needed): lowering errors that the
+    interpreter cannot see (histogram, reshapes, dot shapes) show up here, and the score kernels must keep
+    the documented float32 operation order."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences Triton's notice; the score kernels pass False explicitly
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
+        pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "compiled 11" in res.stdout
+
+
+def test_nm_reference_and_torch_agree_and_validate():
+    ts = make(6, 24, ties=True, device="cpu")
+    for nm in [(2, 4), (1, 3), (2, 6), (5, 8), (4, 4)]:
+        assert torch.equal(ak.pst_mask(*ts, nm=nm, backend="torch"), ak.pst_mask(*ts, nm=nm, backend="reference"))
+    with pytest.raises(ValueError, match="multiple of M = 5"):
+        ak.pst_mask(*ts, nm=(2, 5))
+    with pytest.raises(ValueError, match="not both"):
+        ak.pst_mask(*ts, nm=(2, 4), sparsity=0.5)
+    with pytest.raises(TypeError, match="needs sparsity"):
+        ak.pst_mask(*ts)
+    with pytest.raises(ValueError, match="0 <= N <= M"):
+        ak.pst_mask(*ts, nm=(5, 4))
+
+
+def test_fused_backends_refuse_float64_and_odd_groups_with_reasons():
+    from apt_kernels.pst import REGISTRY, _probe
+
+    ts = make(4, 6, device="cpu", dtype=torch.float64)
+    why = REGISTRY.reason("triton", _probe(*ts, None))
+    assert why and "float32" in why
+    ts = make(4, 6, device="cpu")
+    assert "power of two" in REGISTRY.reason("triton", _probe(*ts, (2, 6)))
+    assert "CUDA tensors" in REGISTRY.reason("cuda", _probe(*ts, None))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: backward and memory
+# --------------------------------------------------------------------------------------------------
+
+def _grads(ts, sparsity, backend, g, beta, a1, a2, w0_grad):
+    ts = [t.detach().clone().requires_grad_(i > 0 or w0_grad) for i, t in enumerate(ts)]
+    out = ak.pst_masked_weight(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend=backend)
+    return torch.autograd.grad(out, [t for t in ts if t.requires_grad], g.to(out.dtype))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape,rw,rs", [((37, 53), 3, 2), ((64, 96), 8, 8), ((13, 1), 1, 2), ((20, 30), 0, 0)])
+@pytest.mark.parametrize("w0_grad", [False, True])
+def test_triton_backward_matches_reference(small_tiles, shape, rw, rs, w0_grad):
+    beta, a1, a2, sparsity = 0.7, 1.3, 0.4, 0.6
+    ts = make(*shape, rw=rw, rs=rs)
+    g = torch.randn(*shape, device=DEVICE)
+    # the gradients depend on the mask: compare with the reference run on the kernel's own mask
+    keep = ak.pst_mask(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="triton")
+    needs = (w0_grad,) + (True,) * 6
+    truth = ste_backward(g.double(), keep, *[t.double() for t in ts[:5]], beta, a1, a2, needs)
+    lowp = ste_backward(g, keep, *ts[:5], beta, a1, a2, needs)
+    got = _grads(ts, sparsity, "triton", g, beta, a1, a2, w0_grad)
+    names = (["w0"] if w0_grad else []) + ["u", "v", "a", "b", "r", "c"]
+    for name, x, lp, t in zip(names, got, [x for x in lowp if x is not None], [x for x in truth if x is not None]):
+        assert x.dtype == torch.float32
+        assert_parity(x, lp, t, name=f"d{name}", dtype=torch.float32)
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("split", [1, 3])
+def test_triton_backward_bf16_weight_and_splits(small_tiles, monkeypatch, split):
+    monkeypatch.setattr(small_tiles, "BWD_SPLIT", split)
+    ts = make(33, 70, rw=4, rs=4, dtype=torch.bfloat16)
+    g = torch.randn(33, 70, device=DEVICE)
+    keep = ak.pst_mask(*ts, sparsity=0.5, backend="triton")
+    truth = ste_backward(g.to(torch.bfloat16).double(), keep, *[t.double() for t in ts[:5]], 1.0, 1.0, 1.0, (True,) * 7)
+    lowp = ste_backward(g.to(torch.bfloat16), keep, *ts[:5], 1.0, 1.0, 1.0, (True,) * 7)
+    got = _grads(ts, 0.5, "triton", g, 1.0, 1.0, 1.0, True)
+    assert got[0].dtype == torch.bfloat16
+    assert_parity(got[0], lowp[0].to(torch.bfloat16), truth[0], name="dw0", dtype=torch.bfloat16)
+    for name, x, lp, t in zip("uvabrc", got[1:], lowp[1:], truth[1:]):
+        assert_parity(x, lp, t, name=f"d{name}", dtype=torch.float32)
+
+
+class _Spy:
+    def __init__(self):
+        self.log = []
+
+    def __call__(self, tag, t):
+        self.log.append((tag, t.numel() * t.element_size()))
+
+    def total(self, exclude=()):
+        return sum(b for tag, b in self.log if tag not in exclude)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_extra_memory_is_bitmask_plus_small(small_tiles, monkeypatch):
+    """Every tensor the fused path allocates, and what autograd saves: W', the bitmask, O((n + k) rank)."""
+    n, k, r = 48, 96, 4
+    ts = make(n, k, rw=r, rs=r, dtype=torch.bfloat16)
+    for t in ts[1:]:
+        t.requires_grad_(True)
+    spy = _Spy()
+    monkeypatch.setattr(small_tiles, "ALLOC", spy)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ak.pst_masked_weight(*ts, sparsity=0.9, backend="triton")
+    bitmask = 4 * ((n * k + 31) // 32)
+    small = 4 * (n + k) * (r + 1) + 16 * 1024  # O((n + k) rank) + histograms and state
+    assert dict(spy.log)["out"] == out.numel() * out.element_size()
+    assert spy.total(exclude=("out",)) <= bitmask + small, spy.log
+    inputs = {t.data_ptr() for t in ts}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    assert len(extra) == 1 and extra[0].dtype == torch.int32 and extra[0].numel() * 4 == bitmask
+    spy.log.clear()
+    out.backward(torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE))
+    grads = 4 * (n * r * 2 + r * k * 2 + n + k)
+    assert spy.total() <= grads + 64, spy.log  # only the gradient accumulators: no dS, no dW, no dense mask
+    assert all(b < n * k for _, b in spy.log)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: compiled Triton at real sizes, the CUDA C++ backend, measured memory
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(768, 3072), (1000, 771), (1, 4099), (4099, 1)])
+def test_gpu_fused_masks_and_weights(backend, dtype, shape):
+    for ties in (True, False):
+        ts = make(*shape, rw=8, rs=8, ties=ties, dtype=dtype, device="cuda")
+        for sparsity in SPARSITIES:
+            keep, wp = _emulated(ts, sparsity)
+            got_w, words, name = _run(*ts, sparsity, 1.0, 1.0, 1.0, backend)
+            assert name == backend
+            got = bits.unpack_bits(words, shape)
+            assert torch.equal(got, keep), (ties, sparsity)
+            assert torch.equal(got_w, wp)
+            if ties:
+                assert torch.equal(got, ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+            else:
+                ref = ak.pst_mask(*ts, sparsity=sparsity, backend="reference").cpu()
+                assert not bool(((got.cpu() != ref) & ~tolerance_band(ts, sparsity)).any())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_fused_nm_and_edge_cases(backend):
+    for nm in [(2, 4), (1, 8), (4, 8), (0, 4)]:
+        ts = make(300, 512, ties=True, dtype=torch.bfloat16, device="cuda")
+        assert torch.equal(ak.pst_mask(*ts, nm=nm, backend=backend), ak.pst_mask(*ts, nm=nm, backend="reference"))
+        ts = make(300, 512, dtype=torch.bfloat16, device="cuda")
+        keep, wp = _emulated(ts, nm=nm)
+        assert torch.equal(ak.pst_mask(*ts, nm=nm, backend=backend), keep)
+        assert torch.equal(ak.pst_masked_weight(*ts, nm=nm, backend=backend), wp)
+    ts = make(50, 70, ties=True, device="cuda")
+    ts[0] = torch.ones_like(ts[0])
+    got = ak.pst_mask(*ts, sparsity=0.37, backend=backend).reshape(-1)
+    kp = n_pruned(3500, 0.37)
+    assert not got[:kp].any() and got[kp:].all()
+    ts[0][3, 4] = float("nan")
+    assert bool(ak.pst_mask(*ts, sparsity=0.99, backend=backend)[3, 4])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_and_triton_agree_bit_for_bit():
+    for shape in [(4096, 4096), (3072, 768), (123, 4567)]:
+        ts = make(*shape, rw=8, rs=8, dtype=torch.bfloat16, device="cuda")
+        for sparsity in (0.5, 0.9):
+            a = _run(*ts, sparsity, 0.7, 1.3, 0.4, "triton")
+            b = _run(*ts, sparsity, 0.7, 1.3, 0.4, "cuda")
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_backward_matches_reference(backend, dtype):
+    shape = (768, 3072)
+    ts = make(*shape, rw=8, rs=8, dtype=dtype, device="cuda")
+    g = torch.randn(*shape, device="cuda").to(dtype)
+    keep = ak.pst_mask(*ts, sparsity=0.9, beta=0.7, alpha1=1.3, alpha2=0.4, backend=backend)
+    truth = ste_backward(g.double(), keep, *[t.double() for t in ts[:5]], 0.7, 1.3, 0.4, (True,) * 7)
+    lowp = ste_backward(g, keep, *ts[:5], 0.7, 1.3, 0.4, (True,) * 7)
+    got = _grads(ts, 0.9, backend, g, 0.7, 1.3, 0.4, True)
+    assert_parity(got[0], lowp[0].to(dtype), truth[0], name="dw0", dtype=dtype)
+    for name, x, lp, t in zip("uvabrc", got[1:], lowp[1:], truth[1:]):
+        assert_parity(x, lp, t, name=f"d{name}", dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_extra_memory_is_bitmask_plus_small(backend):
+    """torch.cuda.max_memory_allocated: forward + backward need W', the bitmask and O((n + k) rank) more."""
+    n, k, r = 4096, 4096, 8
+    ts = make(n, k, rw=r, rs=r, dtype=torch.bfloat16, device="cuda")
+    for t in ts[1:]:
+        t.requires_grad_(True)
+    g = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    wbytes, bitmask = n * k * 2, 4 * ((n * k + 31) // 32)
+    small = 4 * (n + k) * (r + 1) * 4 + (1 << 20)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = ak.pst_masked_weight(*ts, sparsity=0.9, backend=backend)
+    torch.cuda.synchronize()
+    fwd_peak = torch.cuda.max_memory_allocated() - base
+    assert fwd_peak <= wbytes + bitmask + small, (fwd_peak, wbytes, bitmask)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()  # W', the bitmask, G
+    out.backward(g)
+    torch.cuda.synchronize()
+    bwd_peak = torch.cuda.max_memory_allocated() - base
+    assert bwd_peak <= small + 2 * 4 * (n + k) * (2 * r + 1), bwd_peak  # the gradients (float32 accumulators)
+    # for scale: the dense torch path keeps float32 W, S and masks of n x k
+    for t in ts[1:]:
+        t.grad = None
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_extension_rejects_bad_arguments():
+    ext = _env.cuda_extension()
+    assert ext is not None, _env.cuda_reason(torch.device("cuda"))
+    ts = make(8, 12, device="cuda")
+    with pytest.raises(RuntimeError, match="n_pruned"):
+        ext.pst_forward(*ts, 1.0, 1.0, 1.0, 96, 0, 0)
+    with pytest.raises(RuntimeError, match="N:M"):
+        ext.pst_forward(*ts, 1.0, 1.0, 1.0, 0, 2, 5)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ext.pst_forward(ts[0].double(), *ts[1:], 1.0, 1.0, 1.0, 10, 0, 0)
