@@ -12,6 +12,7 @@ a function that rotates through them, so a set's data is not still in cache from
 * bwd:      the closure runs once per set outside the timed region; ``torch.autograd.grad`` of that
             output with a fixed random output gradient (``retain_graph=True``) is timed.
 * fwd+bwd:  closure + ``torch.autograd.grad``.
+* step:     the closure as it is, gradients enabled (a whole training step: forward, backward, update).
 
 Timing: on CUDA ``triton.testing.do_bench(..., return_mode="median")`` (CUDA events and a median when
 Triton is missing); on CPU the median of ``time.perf_counter`` over repeated calls after a warm-up.
@@ -50,7 +51,7 @@ from apt_kernels.registry import REGISTRIES, BackendUnavailable, Probe
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 N_INPUT_SETS = 3
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "step")
 OUR_BACKENDS = ("reference", "torch", "triton", "cuda")
 
 CSV_COLUMNS = ("op", "case", "mode", "contender", "kind", "status", "median_ms", "tflops", "gb_s",
@@ -228,6 +229,8 @@ def _first_output(out):
 
 def _mode_calls(case: Case, mode: str, fns: list, input_sets: list[dict], device) -> list[Callable[[], Any]]:
     """One zero-argument callable per input set computing ``mode``."""
+    if mode == "step":
+        return list(fns)
     if mode == "fwd":
         def fwd(f):
             def call():

@@ -23,9 +23,9 @@ import torch
 
 from . import harness
 
-OPS = ("attention", "pst", "child_tuning")
+OPS = ("attention", "pst", "child_tuning", "apt_train")
 # Shares of the time budget (the rest rolls over to the ops after).
-BUDGET_WEIGHTS = {"attention": 0.55, "pst": 0.2, "child_tuning": 0.25}
+BUDGET_WEIGHTS = {"attention": 0.45, "pst": 0.15, "child_tuning": 0.2, "apt_train": 0.2}
 
 
 def measure_floors(device: torch.device, timing: harness.Timing) -> dict:

@@ -1,0 +1,474 @@
+"""Adaptive Prefix Tuning (and plain prefix / prompt tuning) on Hugging Face models.
+
+The prefix lives inside attention. ``apply_apt`` registers one attention function and the
+matching mask function under the name ``"apt"`` (transformers' ``AttentionInterface`` and
+``AttentionMaskInterface``) and selects it with ``model.set_attn_implementation("apt")``. The
+function finds the layer's prefix and gate on the attention module it is called for and runs
+:func:`apt_kernels.gated_prefix_attention`. Gates are computed from the hidden states entering each
+layer by a forward pre-hook on the layer. DeBERTa-v2's attention does not call the interface: its
+attention modules' forward is replaced (relative-position terms of prefix columns are zero, as in
+P-Tuning v2). Math: docs/math.md, section 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import gated_prefix_attention
+
+ATTN_NAME = "apt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    layers: str  # the layer stack, relative to model.base_model
+    attention: str  # the attention module inside a layer
+    causal: bool
+    patch: bool = False  # attention does not call the AttentionInterface: replace its forward
+
+
+FAMILIES = {
+    "bert": Family("encoder.layer", "attention.self", causal=False),
+    "roberta": Family("encoder.layer", "attention.self", causal=False),
+    "xlm-roberta": Family("encoder.layer", "attention.self", causal=False),
+    "deberta-v2": Family("encoder.layer", "attention.self", causal=False, patch=True),
+    "gpt2": Family("h", "attn", causal=True),
+    "llama": Family("layers", "self_attn", causal=True),
+    "qwen2": Family("layers", "self_attn", causal=True),
+    "mistral": Family("layers", "self_attn", causal=True),
+}
+
+
+@dataclasses.dataclass
+class APTConfig:
+    prefix_len: int = 16
+    token_gate: bool = True
+    layer_gate: bool = True
+    pool: str = "mean"
+    reparam_hidden: int | None = None
+    train_head: bool = True
+    backend: str = "auto"
+    family: str = ""
+    prompt_tuning: bool = False
+
+
+def _family(model: nn.Module) -> tuple[str, Family]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"apply_apt supports the model families {sorted(FAMILIES)}; got "
+                         f"{type(model).__name__} with model_type {model_type!r}")
+    return model_type, FAMILIES[model_type]
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _dims(config) -> tuple[int, int, int, int]:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "attention_head_size", None) or hidden // heads
+    return hidden, heads, kv_heads, head_dim
+
+
+class APTAdapter(nn.Module):
+    """The APT parameters of a model: per-layer prefix keys/values, token-gate weights, layer gates."""
+
+    def __init__(self, cfg: APTConfig, n_layers: int, hidden: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        P = cfg.prefix_len
+        shape = (n_layers, kv_heads, P, head_dim)
+        if cfg.reparam_hidden:
+            self.prefix_embedding = nn.Embedding(P, hidden)
+            self.prefix_mlp = nn.Sequential(nn.Linear(hidden, cfg.reparam_hidden), nn.Tanh(),
+                                            nn.Linear(cfg.reparam_hidden, 2 * n_layers * kv_heads * head_dim))
+        else:
+            self.prefix_k = nn.Parameter(torch.randn(shape) * 0.02)
+            self.prefix_v = nn.Parameter(torch.randn(shape) * 0.02)
+        if cfg.token_gate:
+            self.gate_weight = nn.Parameter(torch.randn(n_layers, hidden, P) * 0.02)
+            self.gate_bias = nn.Parameter(torch.zeros(n_layers, P))
+        if cfg.layer_gate:
+            self.layer_scale = nn.Parameter(torch.ones(n_layers))
+        self.keep_mask: torch.Tensor | None = None  # the 2-D padding mask of the running forward
+
+    def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix_k, prefix_v), each (L, Hkv, P, D)."""
+        if self.cfg.reparam_hidden:
+            P = self.cfg.prefix_len
+            flat = self.prefix_mlp(self.prefix_embedding.weight)  # (P, 2 L Hkv D)
+            kv = flat.view(P, 2, self.n_layers, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
+            return kv[0], kv[1]
+        return self.prefix_k, self.prefix_v
+
+    def gate(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off."""
+        cfg = self.cfg
+        g = None
+        if cfg.token_gate:
+            hf = h.to(self.gate_weight.dtype)
+            if cfg.pool == "token":
+                pooled = hf  # (B, N, d)
+            elif cfg.pool == "first":
+                pooled = hf[:, :1]
+            else:  # mean over real tokens
+                keep = self.keep_mask
+                if keep is None or keep.shape[-1] < h.shape[1]:
+                    pooled = hf.mean(1, keepdim=True)
+                else:
+                    w = keep[:, -h.shape[1]:].to(hf.dtype)[..., None]
+                    pooled = (hf * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+            g = torch.sigmoid(pooled @ self.gate_weight[layer] + self.gate_bias[layer])[:, None]  # (B, 1, N|1, P)
+        if cfg.layer_gate:
+            lam = self.layer_scale[layer]
+            g = lam.reshape(1, 1, 1, 1).expand(1, 1, 1, cfg.prefix_len) if g is None else g * lam
+        return g
+
+
+def _apt_state(module: nn.Module):
+    return module.__dict__.get("_apt_state")
+
+
+def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The "apt" AttentionInterface function: gated-prefix attention, (B, N, H, D) out, no weights."""
+    state = _apt_state(module)
+    causal = bool(getattr(module, "is_causal", False)) and attention_mask is None
+    if state is None:  # a module of the model that carries no prefix (e.g. cross-attention)
+        out = gated_prefix_attention(query, key, value, attn_mask=attention_mask, causal=causal, scale=scaling,
+                                     dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
+    adapter, layer = state["adapter"], state["layer"]
+    pk, pv = adapter.prefixes()
+    gate = state.get("gate")
+    out = gated_prefix_attention(query, key, value, pk[layer].to(query.dtype), pv[layer].to(query.dtype), gate,
+                                 attn_mask=attention_mask, causal=causal, scale=scaling, dropout_p=dropout,
+                                 backend=adapter.cfg.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_interfaces() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, apt_attention_forward)
+    # Boolean keep-masks (True = attend), None when causality or nothing needs one: the form the
+    # kernels read directly.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _deberta_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                     relative_pos=None, rel_embeddings=None):
+    """DeBERTa-v2 DisentangledSelfAttention.forward with the gated prefix (zero relative terms on it)."""
+    if query_states is None:
+        query_states = hidden_states
+    H = self.num_attention_heads
+    q = self.transpose_for_scores(self.query_proj(query_states), H)
+    k = self.transpose_for_scores(self.key_proj(hidden_states), H)
+    v = self.transpose_for_scores(self.value_proj(hidden_states), H)
+    scale_factor = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
+    bias = None
+    if self.relative_attention:
+        rel_embeddings = self.pos_dropout(rel_embeddings)
+        bias = self.disentangled_attention_bias(q, k, relative_pos, rel_embeddings, scale_factor)
+    B = hidden_states.shape[0]
+    N, M, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    q4, k4, v4 = (t.view(B, H, t.shape[-2], D) for t in (q, k, v))
+    mask = torch.zeros((), dtype=torch.float32, device=q.device) if bias is None else bias.view(B, H, N, M).float()
+    mask = mask.masked_fill(~attention_mask.bool(), float("-inf"))
+    state = _apt_state(self)
+    pk = pv = gate = None
+    backend = "auto"
+    if state is not None:
+        adapter, layer = state["adapter"], state["layer"]
+        pks, pvs = adapter.prefixes()
+        pk, pv, gate, backend = pks[layer].to(q.dtype), pvs[layer].to(q.dtype), state.get("gate"), adapter.cfg.backend
+    out = gated_prefix_attention(q4, k4, v4, pk, pv, gate, attn_mask=mask, scale=1.0 / math.sqrt(D * scale_factor),
+                                 dropout_p=getattr(self.dropout, "p", getattr(self.dropout, "drop_prob", 0.0)) if self.training else 0.0, backend=backend)
+    out = out.permute(0, 2, 1, 3).reshape(B, N, H * D)
+    return (out, None)
+
+
+def _trainable_head(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters outside the base model (the task head), minus weights tied to the base model."""
+    base = {id(p) for p in model.base_model.parameters()}
+    return [p for p in model.parameters() if id(p) not in base]
+
+
+def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True, layer_gate: bool = True,
+              pool: str | None = None, reparam_hidden: int | None = None, train_head: bool = True,
+              backend: str = "auto") -> nn.Module:
+    """Adaptive Prefix Tuning on a Hugging Face model, in place; returns the model.
+
+    Every attention layer gets trainable prefix keys/values (P = ``prefix_len`` per kv head), scaled
+    by a token-level gate ``sigmoid(pool(h) W + b)`` computed from the hidden states entering the
+    layer and a layer-level scalar gate (initialised to 1). The backbone is frozen; the APT
+    parameters (and the task head, if ``train_head``) train.
+
+    Args:
+        model: a BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2, GPT-2, Llama, Qwen2 or Mistral model (any head).
+        prefix_len: P, prefix tokens per layer.
+        token_gate, layer_gate: turn the two gates on or off (both off: plain prefix tuning).
+        pool: how the token gate pools the hidden states: "mean" over real tokens (default for
+            encoders), "first" token, or "token" (one gate row per position: the default and the only
+            causal-safe choice for decoders).
+        reparam_hidden: hidden size of a P-Tuning v2 reparameterisation MLP producing the prefix
+            (None: the prefix is a plain parameter).
+        train_head: keep the parameters outside the base model (classifier, score) trainable.
+        backend: gated_prefix_attention backend ("auto", "triton", "torch", "reference").
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from apt_kernels.hf import apply_apt
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
+        >>> model = apply_apt(model, prefix_len=4)
+        >>> sorted({n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("apt")})
+        ['gate_bias', 'gate_weight', 'layer_scale', 'prefix_k', 'prefix_v']
+    """
+    if getattr(model, "apt_adapter", None) is not None:
+        raise ValueError("this model already has APT applied; call remove_apt(model) first")
+    model_type, fam = _family(model)
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
+    pool = pool or ("token" if fam.causal else "mean")
+    if pool not in ("mean", "first", "token"):
+        raise ValueError(f"pool must be 'mean', 'first' or 'token', got {pool!r}")
+    if fam.causal and pool != "token" and token_gate:
+        raise ValueError(f"pool={pool!r} lets a token's gate see later tokens in a causal decoder ({model_type}); "
+                         "use pool='token'")
+    cfg = APTConfig(prefix_len, token_gate, layer_gate, pool, reparam_hidden, train_head, backend, model_type)
+    layers = _get(model.base_model, fam.layers)
+    hidden, _, kv_heads, head_dim = _dims(model.config)
+    adapter = APTAdapter(cfg, len(layers), hidden, kv_heads, head_dim)
+    ref = next(model.parameters())
+    adapter.to(device=ref.device)
+
+    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if train_head:
+        for p in _trainable_head(model):
+            p.requires_grad_(True)
+    model.apt_adapter = adapter  # registered: in parameters(), state_dict() and .to()
+
+    handles = []
+
+    def capture_mask(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        adapter.keep_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    handles.append(model.base_model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+    patched = []
+    for i, layer in enumerate(layers):
+        attn = _get(layer, fam.attention)
+        attn.__dict__["_apt_state"] = {"adapter": adapter, "layer": i}
+
+        def compute_gate(module, args, kwargs, attn=attn, i=i):
+            h = args[0] if args else kwargs["hidden_states"]
+            attn.__dict__["_apt_state"]["gate"] = adapter.gate(i, h)
+
+        handles.append(layer.register_forward_pre_hook(compute_gate, with_kwargs=True))
+        if fam.patch:
+            attn.forward = types.MethodType(_deberta_forward, attn)
+            patched.append(attn)
+
+    previous = model.config._attn_implementation
+    if not fam.patch:
+        _register_interfaces()
+        model.set_attn_implementation(ATTN_NAME)
+    model.__dict__["_apt_undo"] = {"handles": handles, "patched": patched, "attn": previous,
+                                   "requires_grad": saved_grad, "layers": layers, "family": fam}
+    return model
+
+
+def apply_prefix_tuning(model: nn.Module, prefix_len: int = 16, *, reparam_hidden: int | None = None,
+                        train_head: bool = True, backend: str = "auto") -> nn.Module:
+    """Plain prefix tuning (P-Tuning v2): APT with both gates off."""
+    return apply_apt(model, prefix_len, token_gate=False, layer_gate=False, reparam_hidden=reparam_hidden,
+                     train_head=train_head, backend=backend)
+
+
+def remove_apt(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_apt` (or the prefix / prompt variants): hooks, attention, flags, parameters."""
+    undo = model.__dict__.pop("_apt_undo", None)
+    if undo is None:
+        raise ValueError("this model has no APT applied")
+    for h in undo["handles"]:
+        h.remove()
+    for attn in undo["patched"]:
+        del attn.forward
+    for layer in undo["layers"]:
+        _get(layer, undo["family"].attention).__dict__.pop("_apt_state", None)
+    if model.__dict__.get("_apt_prompt") is not None:
+        model.__dict__.pop("_apt_prompt")
+    del model.apt_adapter
+    if undo["attn"] != model.config._attn_implementation:
+        model.set_attn_implementation(undo["attn"])
+    for n, p in model.named_parameters():
+        p.requires_grad_(undo["requires_grad"].get(n, p.requires_grad))
+    return model
+
+
+class SoftPrompt(nn.Module):
+    """P trainable input embeddings prepended to every sequence (prompt tuning, Lester et al.)."""
+
+    def __init__(self, prefix_len: int, hidden: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(prefix_len, hidden) * 0.02)
+
+
+def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: bool = True) -> nn.Module:
+    """Input-layer soft prompt tuning: P trainable embeddings prepended to the input embeddings.
+
+    The model is called as usual (input_ids, attention_mask, labels); the prompt is inserted through
+    a pre-hook on the base model, and the attention mask is extended to cover it. For token-level
+    outputs (language modelling) the logits gain P leading positions.
+    """
+    if getattr(model, "apt_adapter", None) is not None:
+        raise ValueError("this model already has APT applied; call remove_apt(model) first")
+    model_type, fam = _family(model)
+    hidden = model.config.hidden_size
+    prompt = SoftPrompt(prefix_len, hidden).to(next(model.parameters()).device)
+    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if train_head:
+        for p in _trainable_head(model):
+            p.requires_grad_(True)
+    model.apt_adapter = prompt
+    embed = model.get_input_embeddings()
+
+    def insert_prompt(module, args, kwargs):
+        kwargs = dict(kwargs)
+        ids = kwargs.pop("input_ids", None)
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids, args = args[0], args[1:]
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = embed(ids)
+        B = embeds.shape[0]
+        p = prompt.embedding.to(embeds.dtype)[None].expand(B, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([p, embeds], 1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(B, prefix_len), mask], 1)
+        if "token_type_ids" in kwargs and kwargs["token_type_ids"] is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, prefix_len), tt], 1)
+        return args, kwargs
+
+    handle = model.base_model.register_forward_pre_hook(insert_prompt, with_kwargs=True)
+    model.__dict__["_apt_undo"] = {"handles": [handle], "patched": [], "attn": model.config._attn_implementation,
+                                   "requires_grad": saved_grad, "layers": [], "family": fam}
+    model.__dict__["_apt_prompt"] = prompt
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters on disk
+
+CONFIG_NAME = "apt_config.json"
+WEIGHTS_NAME = "apt_adapter.safetensors"
+
+
+def _head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    head = {id(p) for p in _trainable_head(model)}
+    return {n: p.detach() for n, p in model.named_parameters() if id(p) in head and not n.startswith("apt_adapter.")}
+
+
+def save_apt(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write only the APT parameters (and the trained head) as safetensors, plus a config JSON."""
+    from safetensors.torch import save_file
+
+    undo = model.__dict__.get("_apt_undo")
+    if undo is None or not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
+        raise ValueError("this model has no APT applied")
+    adapter: APTAdapter = model.apt_adapter
+    os.makedirs(path, exist_ok=True)
+    tensors = {f"apt.{n}": p.detach().contiguous() for n, p in adapter.named_parameters()}
+    if adapter.cfg.train_head:
+        tensors.update({f"head.{n}": t.contiguous() for n, t in _head_state(model).items()})
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(dataclasses.asdict(adapter.cfg), f, indent=2)
+
+
+def load_apt(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply APT to ``base_model`` with the saved config and load the saved parameters (exactly)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        cfg = APTConfig(**json.load(f))
+    model_type, _ = _family(base_model)
+    if cfg.family and cfg.family != model_type:
+        raise ValueError(f"the adapter at {path} was trained on {cfg.family}, not {model_type}")
+    model = apply_apt(base_model, cfg.prefix_len, token_gate=cfg.token_gate, layer_gate=cfg.layer_gate,
+                      pool=cfg.pool, reparam_hidden=cfg.reparam_hidden, train_head=cfg.train_head,
+                      backend=cfg.backend)
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    adapter_state = {n[len("apt."):]: t for n, t in tensors.items() if n.startswith("apt.")}
+    model.apt_adapter.load_state_dict(adapter_state, strict=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if n.startswith("head."):
+                params[n[len("head."):]].copy_(t)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# probing
+
+
+@torch.no_grad()
+def gate_report(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Mean gate values of one batch, as the paper probes them.
+
+    Returns ``{"layer": (L,), "layer_prefix": (L, P)}``: the gate (lambda_i * alpha) averaged over
+    examples, real (non-padded) positions and, for "layer", the prefix tokens too.
+    """
+    undo = model.__dict__.get("_apt_undo")
+    if undo is None or not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
+        raise ValueError("this model has no APT applied")
+    adapter: APTAdapter = model.apt_adapter
+    rows: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(undo["layers"]):
+        def grab(module, args, kwargs, i=i):
+            h = args[0] if args else kwargs["hidden_states"]
+            g = adapter.gate(i, h)
+            if g is None:
+                g = torch.ones(h.shape[0], 1, 1, adapter.cfg.prefix_len, device=h.device)
+            g = g.float().expand(h.shape[0], 1, g.shape[2], -1)[:, 0]  # (B, N|1, P)
+            keep = adapter.keep_mask
+            if g.shape[1] > 1 and keep is not None:
+                w = keep[:, -g.shape[1]:].float()[..., None]
+                rows[i] = (g * w).sum((0, 1)) / w.sum((0, 1)).clamp_min(1.0)
+            else:
+                rows[i] = g.mean((0, 1))
+        hooks.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        model(**batch)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    per_prefix = torch.stack([rows[i] for i in range(len(rows))]).cpu()
+    return {"layer": per_prefix.mean(1), "layer_prefix": per_prefix}

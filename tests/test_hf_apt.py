@@ -1,0 +1,231 @@
+"""Adaptive Prefix Tuning on every claimed Hugging Face family, on tiny random-init configs."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import apt_kernels as ak
+from apt_kernels.hf import (apply_apt, apply_prefix_tuning, apply_prompt_tuning, gate_report, load_apt, remove_apt,
+                            save_apt)
+
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=64)
+NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+DEC = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def configs():
+    return {
+        "bert": (tf.BertConfig(**COMMON, **NO_DROP), False),
+        "roberta": (tf.RobertaConfig(**COMMON, **NO_DROP, pad_token_id=1), False),
+        "xlm-roberta": (tf.XLMRobertaConfig(**COMMON, **NO_DROP, pad_token_id=1), False),
+        "deberta-v2": (tf.DebertaV2Config(**COMMON, **NO_DROP, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                          max_relative_positions=16), False),
+        "gpt2": (tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0, **DEC), True),
+        "llama": (tf.LlamaConfig(**COMMON, num_key_value_heads=2, **DEC), True),
+        "qwen2": (tf.Qwen2Config(**COMMON, num_key_value_heads=2, **DEC), True),
+        "mistral": (tf.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None, **DEC), True),
+    }
+
+
+FAMILIES = list(configs())
+DECODERS = [f for f in FAMILIES if configs()[f][1]]
+
+
+def build(family, head="base", seed=0, apt=True, **kw):
+    cfg, _ = configs()[family]
+    torch.manual_seed(seed)
+    cls = {"base": tf.AutoModel, "cls": tf.AutoModelForSequenceClassification,
+           "lm": tf.AutoModelForCausalLM}[head]
+    model = cls.from_config(copy.deepcopy(cfg))
+    model.eval()
+    if apt:
+        torch.manual_seed(seed + 1)
+        apply_apt(model, **{"prefix_len": 3, **kw})
+        with torch.no_grad():  # move the gates off their initial values so they matter
+            for n, p in model.apt_adapter.named_parameters():
+                p.add_(torch.randn_like(p) * (0.3 if "gate" in n or "layer" in n else 0.5))
+    return model
+
+
+def hidden(model, ids, mask=None):
+    return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_and_batch_independence(family):
+    model = build(family)
+    torch.manual_seed(5)
+    a, b = torch.randint(3, 64, (1, 5)), torch.randint(3, 64, (1, 7))
+    alone_a, alone_b = hidden(model, a), hidden(model, b)
+    pad = torch.zeros(1, 2, dtype=torch.long) + 3
+    ids = torch.cat([torch.cat([a, pad], 1), b])  # right padding
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    both = hidden(model, ids, mask)
+    torch.testing.assert_close(both[0, :5], alone_a[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1], alone_b[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_causal_decoders_do_not_see_the_future(family):
+    model = build(family)
+    ids = torch.randint(3, 64, (2, 8))
+    changed = ids.clone()
+    changed[:, 5:] = torch.randint(3, 64, (2, 3))
+    torch.testing.assert_close(hidden(model, ids)[:, :5], hidden(model, changed)[:, :5], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hidden(model, ids)[:, 5:], hidden(model, changed)[:, 5:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backends_agree_in_outputs_and_gradients(family):
+    results = {}
+    ids = torch.randint(3, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    for backend in ("reference", "torch", "triton"):
+        model = build(family, backend=backend)
+        out = hidden(model, ids, mask)
+        (out * mask[..., None]).square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.apt_adapter.named_parameters()}
+        results[backend] = (out.detach(), grads)
+    ref_out, ref_grads = results["reference"]
+    for backend in ("torch", "triton"):
+        out, grads = results[backend]
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+        for n in ref_grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=f"{backend} {n}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing(family):
+    ids = torch.randint(3, 64, (2, 6))
+    grads = []
+    for ckpt in (False, True):
+        model = build(family, head="cls")
+        model.config.pad_token_id = model.config.pad_token_id or 0
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("apt_adapter.") for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_generate_keeps_the_prefix_out_of_the_cache(family):
+    model = build(family, head="lm")
+    ids = torch.randint(3, 64, (2, 5))
+    with_cache = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    without = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(with_cache, without)
+    out = model(input_ids=ids, use_cache=True)
+    assert out.past_key_values.get_seq_length() == 5  # real tokens only: the prefix lives in attention
+
+
+def test_prefix_tuning_equals_hf_cache_path_on_llama():
+    """Plain prefix tuning must equal Hugging Face's own prefix path (keys/values pre-filled in the
+    cache, positions not shifted), computed with the stock eager attention."""
+    model = build("llama", prefix_len=4, token_gate=False, layer_gate=False)
+    ids = torch.randint(3, 64, (2, 6))
+    ours = hidden(model, ids)
+    pk, pv = model.apt_adapter.prefix_k.detach(), model.apt_adapter.prefix_v.detach()
+    ref = copy.deepcopy(model)
+    remove_apt(ref)
+    ref.set_attn_implementation("eager")
+    cache = tf.DynamicCache(config=ref.config)
+    for layer in range(2):
+        cache.update(pk[layer][None].expand(2, -1, -1, -1), pv[layer][None].expand(2, -1, -1, -1), layer)
+    mask = torch.ones(2, 4 + 6, dtype=torch.long)
+    out = ref(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=torch.arange(6)[None].expand(2, -1))
+    torch.testing.assert_close(ours, out.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_parameters_and_unsupported_models():
+    model = build("bert", head="cls", apt=False)
+    apply_apt(model, prefix_len=16)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("apt_adapter.", "classifier.")) for n in trainable)
+    assert {"classifier.weight", "apt_adapter.prefix_k", "apt_adapter.gate_weight"} <= trainable
+    apt_count = sum(p.numel() for p in model.apt_adapter.parameters())
+    prefix_model = build("bert", head="cls", apt=False)
+    apply_prefix_tuning(prefix_model, prefix_len=16)
+    pt_count = sum(p.numel() for p in prefix_model.apt_adapter.parameters())
+    assert 1.4 < apt_count / pt_count < 1.6  # gates add d * P + P + 1 per layer to 2 * d * P
+    with pytest.raises(ValueError, match="already has APT"):
+        apply_apt(model)
+    t5 = tf.T5Model(tf.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=32, d_kv=8))
+    with pytest.raises(ValueError, match="model_type 't5'"):
+        apply_apt(t5)
+    with pytest.raises(ValueError, match="pool='mean' lets a token's gate see later tokens"):
+        apply_apt(build("llama", apt=False), pool="mean")
+    with pytest.raises(ValueError, match="prefix_len must be a positive int"):
+        apply_apt(build("bert", apt=False), prefix_len=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_remove_restores_the_model(family):
+    model = build(family, apt=False)
+    ids = torch.randint(3, 64, (2, 6))
+    before = hidden(model, ids)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_apt(model)
+    assert not torch.allclose(hidden(model, ids), before)
+    remove_apt(model)
+    assert torch.equal(hidden(model, ids), before)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not hasattr(model, "apt_adapter")
+
+
+@pytest.mark.parametrize("reparam", [None, 8])
+def test_save_load_round_trip_is_exact(tmp_path, reparam):
+    model = build("bert", head="cls", reparam_hidden=reparam)
+    ids = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    want = model(input_ids=ids).logits
+    save_apt(model, tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["apt_adapter.safetensors", "apt_config.json"]
+    fresh = build("bert", head="cls", apt=False)
+    load_apt(fresh, tmp_path)
+    assert torch.equal(fresh(input_ids=ids).logits, want)
+    with pytest.raises(ValueError, match="trained on bert, not llama"):
+        load_apt(build("llama", apt=False), tmp_path)
+
+
+def test_gate_report_probes_every_layer():
+    model = build("bert")
+    ids = torch.randint(3, 64, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    rep = gate_report(model, dict(input_ids=ids, attention_mask=mask))
+    assert rep["layer"].shape == (2,) and rep["layer_prefix"].shape == (2, 3)
+    adapter = model.apt_adapter
+    h0 = model.embeddings(input_ids=ids)
+    expected = adapter.gate(0, h0).mean((0, 1, 2))
+    torch.testing.assert_close(rep["layer_prefix"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_tuning():
+    model = build("bert", head="cls", apt=False)
+    apply_prompt_tuning(model, prefix_len=4)
+    ids = torch.randint(3, 64, (2, 6))
+    out = model(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert model.apt_adapter.embedding.grad is not None
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("bert."))
+    remove_apt(model)
+    assert model(input_ids=ids).logits.shape == (2, 2)
+
+
+def test_bf16_model_runs():
+    model = build("llama", head="cls").to(torch.bfloat16)
+    ids = torch.randint(3, 64, (2, 6))
+    out = model(input_ids=ids, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and model.apt_adapter.prefix_k.grad is not None
+    assert ak.gated_prefix_attention is not None
