@@ -79,14 +79,16 @@ def test_causal_decoders_do_not_see_the_future(family):
     assert not torch.allclose(hidden(model, ids)[:, 5:], hidden(model, changed)[:, 5:])
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("family", FAMILIES)
 def test_backends_agree_in_outputs_and_gradients(family):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled on a GPU, interpreted on CPU
     results = {}
-    ids = torch.randint(3, 64, (2, 6))
-    mask = torch.ones(2, 6, dtype=torch.long)
+    ids = torch.randint(3, 64, (2, 6), device=device)
+    mask = torch.ones(2, 6, dtype=torch.long, device=device)
     mask[1, 4:] = 0
     for backend in ("reference", "torch", "triton"):
-        model = build(family, backend=backend)
+        model = build(family, backend=backend).to(device)
         out = hidden(model, ids, mask)
         (out * mask[..., None]).square().sum().backward()
         grads = {n: p.grad.clone() for n, p in model.apt_adapter.named_parameters()}
