@@ -222,3 +222,72 @@ def test_custom_op_opcheck_and_compile():
 def test_larger_shapes_on_gpu(dtype, shape):
     tensors, keep = make_inputs(**shape, gate="token", dtype=torch.float64)
     check(tensors, keep, dtype, causal=shape["Hq"] != shape["Hkv"])
+
+
+_AOT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from apt_kernels.attention import fused as f
+
+FLOAT_ARGS = {"scale", "mask_min", "inv_keep"}
+INT_ARGS = {"Hq", "Hkv", "N", "M", "P", "L", "REP", "col0", "keep_thr", "seed_lo", "seed_hi"}
+
+
+def build(fn, dt, consts, opts):
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in FLOAT_ARGS:
+            sig[a] = "fp32"
+        elif a in INT_ARGS or a.startswith("s"):
+            sig[a] = "i32"
+        elif a in ("G", "Lse", "Delta", "DG"):
+            sig[a] = "*fp32"
+        elif a == "Mk":
+            sig[a] = "*u8" if consts.get("MASK_KIND") == 1 else "*fp32"
+        else:
+            sig[a] = "*" + dt
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options=opts)
+
+
+count, worst = 0, 0
+cuda = type("dev", (), {"type": "cuda"})()
+# (dtype, dot precision, head dim, mask kind, causal, dropout, gate): every feature at least once, every
+# block configuration (head dims 64 / 128 / 256), the widest tiles for the shared-memory bound.
+VARIANTS = [("bf16", "tf32", 64, 1, True, True, True), ("bf16", "tf32", 128, 2, False, False, True),
+            ("bf16", "tf32", 256, 1, True, True, True), ("fp16", "tf32", 80, 0, True, False, False),
+            ("fp32", "ieee", 128, 1, True, True, True)]
+for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
+    fwd, lf = f._blocks(D, cuda)
+    bwd, lb = f._bwd_blocks(D, cuda)
+    common = dict(D=D, MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
+    ks = [build(f._fwd_kernel, dt, dict(common, HAS_GATE=gate, **fwd), lf),
+          build(f._bwd_q_kernel, dt, dict(common, HAS_GATE=gate, **bwd), lb)]
+    for is_prefix in (True, False):
+        ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
+                                                   GATE_N1=not causal, GATE_H1=causal, **bwd), lb))
+    for k in ks:
+        worst = max(worst, k.metadata.shared)
+        assert k.metadata.shared <= 227 * 1024, (k.name, dt, D, k.metadata.shared)
+    count += len(ks)
+print("compiled", count, "max shared", worst)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Compile every kernel variant for sm_90 with the GPU block sizes (Triton's own toolchain, no GPU
+    needed): lowering errors the interpreter cannot see, and shared memory within Hopper's 227 KB."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "compiled 20" in res.stdout, res.stdout

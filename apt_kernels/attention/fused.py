@@ -28,8 +28,7 @@ import triton.language as tl
 from .._env import triton_interpret
 from ..child_tuning.triton_rng import philox4x32_10
 
-LOG2E = 1.4426950408889634
-DROPOUT_TAG = 0x41505400
+DROPOUT_TAG = tl.constexpr(0x41505400)
 
 
 def keep_threshold(dropout_p: float) -> int:
@@ -75,6 +74,28 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
 
 
 @triton.jit
+def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, pid_m, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+              spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, N, M, P, CAUSAL: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Where a query tile's key/value tiles come from: the prefix of kv head ``kvh`` (batch stride 0 when
+    shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows,
+    the end of the tile loop (causal: the last key some row of this query tile can see) and the first
+    column number (for dropout counters)."""
+    if IS_PREFIX:
+        Kp = PK + b * spk_b + kvh * spk_h
+        Vp = PV + b * spv_b + kvh * spv_h
+        skn, skd, svn, svd, L, hi, col0 = spk_n, spk_d, spv_n, spv_d, P, P, 0
+    else:
+        hi = M
+        if CAUSAL:
+            hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
+        Kp = K + b * sk_b + kvh * sk_h
+        Vp = V + b * sv_b + kvh * sv_h
+        skn, skd, svn, svd, L, col0 = sk_n, sk_d, sv_n, sv_d, M, P
+    return Kp, Vp, skn, skd, svn, svd, L, hi, col0
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
@@ -102,27 +123,17 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
     gh = h * sg_h
     mb = b * sm_b
     mh = h * sm_h
-    # prefix tiles, then token tiles (causal: only those some row of this tile can see)
-    hi_tok = M
-    if CAUSAL:
-        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
-    for part in tl.static_range(2):
-        IS_PREFIX: tl.constexpr = part == 0
-        if IS_PREFIX:
-            Kp = PK + b * spk_b + kvh * spk_h
-            Vp = PV + b * spv_b + kvh * spv_h
-            skn, skd, svn, svd, L, hi, col0 = spk_n, spk_d, spv_n, spv_d, P, P, 0
-        else:
-            Kp = K + b * sk_b + kvh * sk_h
-            Vp = V + b * sv_b + kvh * sv_h
-            skn, skd, svn, svd, L, hi, col0 = sk_n, sk_d, sv_n, sv_d, M, hi_tok, P
+    for part in tl.static_range(2):  # prefix tiles, then token tiles
+        Kp, Vp, skn, skd, svn, svd, L, hi, col0 = _kv_tiles(
+            part == 0, b, kvh, pid_m, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, N, M, P, CAUSAL, BLOCK_M)
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
             kt = tl.load(Kp + offs_n[:, None] * skn + offs_d[None, :] * skd,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
-                                sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE, MASK_KIND, CAUSAL, PREC)
+                                sm_m, mask_min, N, M, scale, part == 0, HAS_GATE, MASK_KIND, CAUSAL, PREC)
             s = s * 1.4426950408889634  # base-2 domain for exp2
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,7 +143,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
             if DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
                 p = tl.where(keep, p * inv_keep, 0.0)
-            if IS_PREFIX:
+            if part == 0:
                 if HAS_GATE:
                     p = p * g
             vt = tl.load(Vp + offs_n[:, None] * svn + offs_d[None, :] * svd,
@@ -259,19 +270,10 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi_tok = M
-    if CAUSAL:
-        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
-    for part in tl.static_range(2):
-        IS_PREFIX: tl.constexpr = part == 0
-        if IS_PREFIX:
-            Kp = PK + b * spk_b + kvh * spk_h
-            Vp = PV + b * spv_b + kvh * spv_h
-            skn, skd, svn, svd, L, hi, col0 = spk_n, spk_d, spv_n, spv_d, P, P, 0
-        else:
-            Kp = K + b * sk_b + kvh * sk_h
-            Vp = V + b * sv_b + kvh * sv_h
-            skn, skd, svn, svd, L, hi, col0 = sk_n, sk_d, sv_n, sv_d, M, hi_tok, P
+    for part in tl.static_range(2):  # prefix tiles, then token tiles
+        Kp, Vp, skn, skd, svn, svd, L, hi, col0 = _kv_tiles(
+            part == 0, b, kvh, pid_m, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, N, M, P, CAUSAL, BLOCK_M)
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
@@ -280,18 +282,18 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             vt = tl.load(Vp + offs_n[:, None] * svn + offs_d[None, :] * svd,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
-                                b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE,
+                                b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, part == 0, HAS_GATE,
                                 MASK_KIND, CAUSAL, PREC)
             p = _probs(s, lse)
             dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
             if DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
-            if IS_PREFIX:
+            if part == 0:
                 if HAS_GATE:
                     dp = dp * g
             ds = p * (dp - delta[:, None])
-            if IS_PREFIX:
+            if part == 0:
                 if HAS_GATE:
                     ds = ds * g
             dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * scale
