@@ -58,7 +58,8 @@ APT_CT_HD bool keep_bit(int64_t elem, uint32_t step, uint32_t param_index, uint3
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Element types and correctly rounded arithmetic (IEEE even under --use_fast_math)
+// Element types and correctly rounded sqrt/div (__fsqrt_rn/__fdiv_rn; products and sums may be contracted
+// into FMAs, as in torch's and Triton's kernels: backends agree to rounding, not to the bit)
 // ---------------------------------------------------------------------------------------------------
 
 template <typename T>

@@ -235,6 +235,7 @@ INT_ARGS = {"Hq", "Hkv", "N", "M", "P", "L", "REP", "col0", "keep_thr", "seed_lo
 
 
 def build(fn, dt, consts, opts):
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}
     for a in fn.arg_names:
         if a in consts:
@@ -273,6 +274,17 @@ for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
         worst = max(worst, k.metadata.shared)
         assert k.metadata.shared <= 227 * 1024, (k.name, dt, D, k.metadata.shared)
     count += len(ks)
+# Triton turns an int argument whose value is 1 into a constexpr (seed 1, one head per group, P = 1, ...)
+ones = dict(seed_lo=1, seed_hi=1, REP=1, P=1, Hq=1, N=1, M=1, keep_thr=1)
+fwd, lf = f._blocks(64, cuda)
+build(f._fwd_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, **fwd,
+                                  **ones), lf)
+bwd, lb = f._bwd_blocks(64, cuda)
+build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, **bwd,
+                                    **ones), lb)
+build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True,
+                                     IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, col0=1, **bwd, **ones), lb)
+count += 3
 print("compiled", count, "max shared", worst)
 """
 
@@ -290,4 +302,4 @@ def test_kernels_compile_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 20" in res.stdout, res.stdout
+    assert "compiled 23" in res.stdout, res.stdout

@@ -276,6 +276,16 @@ for dt, mode, official, aligned in [(tl.float32, 1, True, True), (tl.bfloat16, 2
                                  constexprs=consts), target=GPUTarget("cuda", 90, 32))
     vec = len(re.findall(r"ld\.global\.v4", c.asm["ptx"]))
     assert (vec > 0) == aligned, (dt, mode, aligned, vec)
+# Triton turns an int argument whose value is 1 into a constexpr: seeds 1 and 2**32 .. 2**33-1 do that.
+ones = dict(P_DTYPE=tl.float32, MODE=1, OFFICIAL=True, HAS_DECAY=True, ALIGNED=True, CHUNK=tu.CHUNK,
+            BLOCK=tu.BLOCK, seed_lo=1, seed_hi=1)
+triton.compile(ASTSource(tu._child_tuning_adamw_kernel, {**sig, **{k: "constexpr" for k in ones}}, constexprs=ones),
+               target=GPUTarget("cuda", 90, 32))
+from apt_kernels.child_tuning import triton_rng as tr
+rng_sig = {"out_ptr": "*i8", "numel": "i32", "offset": "i64", "threshold": "i32"}
+rng_ones = dict(step=1, param_index=1, seed_lo=1, seed_hi=1, BLOCK=1024)
+triton.compile(ASTSource(tr._keep_mask_kernel, {**rng_sig, **{k: "constexpr" for k in rng_ones}},
+                         constexprs=rng_ones), target=GPUTarget("cuda", 90, 32))
 print("compiled")
 """
 

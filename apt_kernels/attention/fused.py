@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._env import triton_interpret
-from ..child_tuning.triton_rng import philox4x32_10
+from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
 DROPOUT_TAG = tl.constexpr(0x41505400)
 
@@ -39,9 +39,8 @@ def keep_threshold(dropout_p: float) -> int:
 def _dropout_keep(seed_lo, seed_hi, bh, rows, cols, threshold):
     c0 = (cols[None, :] + tl.zeros_like(rows)[:, None]).to(tl.uint32)
     c1 = (rows[:, None] + tl.zeros_like(cols)[None, :]).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + bh.to(tl.uint32)
     c3 = tl.zeros_like(c0) + DROPOUT_TAG
-    x, _, _, _ = philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    x, _, _, _ = philox4x32_10(c0, c1, u32_like(bh, c0), c3, u32_like(seed_lo, c0), u32_like(seed_hi, c0))
     return (x >> 8).to(tl.int32) < threshold
 
 
@@ -74,25 +73,20 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
 
 
 @triton.jit
-def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, pid_m, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-              spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, N, M, P, CAUSAL: tl.constexpr,
-              BLOCK_M: tl.constexpr):
+def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+              spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, M, P):
     """Where a query tile's key/value tiles come from: the prefix of kv head ``kvh`` (batch stride 0 when
-    shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows,
-    the end of the tile loop (causal: the last key some row of this query tile can see) and the first
-    column number (for dropout counters)."""
+    shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows and
+    the first column number (for dropout counters)."""
     if IS_PREFIX:
         Kp = PK + b * spk_b + kvh * spk_h
         Vp = PV + b * spv_b + kvh * spv_h
-        skn, skd, svn, svd, L, hi, col0 = spk_n, spk_d, spv_n, spv_d, P, P, 0
+        skn, skd, svn, svd, L, col0 = spk_n, spk_d, spv_n, spv_d, P, 0
     else:
-        hi = M
-        if CAUSAL:
-            hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
         Kp = K + b * sk_b + kvh * sk_h
         Vp = V + b * sv_b + kvh * sv_h
         skn, skd, svn, svd, L, col0 = sk_n, sk_d, sv_n, sv_d, M, P
-    return Kp, Vp, skn, skd, svn, svd, L, hi, col0
+    return Kp, Vp, skn, skd, svn, svd, L, col0
 
 
 @triton.jit
@@ -123,10 +117,16 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
     gh = h * sg_h
     mb = b * sm_b
     mh = h * sm_h
+    hi_tok = M  # causal: the token tiles end at the last key some row of this query tile can see
+    if CAUSAL:
+        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, hi, col0 = _kv_tiles(
-            part == 0, b, kvh, pid_m, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, N, M, P, CAUSAL, BLOCK_M)
+        Kp, Vp, skn, skd, svn, svd, L, col0 = _kv_tiles(
+            part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, M, P)
+        hi = hi_tok
+        if part == 0:
+            hi = P
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
@@ -270,10 +270,16 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi_tok = M  # causal: the token tiles end at the last key some row of this query tile can see
+    if CAUSAL:
+        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, hi, col0 = _kv_tiles(
-            part == 0, b, kvh, pid_m, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, N, M, P, CAUSAL, BLOCK_M)
+        Kp, Vp, skn, skd, svn, svd, L, col0 = _kv_tiles(
+            part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, M, P)
+        hi = hi_tok
+        if part == 0:
+            hi = P
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L

@@ -31,13 +31,19 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def u32_like(x, like):
+    """``x`` (a kernel argument: i32, u32, i64 or, when its value is 1, a constexpr Triton specialised it
+    into) as a uint32 block shaped like ``like``. ``x.to(...)`` alone fails to compile for the constexpr."""
+    return (tl.zeros_like(like) + x).to(tl.uint32)
+
+
+@triton.jit
 def philox_keep(elem, step, param_index, seed_lo, seed_hi, threshold):
     """Keep bits for int64 element indices ``elem`` (a block), per the stream of rng.py."""
     c0 = (elem & 0xFFFFFFFF).to(tl.uint32)
     c1 = (elem >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + step.to(tl.uint32)
-    c3 = tl.zeros_like(c0) + param_index.to(tl.uint32)
-    x, _, _, _ = philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    x, _, _, _ = philox4x32_10(c0, c1, u32_like(step, c0), u32_like(param_index, c0), u32_like(seed_lo, c0),
+                               u32_like(seed_hi, c0))
     return (x >> (32 - KEEP_BITS_C)).to(tl.int64) < threshold
 
 

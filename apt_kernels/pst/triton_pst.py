@@ -5,7 +5,8 @@ Design (details and the reasons in docs/pst.md):
 * **Scores are never stored.** Every pass recomputes S tile by tile from W0, U, V, A, B, R, C in the
   order of :func:`apt_kernels.pst.reference.fused_order_scores` (float32, sequential sums over the
   rank, no fused multiply-add: the score kernels are compiled with ``enable_fp_fusion=False``), so
-  every pass sees the same bits.
+  every score pass sees the same bits. The backward (compiled with fusion) recomputes W, which may
+  differ in the last bit there; the mask is never recomputed: the backward reads the saved bits.
 * **Selection** of the ``n_pruned``-th smallest score: a most-significant-digit radix select over the
   32-bit order-preserving keys of :func:`~apt_kernels.pst.reference.ordered_key` (as unsigned
   ``key + 2**31``), ``RADIX_BITS`` bits per pass. Each pass histograms, per tile, the digit of the
