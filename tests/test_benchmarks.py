@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import harness, ops_attention, ops_child_tuning, ops_pst, run  # noqa: E402
+from benchmarks import harness, ops_apt_train, ops_attention, ops_child_tuning, ops_pst, run  # noqa: E402
 
 CPU = torch.device("cpu")
 FAST = harness.Timing(cpu_min_runs=3, cpu_max_runs=20, cpu_target_s=0.005)
@@ -32,6 +32,8 @@ def _tiny_cases():
         ops_pst.make_case(32, 48, device=CPU, wdtype=f32),
         ops_child_tuning.make_case("tiny", "F", device=CPU, shapes=[(64, 16), (16,), (8, 64)]),
         ops_child_tuning.make_case("tiny", "D", device=CPU, shapes=[(64, 16), (16,), (8, 64)]),
+        # a training step of APT on a tiny Llama (its PEFT-free peer runs everywhere)
+        *[c for c in ops_apt_train.cases(CPU, quick=True) if c.name.startswith("llama")],
     ]
 
 
@@ -61,7 +63,8 @@ def test_harness_tiny_cases_every_op(tmp_path):
     cases = _tiny_cases()
     rows = harness.run_cases(cases, CPU, FAST, log=lambda s: None)
     ok = _check_rows(rows)
-    assert {r["op"] for r in ok} == {"attention", "pst", "child_tuning"}
+    assert {r["op"] for r in ok} == {"attention", "pst", "child_tuning", "apt_train"}
+    assert {r["contender"] for r in ok if r["op"] == "apt_train"} >= {"apt", "prefix", "hf_cache_prefix_sdpa"}
     assert {r["mode"] for r in ok if r["op"] == "attention"} == {"fwd", "bwd", "fwd+bwd"}
     assert all(r["tflops"] > 0 for r in ok if r["op"] == "attention")
     assert all(r["gb_s"] > 0 for r in ok if r["op"] in ("pst", "child_tuning"))
