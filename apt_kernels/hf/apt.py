@@ -207,6 +207,17 @@ def _trainable_head(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in base]
 
 
+def _freeze_backbone(model: nn.Module, train_head: bool) -> dict[str, bool]:
+    """Freeze every parameter but the task head (if ``train_head``); return the flags to restore later."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if train_head:
+        for p in _trainable_head(model):
+            p.requires_grad_(True)
+    return saved
+
+
 def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True, layer_gate: bool = True,
               pool: str | None = None, reparam_hidden: int | None = None, train_head: bool = True,
               backend: str = "auto") -> nn.Module:
@@ -256,12 +267,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     ref = next(model.parameters())
     adapter.to(device=ref.device)
 
-    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if train_head:
-        for p in _trainable_head(model):
-            p.requires_grad_(True)
+    saved_grad = _freeze_backbone(model, train_head)
     model.apt_adapter = adapter  # registered: in parameters(), state_dict() and .to()
 
     handles = []
@@ -344,12 +350,7 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     model_type, fam = _family(model)
     hidden = model.config.hidden_size
     prompt = SoftPrompt(prefix_len, hidden).to(next(model.parameters()).device)
-    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if train_head:
-        for p in _trainable_head(model):
-            p.requires_grad_(True)
+    saved_grad = _freeze_backbone(model, train_head)
     model.apt_adapter = prompt
     embed = model.get_input_embeddings()
 
