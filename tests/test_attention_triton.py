@@ -285,8 +285,29 @@ build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True
 build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True,
                                      IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, col0=1, **bwd, **ones), lb)
 count += 3
+# every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
+dims = {64: 64, 128: 128, 256: 256}
+for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, {}),
+                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_N1=False, GATE_H1=True))):
+    for cls, cfgs in table.items():
+        for m, n, w, st in cfgs:
+            build(kern, "bf16", dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1, CAUSAL=True,
+                                     DROPOUT=True, PREC="tf32", HAS_GATE=True, **extra), dict(num_warps=w, num_stages=st))
+            count += 1
 print("compiled", count, "max shared", worst)
 """
+
+
+def test_autotuning_configs_are_pruned_by_head_dim():
+    from apt_kernels.attention import fused
+
+    for table, kernel in ((fused._FWD_TABLE, fused._fwd_kernel), (fused._BWD_TABLE, fused._bwd_kv_kernel)):
+        tuned = fused._autotuned(kernel, table)
+        tuned.nargs = {}
+        for D, cls in ((16, 64), (64, 64), (80, 128), (128, 128), (192, 256), (256, 256)):
+            kept = tuned.prune_configs({"D": D})
+            assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] != []
+            assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(table[cls])
 
 
 def test_kernels_compile_for_sm90():
@@ -302,4 +323,4 @@ def test_kernels_compile_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 23" in res.stdout, res.stdout
+    assert "compiled 45" in res.stdout, res.stdout

@@ -19,7 +19,7 @@ Design (docs/attention.md has the long form):
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -95,7 +95,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
                 sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m,
                 so_b, so_h, so_n, so_d,
-                Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+                Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -170,7 +170,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
                    sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sdg_b, sdg_h, sdg_n, sdg_p,
-                   Hq, Hkv, N, M, L, REP, col0, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+                   Hq, Hkv, N, M, L, REP, col0, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -250,7 +250,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
                   spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
                   sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
                   sdq_b, sdq_h, sdq_n, sdq_d,
-                  Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+                  Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                   DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -318,24 +318,73 @@ def _strides(t: torch.Tensor | None, ndim: int = 4):
     return tuple(0 if s == 1 else st for s, st in zip(t.shape, t.stride()))
 
 
-def _blocks(D: int, device: torch.device):
+# Block configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class (64, 128, 256).
+# On a GPU the kernels are autotuned over these (key: head dim, sequence-length bucket, features,
+# dtypes; APT_KERNELS_AUTOTUNE=0 turns it off); the first of each list is the fixed choice then.
+# Starting points from the FlashAttention-2 Triton tutorial, not yet measured on hardware.
+_FWD_TABLE = {64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+              128: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+              256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]}
+_BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+              128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)],
+              256: [(64, 16, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]}
+_TUNE_KEY = ["D", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "DROPOUT", "IS_PREFIX", "GATE_N1", "GATE_H1"]
+
+
+def _dclass(D: int) -> int:
     block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda" or triton_interpret():
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _compiled(device: torch.device) -> bool:
+    return device.type == "cuda" and not triton_interpret()
+
+
+def _blocks(D: int, device: torch.device, table=None):
+    """(block sizes, launch options) of the fixed choice: the table's first entry on a GPU, 16 x 16 tiles
+    in the interpreter."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not _compiled(device):
         return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
-    if block_d <= 64:
-        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64), dict(num_warps=4, num_stages=3)
-    if block_d <= 128:
-        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=32), dict(num_warps=8, num_stages=2)
-    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32), dict(num_warps=8, num_stages=2)
+    m, n, w, st = (table or _FWD_TABLE)[_dclass(D)][0]
+    return dict(BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n), dict(num_warps=w, num_stages=st)
 
 
 def _bwd_blocks(D: int, device: torch.device):
-    block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda" or triton_interpret():
-        return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
-    if block_d <= 64:
-        return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
-    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32 if block_d <= 128 else 16), dict(num_warps=8, num_stages=1)
+    return _blocks(D, device, _BWD_TABLE)
+
+
+def _autotuned(kernel, table, reset=()):
+    configs = sorted({c for cfgs in table.values() for c in cfgs})
+
+    def prune(configs, nargs, **kwargs):
+        want = table[_dclass(kwargs["D"])]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+
+    return triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                            for m, n, w, st in configs], key=[k for k in _TUNE_KEY if k in kernel.arg_names],
+                           prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=list(reset))(kernel)
+
+
+_TUNED = {}
+
+
+def _launch(kernel, table, grid_of, args, consts, device, reset=()):
+    """Launch ``kernel`` on the grid ``grid_of(BLOCK_M, BLOCK_N)``: autotuned over ``table`` on a GPU,
+    else with the fixed blocks. ``reset`` names buffers the kernel accumulates into (zeroed between
+    autotuning trials)."""
+    D = consts["D"]
+    seq_bucket = min(triton.next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
+    args = args[:-1] + (seq_bucket,)
+    if _compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
+        if kernel not in _TUNED:
+            _TUNED[kernel] = _autotuned(kernel, table, reset)
+        _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
+            *args, BLOCK_D=max(16, triton.next_power_of_2(D)), **consts)
+        return
+    blocks, launch = _blocks(D, device, table)
+    kernel[grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **blocks, **consts, **launch)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -383,14 +432,14 @@ def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, d
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    blocks, launch = _blocks(a.D, q.device)
-    grid = (triton.cdiv(a.N, blocks["BLOCK_M"]), a.B * a.Hq)
-    _fwd_kernel[grid](q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
-                      *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
-                      *a.g_strides, *a.m_strides, *out.stride(),
-                      a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
-                      D=a.D, HAS_GATE=a.has_gate, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout,
-                      PREC=_precision(q.dtype), **blocks, **launch)
+    _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (triton.cdiv(a.N, bm), a.B * a.Hq),
+            (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
+             *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
+             *a.g_strides, *a.m_strides, *out.stride(),
+             a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
+             max(a.N, a.M + a.P)),
+            dict(D=a.D, HAS_GATE=a.has_gate, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout,
+                 PREC=_precision(q.dtype)), q.device)
     return out, lse
 
 
@@ -419,10 +468,8 @@ def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse
         dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if gate_n1 else N, P), dtype=torch.float32, device=q.device)
     if q.numel() == 0 or (M == 0 and P == 0):
         return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
-    blocks, launch = _bwd_blocks(D, q.device)
-    prec = _precision(q.dtype)
-    common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=prec, **blocks, **launch)
-    dropout_args = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep)
+    common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
+    tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     for is_prefix in (True, False):
         L = P if is_prefix else M
         if L == 0:
@@ -430,18 +477,19 @@ def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse
         Kt, Vt = (a.pk, a.pv) if is_prefix else (k, v)
         k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
         DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
-        grid = (triton.cdiv(L, blocks["BLOCK_N"]), B * Hkv)
-        _bwd_kv_kernel[grid](q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, dg_buf,
-                             *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
-                             *DKt.stride(), *DVt.stride(), *_strides(dg_buf),
-                             Hq, Hkv, N, M, L, a.REP, 0 if is_prefix else P, *dropout_args,
-                             IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
-                             GATE_H1=gate_h1, **common)
-    grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * Hq)
-    _bwd_q_kernel[grid](q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
-                        *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
-                        *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
-                        Hq, N, M, P, a.REP, *dropout_args, HAS_GATE=a.has_gate, **common)
+        _launch(_bwd_kv_kernel, _BWD_TABLE, lambda bm, bn, L=L: (triton.cdiv(L, bn), B * Hkv),
+                (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, dg_buf,
+                 *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
+                 *DKt.stride(), *DVt.stride(), *_strides(dg_buf),
+                 Hq, Hkv, N, M, L, a.REP, 0 if is_prefix else P, *tail),
+                dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
+                     GATE_H1=gate_h1), q.device, reset=("DG",))
+    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm), B * Hq),
+            (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
+             *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
+             *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
+             Hq, N, M, P, a.REP, *tail),
+            dict(common, HAS_GATE=a.has_gate), q.device)
     return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
 
 
