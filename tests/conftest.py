@@ -13,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Correctness tests use the fixed block configurations: autotuning every shape and feature combination
+# would spend minutes compiling. tests/test_attention_triton.py checks the autotuned path once.
+os.environ.setdefault("APT_KERNELS_AUTOTUNE", "0")
 
 HAS_CUDA = torch.cuda.is_available()
 

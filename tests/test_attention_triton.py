@@ -216,6 +216,13 @@ def test_custom_op_opcheck_and_compile():
 
 
 @pytest.mark.gpu
+def test_autotuned_path_on_gpu(monkeypatch):
+    monkeypatch.setenv("APT_KERNELS_AUTOTUNE", "1")
+    tensors, keep = make_inputs(B=2, Hq=8, Hkv=2, N=200, M=200, D=64, P=16, gate="token", dtype=torch.float64)
+    check(tensors, keep, torch.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [dict(B=4, Hq=12, Hkv=12, N=128, M=128, D=64, P=16),
                                    dict(B=2, Hq=32, Hkv=8, N=300, M=300, D=128, P=64)])
