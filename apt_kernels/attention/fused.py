@@ -45,6 +45,13 @@ def _dropout_keep(seed_lo, seed_hi, bh, rows, cols, threshold):
 
 
 @triton.jit
+def _load_rows(base, rows, offs_d, s_row, s_d, row_ok, d_ok):
+    """A (rows, BLOCK_D) tile at ``base`` with the given strides; 0 outside the valid rows and head dims."""
+    return tl.load(base + rows[:, None] * s_row + offs_d[None, :] * s_d, mask=row_ok[:, None] & d_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m, mask_min,
             N, M, scale, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr,
             CAUSAL: tl.constexpr, PREC: tl.constexpr):
@@ -108,8 +115,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
     d_ok = offs_d < D
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -130,8 +136,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
-            kt = tl.load(Kp + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
                                 sm_m, mask_min, N, M, scale, part == 0, HAS_GATE, MASK_KIND, CAUSAL, PREC)
             s = s * 1.4426950408889634  # base-2 domain for exp2
@@ -146,8 +151,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
             if part == 0:
                 if HAS_GATE:
                     p = p * g
-            vt = tl.load(Vp + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
             m_i = m_new
     empty = l_i == 0.0
@@ -183,10 +187,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < L
     d_ok = offs_d < D
-    kt = tl.load(K + b * sk_b + kvh * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    vt = tl.load(V + b * sv_b + kvh * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
-                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    kt = _load_rows(K + b * sk_b + kvh * sk_h, offs_n, offs_d, sk_n, sk_d, n_ok, d_ok)
+    vt = _load_rows(V + b * sv_b + kvh * sv_h, offs_n, offs_d, sv_n, sv_d, n_ok, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
@@ -199,10 +201,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
         for start in range(lo, N, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
+            do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
             lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
             delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
@@ -263,10 +263,8 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
     d_ok = offs_d < D
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
-                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
+    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
     lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -283,10 +281,8 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
-            kt = tl.load(Kp + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(Vp + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
+            vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
                                 b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, part == 0, HAS_GATE,
                                 MASK_KIND, CAUSAL, PREC)
