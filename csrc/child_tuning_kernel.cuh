@@ -46,15 +46,50 @@ APT_CT_HD void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-// Whether global element `elem` of parameter `param_index` is kept at `step`:
-// x = Philox4x32-10(counter = (elem lo, elem hi, step, param_index), key = (seed lo, seed hi))[0],
-// keep iff (x >> 8) < threshold = floor(reserve_p * 2^24).
+// The stream's draw for group q (elements 4q .. 4q+3): out[j] = Philox4x32-10(counter = (q lo, q hi, step,
+// param_index), key = (seed lo, seed hi))[j] is the word of element 4q + j.
+APT_CT_HD void group_words(uint64_t q, uint32_t step, uint32_t param_index, uint32_t seed_lo, uint32_t seed_hi,
+                           uint32_t (&out)[4]) {
+  out[0] = static_cast<uint32_t>(q);
+  out[1] = static_cast<uint32_t>(q >> 32);
+  out[2] = step;
+  out[3] = param_index;
+  philox4x32_10(out, seed_lo, seed_hi);
+}
+
+// Word j (0..3, a run-time value) of a group, without indexing the array dynamically (no local memory).
+APT_CT_HD uint32_t word_of(const uint32_t (&w)[4], uint32_t j) {
+  return j == 0 ? w[0] : j == 1 ? w[1] : j == 2 ? w[2] : w[3];
+}
+
+APT_CT_HD bool keeps(uint32_t x, uint32_t threshold) { return (x >> (32 - kKeepBits)) < threshold; }
+
+// Whether global element `elem` of parameter `param_index` is kept at `step` (rng.py, docs/math.md 4.3):
+// x = word (elem mod 4) of the draw for group elem div 4; keep iff (x >> 8) < threshold = floor(reserve_p * 2^24).
 APT_CT_HD bool keep_bit(int64_t elem, uint32_t step, uint32_t param_index, uint32_t seed_lo, uint32_t seed_hi,
-                     uint32_t threshold) {
+                        uint32_t threshold) {
   const uint64_t e = static_cast<uint64_t>(elem);
-  uint32_t c[4] = {static_cast<uint32_t>(e), static_cast<uint32_t>(e >> 32), step, param_index};
-  philox4x32_10(c, seed_lo, seed_hi);
-  return (c[0] >> (32 - kKeepBits)) < threshold;
+  uint32_t w[4];
+  group_words(e >> 2, step, param_index, seed_lo, seed_hi, w);
+  return keeps(word_of(w, static_cast<uint32_t>(e & 3)), threshold);
+}
+
+// Keep bits of the four global elements elem .. elem+3 (bit k for elem + k): one draw when elem is a multiple
+// of 4 (a tensor whose element offset is, i.e. normally), two when the four straddle two groups.
+APT_CT_HD uint32_t keep_bits4(int64_t elem, uint32_t step, uint32_t param_index, uint32_t seed_lo, uint32_t seed_hi,
+                              uint32_t threshold) {
+  const uint64_t e = static_cast<uint64_t>(elem);
+  const uint32_t shift = static_cast<uint32_t>(e & 3);
+  uint32_t a[4], b[4] = {0, 0, 0, 0};
+  group_words(e >> 2, step, param_index, seed_lo, seed_hi, a);
+  if (shift != 0) group_words((e >> 2) + 1, step, param_index, seed_lo, seed_hi, b);
+  uint32_t bits = 0;
+#pragma unroll
+  for (uint32_t k = 0; k < 4; ++k) {
+    const uint32_t j = shift + k;
+    bits |= static_cast<uint32_t>(keeps(j < 4 ? word_of(a, j) : word_of(b, j - 4), threshold)) << k;
+  }
+  return bits;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -115,12 +150,13 @@ APT_CT_HD void adamw_element(float& w, float g, float& m, float& v, const Hyper&
   }
 }
 
-// The gradient of local element i of tensor t, masked per kMode.
+// The gradient of local element i of tensor t, masked per kMode; `keep` is its F-mode keep bit when the
+// caller drew it for a group of four (keep < 0: draw it here).
 template <int kMode>
-APT_CT_HD float masked_grad(float g, const TensorRow& t, int64_t i, const Hyper& h) {
+APT_CT_HD float masked_grad(float g, const TensorRow& t, int64_t i, const Hyper& h, int keep = -1) {
   if constexpr (kMode == kModeF) {
-    return g * (keep_bit(i + t.elem_offset, t.step, t.param_index, h.seed_lo, h.seed_hi, h.threshold) ? h.inv_reserve_p
-                                                                                                       : 0.0f);
+    if (keep < 0) keep = keep_bit(i + t.elem_offset, t.step, t.param_index, h.seed_lo, h.seed_hi, h.threshold);
+    return g * (keep ? h.inv_reserve_p : 0.0f);
   } else if constexpr (kMode == kModeD) {
     return g * static_cast<float>((t.bits[i >> 5] >> (i & 31)) & 1u);
   }
@@ -139,7 +175,7 @@ APT_CT_HD void update_element(const TensorRow& t, int64_t i, const Hyper& h) {
   param[i] = Elem<P>::store(w);
 }
 
-// Four consecutive elements, with one vector load and store per array.
+// Four consecutive elements, with one vector load and store per array and (mode F) one or two draws.
 template <typename P>
 struct alignas(4 * sizeof(P)) Vec4 {
   P x[4];
@@ -153,10 +189,12 @@ APT_CT_HD void update_vec4(const TensorRow& t, int64_t i, const Hyper& h) {
   float4 v = *reinterpret_cast<const float4*>(t.exp_avg_sq + i);
   float* ms[4] = {&m.x, &m.y, &m.z, &m.w};
   float* vs[4] = {&v.x, &v.y, &v.z, &v.w};
+  const uint32_t keep =
+      kMode == kModeF ? keep_bits4(i + t.elem_offset, t.step, t.param_index, h.seed_lo, h.seed_hi, h.threshold) : 0u;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     float w = Elem<P>::load(p.x[k]);
-    const float gk = masked_grad<kMode>(Elem<P>::load(g.x[k]), t, i + k, h);
+    const float gk = masked_grad<kMode>(Elem<P>::load(g.x[k]), t, i + k, h, static_cast<int>((keep >> k) & 1u));
     adamw_element<kOfficial, kDecay>(w, gk, *ms[k], *vs[k], h, t.step_size, t.bc2_sqrt);
     p.x[k] = Elem<P>::store(w);
   }

@@ -12,6 +12,7 @@ from apt_kernels.child_tuning import keep_mask
 from apt_kernels.child_tuning.rng import philox4x32
 
 BACKENDS = ["reference", "torch"]
+DOC_EXAMPLE = [False, True, False, True, True, True, True, False]  # docs/math.md 4.3
 
 
 def small_model(dtype=torch.float32):
@@ -75,6 +76,22 @@ def test_philox_known_answers():
     for ctr, key, want in cases:
         got = tuple(int(x) for x in philox4x32(*ctr, *key))
         assert got == want
+
+
+def test_stream_definition_literally():
+    """Element e is word e mod 4 of the draw for group e div 4 (docs/math.md 4.3), element by element."""
+    from apt_kernels.child_tuning.rng import KEEP_BITS, MASK32, keep_threshold
+
+    seed, step, index, p = 2 ** 64 - 7, 3, 5, 0.37
+    for offset, n in [(0, 9), (2 ** 32 * 4 - 6, 11), (2 ** 34 + 1, 6), (3, 1)]:
+        got = keep_mask(seed, step, index, (n,), p, offset=offset)
+        for k in range(n):
+            e = offset + k
+            q, j = e // 4, e % 4
+            x = int(philox4x32(q & MASK32, q >> 32, step, index, seed & MASK32, seed >> 32)[j])
+            assert bool(got[k]) == ((x >> (32 - KEEP_BITS)) < keep_threshold(p)), (offset, k)
+    # the documented example
+    assert keep_mask(1234, 1, 0, (8,), 0.5).tolist() == DOC_EXAMPLE
 
 
 def test_keep_rate_and_independence():

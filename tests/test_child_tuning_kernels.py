@@ -209,17 +209,37 @@ def test_triton_f_masks_are_the_stream(small_chunks, reserve_p):
         assert torch.equal(m.cpu(), keep_mask(2 ** 64 - 3, 2, i, p.shape, reserve_p, backend="reference")), i
 
 
+def shard_keep_bits(update_fn, offset, numel=300, device=DEVICE):
+    """The keep bits an F-mode step of update_fn draws for a tensor whose first element is global element
+    ``offset`` (read back from exp_avg: all gradients 1, beta1 0)."""
+    p = torch.zeros(numel, device=device)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    update_fn([p], [torch.ones_like(p)], [m], [v], [4], Masking("F", 0.5, seed=9, indices=[6], offsets=[offset]),
+              lr=0.0, beta1=0.0, beta2=0.5, eps=1e-6, weight_decay=0.0, semantics="official")
+    return (m != 0).cpu()
+
+
+# offsets: group-aligned, and cutting the stream's groups of four (1, 2 or 3 elements before the tensor)
+SHARD_OFFSETS = [2 ** 32 - 100, 2 ** 32 - 99, 6, 2 ** 32 - 1, 8193]
+
+
 @pytest.mark.triton
-def test_triton_f_masks_of_a_shard_use_the_global_index(small_chunks):
-    """A tensor with element offset 2**32 - 100 (a shard of a huge parameter) draws the global bits."""
+@pytest.mark.parametrize("offset", SHARD_OFFSETS)
+def test_triton_f_masks_of_a_shard_use_the_global_index(small_chunks, offset):
+    """A tensor with a large element offset (a shard of a huge parameter) draws the global bits."""
     from apt_kernels.child_tuning.optimizer import triton_update
 
-    p = torch.zeros(300, device=DEVICE)
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    offset = 2 ** 32 - 100
-    triton_update([p], [torch.ones_like(p)], [m], [v], [4], Masking("F", 0.5, seed=9, indices=[6], offsets=[offset]),
-                  lr=0.0, beta1=0.0, beta2=0.5, eps=1e-6, weight_decay=0.0, semantics="official")
-    assert torch.equal((m != 0).cpu(), keep_mask(9, 4, 6, (300,), 0.5, offset=offset, backend="reference"))
+    want = keep_mask(9, 4, 6, (300,), 0.5, offset=offset, backend="reference")
+    assert torch.equal(shard_keep_bits(triton_update, offset), want)
+    assert torch.equal(keep_mask(9, 4, 6, (300,), 0.5, DEVICE, offset, backend="triton").cpu(), want)
+
+
+def test_torch_f_masks_of_a_shard_use_the_global_index():
+    from apt_kernels.child_tuning.update import foreach_update
+
+    for offset in SHARD_OFFSETS:
+        want = keep_mask(9, 4, 6, (300,), 0.5, offset=offset, backend="reference")
+        assert torch.equal(shard_keep_bits(foreach_update, offset, device="cpu"), want), offset
 
 
 @pytest.mark.triton
@@ -421,7 +441,8 @@ def test_cuda_philox_known_answers_and_stream(cuda_on_host):
         cuda_on_host.host_philox((ctypes.c_uint32 * 4)(*ctr), (ctypes.c_uint32 * 2)(*key), out)
         assert tuple(out) == want
     for seed, step, index, n, p, offset in [(0, 1, 0, 5000, 0.3, 0), (2 ** 64 - 1, 2 ** 32 - 1, 70000, 999, 0.5, 0),
-                                            (5, 3, 2, 1000, 0.9, 2 ** 32 - 500), (1234, 1, 0, 8, 0.5, 0)]:
+                                            (5, 3, 2, 1000, 0.9, 2 ** 32 - 500), (1234, 1, 0, 8, 0.5, 0),
+                                            (5, 3, 2, 1001, 0.4, 2 ** 32 - 3), (6, 1, 1, 2, 0.5, 7)]:
         got = keep_mask(seed, step, index, (n,), p, offset=offset, backend="cuda")
         assert torch.equal(got, keep_mask(seed, step, index, (n,), p, offset=offset, backend="reference"))
 
@@ -438,6 +459,15 @@ def test_cuda_kernel_code_matches_torch(cuda_on_host, dtype, semantics, mode, re
     pa, pb = make_params(dtype, "cpu", sizes), make_params(dtype, "cpu", sizes)
     oa, ob = run_opt(pa, "torch", **kw), run_opt(pb, "cuda", **kw)
     assert_same_run(pa, oa, pb, ob, dtype)
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("offset", SHARD_OFFSETS)
+def test_cuda_kernel_code_f_masks_of_a_shard_use_the_global_index(cuda_on_host, offset):
+    from apt_kernels.child_tuning.optimizer import cuda_update
+
+    want = keep_mask(9, 4, 6, (300,), 0.5, offset=offset, backend="reference")
+    assert torch.equal(shard_keep_bits(cuda_update, offset, device="cpu"), want)
 
 
 @pytest.mark.nvcc
@@ -472,8 +502,9 @@ def test_gpu_f_masks_are_bit_exact(backend):
     got = drawn_keep_masks(backend, params, reserve_p=0.3, seed=2 ** 63 + 5)
     for i, (p, m) in enumerate(zip(params, got)):
         assert torch.equal(m.cpu(), keep_mask(2 ** 63 + 5, 2, i, p.shape, 0.3, backend="reference")), i
-    for offset in (0, 2 ** 32 - 1000):
+    for offset in (0, 2 ** 32 - 1000, 2 ** 32 - 999, 3):
         want = keep_mask(11, 3, 4, (5000,), 0.7, offset=offset, backend="reference")
+        assert torch.equal(shard_keep_bits(optimizer.REGISTRY._entries[backend].fn, offset, 5000, "cuda"), want)
         assert torch.equal(keep_mask(11, 3, 4, (5000,), 0.7, "cuda", offset, backend=backend).cpu(), want)
 
 

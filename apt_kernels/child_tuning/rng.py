@@ -3,17 +3,20 @@
 Element ``e`` of parameter number ``i`` (its position when the optimizer's param groups are read in
 order) at that parameter's step ``t`` (1 for its first update) is kept iff
 
-    x = Philox4x32-10(counter = (e mod 2**32, e div 2**32, t, i), key = (seed mod 2**32, seed div 2**32))[0]
+    q, j = e div 4, e mod 4
+    x = Philox4x32-10(counter = (q mod 2**32, q div 2**32, t, i), key = (seed mod 2**32, seed div 2**32))[j]
     (x >> 8) < keep_threshold(reserve_p) = floor(reserve_p * 2**24)
 
-i.e. a 24-bit uniform integer below reserve_p * 2**24 (probability reserve_p up to 2**-24). Philox4x32-10
-is Salmon et al.'s counter-based generator (Random123), the one Triton's ``tl.randint`` implements.
-The stream depends only on (seed, step, parameter index, element index): not on the device, the
-backend, the launch shape or the data-parallel rank, and a data-parallel shard that knows the global
-element index of its first element draws exactly the bits the unsharded tensor would.
+i.e. a 24-bit uniform integer below reserve_p * 2**24 (probability reserve_p up to 2**-24). One
+generator call gives the bits of four consecutive elements (its four output words), so a kernel that
+updates four elements per thread draws once for them. Philox4x32-10 is Salmon et al.'s counter-based
+generator (Random123), the one Triton's ``tl.randint4x`` implements. The stream depends only on
+(seed, step, parameter index, element index): not on the device, the backend, the launch shape or the
+data-parallel rank, and a data-parallel shard that knows the global element index of its first element
+draws exactly the bits the unsharded tensor would.
 
 This module is the plain-PyTorch definition (uint32 arithmetic emulated in int64 without overflow). It is exact but
-slow; the Triton and CUDA kernels draw the bits in-kernel (``triton_rng.philox_keep``, ``keep_bit`` in
+slow; the Triton and CUDA kernels draw the bits in-kernel (``triton_rng.philox_keep4``, ``keep_bits4`` in
 csrc/child_tuning_kernel.cuh), and the "triton" and "cuda" backends of ``keep_mask`` expose those draws.
 """
 
@@ -56,12 +59,17 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
 
 
 def random_bits(seed: int, step: int, param_index: int, numel: int, device=None, offset: int = 0):
-    """The 32-bit word x of elements offset .. offset + numel - 1 (int64 tensor)."""
-    e = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    """The 32-bit word x of elements offset .. offset + numel - 1 (int64 tensor): one generator call per
+    group of four elements, whose four output words are the group's four elements in order."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    first, last = offset >> 2, (offset + numel - 1) >> 2
+    q = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     seed &= (1 << 64) - 1
-    x, _, _, _ = philox4x32(e & MASK32, e >> 32, torch.tensor(step, device=device),
-                            torch.tensor(param_index, device=device), seed & MASK32, seed >> 32)
-    return x
+    words = philox4x32(q & MASK32, q >> 32, torch.tensor(step, device=device),
+                       torch.tensor(param_index, device=device), seed & MASK32, seed >> 32)
+    x = torch.stack(words, dim=1).reshape(-1)  # element 4 q + j is word j of group q
+    return x[offset & 3:(offset & 3) + numel]
 
 
 def keep_mask_torch(seed: int, step: int, param_index: int, shape, reserve_p: float, device=None,

@@ -1,6 +1,6 @@
 """Triton side of the Child-Tuning random stream (definition: rng.py).
 
-``philox_keep`` is the in-kernel draw the fused optimizer step uses; ``keep_mask_triton`` wraps it in
+``philox_keep4`` is the in-kernel draw the fused optimizer step uses; ``keep_mask_triton`` wraps it in
 a small kernel that writes the mask, so the stream can be checked against the PyTorch definition.
 Import this module only when Triton is usable (see ``apt_kernels._env``).
 """
@@ -38,22 +38,32 @@ def u32_like(x, like):
 
 
 @triton.jit
-def philox_keep(elem, step, param_index, seed_lo, seed_hi, threshold):
-    """Keep bits for int64 element indices ``elem`` (a block), per the stream of rng.py."""
-    c0 = (elem & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (elem >> 32).to(tl.uint32)
-    x, _, _, _ = philox4x32_10(c0, c1, u32_like(step, c0), u32_like(param_index, c0), u32_like(seed_lo, c0),
-                               u32_like(seed_hi, c0))
+def philox_keep4(group, step, param_index, seed_lo, seed_hi, threshold):
+    """Keep bits of the elements 4 q .. 4 q + 3 for the int64 group indices ``q`` (a 1-D block), per the
+    stream of rng.py: one generator call per group, a (groups, 4) block whose column j is word j."""
+    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (group >> 32).to(tl.uint32)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, u32_like(step, c0), u32_like(param_index, c0), u32_like(seed_lo, c0),
+                                   u32_like(seed_hi, c0))
+    j = tl.arange(0, 4)[None, :]
+    x = tl.where(j == 0, x0[:, None], tl.where(j == 1, x1[:, None], tl.where(j == 2, x2[:, None], x3[:, None])))
     return (x >> (32 - KEEP_BITS_C)).to(tl.int64) < threshold
+
+
+@triton.jit
+def group_tile(first, GROUPS: tl.constexpr):
+    """Element indices first .. first + 4 GROUPS - 1 as a (GROUPS, 4) block, row r holding group r."""
+    return first + 4 * tl.arange(0, GROUPS)[:, None] + tl.arange(0, 4)[None, :]
 
 
 @triton.jit
 def _keep_mask_kernel(out_ptr, numel, offset, step, param_index, seed_lo, seed_hi, threshold,
                       BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = philox_keep(local + offset, step, param_index, seed_lo, seed_hi, threshold)
-    tl.store(out_ptr + local, keep.to(tl.int8), mask=local < numel)
+    # program p covers the global groups of elements [offset - offset % 4 + p BLOCK, ... + BLOCK)
+    first_global = (offset - offset % 4) + tl.program_id(0).to(tl.int64) * BLOCK
+    local = group_tile(first_global - offset, BLOCK // 4)
+    keep = philox_keep4(first_global // 4 + tl.arange(0, BLOCK // 4), step, param_index, seed_lo, seed_hi, threshold)
+    tl.store(out_ptr + local, keep.to(tl.int8), mask=(local >= 0) & (local < numel))
 
 
 def keep_mask_triton(seed: int, step: int, param_index: int, shape, reserve_p: float, device,
@@ -64,7 +74,7 @@ def keep_mask_triton(seed: int, step: int, param_index: int, shape, reserve_p: f
     if numel:
         seed &= (1 << 64) - 1
         block = 1024
-        _keep_mask_kernel[(triton.cdiv(numel, block),)](
+        _keep_mask_kernel[(triton.cdiv(numel + offset % 4, block),)](
             out, numel, offset, step, param_index, seed & 0xFFFFFFFF, seed >> 32,
             keep_threshold(reserve_p), BLOCK=block)
     return out.view(shape).bool()

@@ -1,13 +1,15 @@
 """The fused Child-Tuning AdamW step in Triton: one launch over a table of tensors (see fused.py).
 
 One kernel, specialised by compile-time constants: the parameter dtype, the mask mode (none / F drawn
-in-kernel with ``triton_rng.philox_keep`` / D read from packed bits), the semantics ("official" or
-"torch") and whether weight decay applies. Program ``i`` updates chunk ``work[i] = (tensor, chunk)``:
-``CHUNK`` consecutive elements of one tensor, ``BLOCK`` at a time. Tensors are found through tables of
-raw addresses (int64), so a single launch covers every tensor of a dtype group whatever their sizes
-(not one launch per tensor); this works compiled and in Triton's CPU interpreter alike, so the tests run
-the very kernel a GPU runs. Tensors whose base addresses are all 16-byte aligned (normally all) share a
-launch with vectorised accesses; any others get a second launch.
+in-kernel with ``triton_rng.philox_keep4``, one draw per group of four elements / D read from packed
+bits), the semantics ("official" or "torch") and whether weight decay applies. Program ``i`` updates
+chunk ``work[i] = (tensor, chunk)``: ``CHUNK`` consecutive elements of one tensor, ``BLOCK`` at a time
+as (BLOCK / 4, 4) tiles whose rows are the random stream's groups of four. Tensors are found through
+tables of raw addresses (int64), so a single launch covers every tensor of a dtype group whatever their
+sizes (not one launch per tensor); this works compiled and in Triton's CPU interpreter alike, so the
+tests run the very kernel a GPU runs. Tensors whose base addresses are all 16-byte aligned and whose
+element offset is a multiple of 4 (normally all) share a launch with vectorised accesses; any others
+get a second launch.
 
 Import this module only when Triton is usable (see ``apt_kernels._env``).
 """
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .fused import MODE_D, MODE_F, Hyper, Launch
-from .triton_rng import philox_keep
+from .triton_rng import group_tile, philox_keep4
 
 BLOCK = 1024  # elements per inner iteration of a program
 CHUNK = 8192  # elements per program (a multiple of BLOCK)
@@ -49,21 +51,26 @@ def _round_to(w, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, start, bound, offset, step, index, step_size, bc2_sqrt,
+def _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, first, bound, offset, step, index, step_size, bc2_sqrt,
                   beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
                   seed_lo, seed_hi, threshold,
                   P_DTYPE: tl.constexpr, MODE: tl.constexpr, OFFICIAL: tl.constexpr, HAS_DECAY: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Elements [start, min(start + CHUNK, bound)) of one tensor, BLOCK at a time."""
+                  LOWER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements [first, first + CHUNK) of one tensor that lie in [0, bound), BLOCK at a time as
+    (BLOCK / 4, 4) tiles whose rows are the stream's groups of four (``first + offset`` is a multiple of 4).
+    LOWER: mask the indices below 0 too (only a chunk of a tensor whose offset is not a multiple of 4)."""
     for s in range(0, CHUNK, BLOCK):
-        idx = start + s + tl.arange(0, BLOCK)
+        idx = group_tile(first + s, BLOCK // 4)
         ok = idx < bound
+        if LOWER:
+            ok = ok & (idx >= 0)
         w = tl.load(p_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + idx, mask=ok, other=0.0)
         v = tl.load(v_ptr + idx, mask=ok, other=0.0)
         if MODE == MODE_F_C:  # F: keep ~ Bernoulli(reserve_p) from the counter-based stream, rescaled
-            keep = philox_keep(idx + offset, step, index, seed_lo, seed_hi, threshold)
+            group = (first + s + offset) // 4 + tl.arange(0, BLOCK // 4)
+            keep = philox_keep4(group, step, index, seed_lo, seed_hi, threshold)
             g = g * (keep.to(tl.float32) * inv_reserve_p)
         elif MODE == MODE_D_C:  # D: bit idx of the packed words, LSB first
             word = tl.load(b_ptr + (idx >> 5), mask=ok, other=0)
@@ -97,7 +104,6 @@ def _child_tuning_adamw_kernel(
         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid).to(tl.int64)
-    start = tl.load(work + 2 * pid + 1).to(tl.int64) * CHUNK
     p_ptr = tl.load(ptrs + 5 * row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(ptrs + 5 * row + 1).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(ptrs + 5 * row + 2).to(tl.pointer_type(tl.float32))
@@ -114,21 +120,28 @@ def _child_tuning_adamw_kernel(
     step = tl.load(meta + 4 * row + 3)
     step_size = tl.load(scal + 2 * row)
     bc2_sqrt = tl.load(scal + 2 * row + 1)
-    # A full chunk gets the bound start + CHUNK, a multiple of CHUNK the compiler can see, so its
-    # accesses vectorise; only a tensor's last chunk is bounded by its numel.
-    if start + CHUNK <= numel:
-        _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, start, start + CHUNK, offset, step, index, step_size,
-                      bc2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
-                      seed_lo, seed_hi, threshold, P_DTYPE, MODE, OFFICIAL, HAS_DECAY, CHUNK, BLOCK)
-    else:
+    if ALIGNED:  # the launcher checked: the offset is a multiple of 4, so chunks start at multiples of CHUNK
+        start = tl.load(work + 2 * pid + 1).to(tl.int64) * CHUNK
+        # A full chunk gets the bound start + CHUNK, a multiple of CHUNK the compiler can see, so its
+        # accesses vectorise; only a tensor's last chunk is bounded by its numel.
+        if start + CHUNK <= numel:
+            _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, start, start + CHUNK, offset, step, index, step_size,
+                          bc2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
+                          seed_lo, seed_hi, threshold, P_DTYPE, MODE, OFFICIAL, HAS_DECAY, False, CHUNK, BLOCK)
+        else:
+            _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, start, numel, offset, step, index, step_size,
+                          bc2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
+                          seed_lo, seed_hi, threshold, P_DTYPE, MODE, OFFICIAL, HAS_DECAY, False, CHUNK, BLOCK)
+    else:  # chunks cut the stream's groups of four: chunk c starts at local element c CHUNK - offset % 4
+        start = tl.load(work + 2 * pid + 1).to(tl.int64) * CHUNK - offset % 4
         _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, start, numel, offset, step, index, step_size,
                       bc2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
-                      seed_lo, seed_hi, threshold, P_DTYPE, MODE, OFFICIAL, HAS_DECAY, CHUNK, BLOCK)
+                      seed_lo, seed_hi, threshold, P_DTYPE, MODE, OFFICIAL, HAS_DECAY, True, CHUNK, BLOCK)
 
 
 def _aligned(launch: Launch, j: int) -> bool:
     ts = (launch.params[j], launch.grads[j], launch.exp_avgs[j], launch.exp_avg_sqs[j])
-    return all(t.data_ptr() % ALIGN == 0 for t in ts)
+    return all(t.data_ptr() % ALIGN == 0 for t in ts) and launch.offsets[j] % 4 == 0
 
 
 def _tables(launch: Launch, device: torch.device):
@@ -138,7 +151,8 @@ def _tables(launch: Launch, device: torch.device):
         rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), bits))
     numels = [p.numel() for p in launch.params]
     meta = list(zip(numels, launch.offsets, launch.indices, launch.steps))
-    chunks = torch.tensor([(n + CHUNK - 1) // CHUNK for n in numels], dtype=torch.int64)
+    chunks = torch.tensor([(n + o % 4 + CHUNK - 1) // CHUNK for n, o in zip(numels, launch.offsets)],
+                          dtype=torch.int64)
     tensor_of = torch.repeat_interleave(torch.arange(len(numels)), chunks)
     first = torch.cumsum(chunks, 0) - chunks
     work = torch.stack([tensor_of, torch.arange(tensor_of.numel()) - first[tensor_of]], 1).to(torch.int32)
