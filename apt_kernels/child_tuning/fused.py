@@ -106,20 +106,30 @@ def _step_scalars(step: int, *, lr, beta1, beta2, official: bool) -> tuple[float
 
 
 def _check(j, p, g, m, v, masking):
-    if p.dtype not in DTYPES:
+    """Raise a clear error for tensor j's arguments (a cheap test first: this runs for every tensor at
+    every step)."""
+    shape, dtype, device = p.shape, p.dtype, p.device
+    if (dtype in DTYPES and g.dtype == dtype and m.dtype == torch.float32 and v.dtype == torch.float32
+            and g.shape == shape and m.shape == shape and v.shape == shape
+            and g.device == device and m.device == device and v.device == device):
+        bits_ok = True
+        if masking.mode == "D" and masking.bits[j] is not None:
+            b = masking.bits[j]
+            bits_ok = b.dtype == torch.int32 and b.device == device and b.numel() == (p.numel() + 31) // 32
+        if bits_ok:
+            return
+    if dtype not in DTYPES:
         raise TypeError(f"the fused Child-Tuning kernels take float32/bfloat16/float16 parameters, "
-                        f"got {p.dtype} (parameter {j}, shape {tuple(p.shape)}); use backend='torch'")
-    if g.dtype != p.dtype:
-        raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {p.dtype} (shape {tuple(p.shape)})")
-    for name, t, dt in (("gradient", g, p.dtype), ("exp_avg", m, torch.float32), ("exp_avg_sq", v, torch.float32)):
-        if t.shape != p.shape or t.device != p.device or t.dtype != dt:
-            raise ValueError(f"{name} of parameter {j} must be {dt} of shape {tuple(p.shape)} on {p.device}, "
+                        f"got {dtype} (parameter {j}, shape {tuple(shape)}); use backend='torch'")
+    if g.dtype != dtype:
+        raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {dtype} (shape {tuple(shape)})")
+    for name, t, dt in (("gradient", g, dtype), ("exp_avg", m, torch.float32), ("exp_avg_sq", v, torch.float32)):
+        if t.shape != shape or t.device != device or t.dtype != dt:
+            raise ValueError(f"{name} of parameter {j} must be {dt} of shape {tuple(shape)} on {device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if masking.mode == "D" and masking.bits[j] is not None:
-        b = masking.bits[j]
-        if b.dtype != torch.int32 or b.device != p.device or b.numel() != (p.numel() + 31) // 32:
-            raise ValueError(f"the packed mask of parameter {j} must be {(p.numel() + 31) // 32} int32 words on "
-                             f"{p.device}, got {b.numel()} {b.dtype} on {b.device}")
+    b = masking.bits[j]
+    raise ValueError(f"the packed mask of parameter {j} must be {(p.numel() + 31) // 32} int32 words on "
+                     f"{device}, got {b.numel()} {b.dtype} on {b.device}")
 
 
 def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp_avg_sqs, steps,
@@ -129,17 +139,23 @@ def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp
               masking=masking)
     launches: dict[tuple, Launch] = {}
     write_back = []  # (original, contiguous copy) pairs to copy back after the launches
+    scalars: dict[int, tuple[float, float]] = {}  # step -> (step size, sqrt(bc2)): steps are mostly equal
+    f_mode = masking.mode == "F"
+    f_mode_active = f_mode and masking.reserve_p < 1.0
     for j, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
-        p = p.detach()
         _check(j, p, g, m, v, masking)
         if p.numel() == 0:
             continue
-        mode = (MODE_F if masking.mode == "F" else MODE_D) if masking.active(j) else MODE_NONE
+        if f_mode:
+            mode = MODE_F if f_mode_active else MODE_NONE
+        else:
+            mode = MODE_D if masking.bits[j] is not None else MODE_NONE
         key = (p.device, p.dtype, mode)
         launch = launches.get(key)
         if launch is None:
             launch = launches[key] = Launch(p.device, p.dtype, mode)
         if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            p = p.detach()
             copies = [x.contiguous() for x in (p, m, v)]
             write_back += [(x, c) for x, c in zip((p, m, v), copies) if c is not x]
             p, m, v = copies
@@ -151,11 +167,14 @@ def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp
         if mode == MODE_D:
             launch.bits.append(masking.bits[j])
         launch.offsets.append(masking.offset(j))
-        launch.indices.append(int(masking.indices[j]) if masking.mode == "F" else 0)
-        launch.steps.append(int(t))
-        size, bc2 = _step_scalars(int(t), lr=lr, beta1=beta1, beta2=beta2, official=h.official)
-        launch.step_sizes.append(size)
-        launch.bc2_sqrts.append(bc2)
+        launch.indices.append(int(masking.indices[j]) if f_mode else 0)
+        t = int(t)
+        launch.steps.append(t)
+        sc = scalars.get(t)
+        if sc is None:
+            sc = scalars[t] = _step_scalars(t, lr=lr, beta1=beta1, beta2=beta2, official=h.official)
+        launch.step_sizes.append(sc[0])
+        launch.bc2_sqrts.append(sc[1])
     for launch in launches.values():
         launch_fn(launch, h)
     for original, copy in write_back:

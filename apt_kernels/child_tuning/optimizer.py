@@ -59,12 +59,16 @@ def cuda_update(*args, **kwargs):
 # Sharded parameters (FSDP2's DTensor): the kernels see the local shard and its global element offset
 # ---------------------------------------------------------------------------------------------------
 
-def _is_dtensor(t) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+_DTENSOR: list = []  # [the DTensor class or None], resolved on first use
 
-    return isinstance(t, DTensor)
+
+def _is_dtensor(t) -> bool:
+    if not _DTENSOR:
+        cls = None
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor as cls
+        _DTENSOR.append(cls)
+    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -231,11 +235,11 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             f_masked = group["mode"] == "F" and group["reserve_p"] < 1.0
             work: dict[tuple, tuple[list, ...]] = {}  # (device, dtype) -> the backend's lists
-            for p in group["params"]:
-                i, index = index, index + 1
-                if p.grad is None:
+            for i, p in enumerate(group["params"], index):
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("ChildTuningAdamW does not support sparse gradients "
                                        f"(parameter {i}, shape {V.shape(p)})")
                 state = self.state[p]
@@ -243,13 +247,25 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["step"] += 1
-                local = _local(p)
-                lists = work.setdefault((local.device, local.dtype), tuple([] for _ in range(8)))
-                for lst, x in zip(lists, (local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                                          state["step"], i, _element_offset(p) if f_masked else 0,
-                                          state.get("mask_bits"))):
-                    lst.append(x)
+                t = state["step"] = state["step"] + 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                offset = 0
+                if _is_dtensor(p):
+                    offset = _element_offset(p) if f_masked else 0
+                    p, grad, m, v = _local(p), _local(grad), _local(m), _local(v)
+                lists = work.get((p.device, p.dtype))
+                if lists is None:
+                    lists = work[(p.device, p.dtype)] = tuple([] for _ in range(8))
+                ps, gs, ms, vs, ts, indices, offsets, bits = lists
+                ps.append(p)
+                gs.append(grad)
+                ms.append(m)
+                vs.append(v)
+                ts.append(t)
+                indices.append(i)
+                offsets.append(offset)
+                bits.append(state.get("mask_bits"))
+            index += len(group["params"])
             beta1, beta2 = group["betas"]
             for (device, dtype), (ps, gs, ms, vs, ts, indices, offsets, bits) in work.items():
                 _, fn = REGISTRY.select(self.backend, Probe(device, dtype))

@@ -158,7 +158,11 @@ def _tables(launch: Launch, device: torch.device):
     work = torch.stack([tensor_of, torch.arange(tensor_of.numel()) - first[tensor_of]], 1).to(torch.int32)
     tables = (torch.tensor(rows, dtype=torch.int64), torch.tensor(meta, dtype=torch.int64),
               torch.tensor(list(zip(launch.step_sizes, launch.bc2_sqrts)), dtype=torch.float32), work)
-    return [t.to(device, non_blocking=True) for t in tables]
+    if device.type != "cuda":
+        return list(tables)
+    # From pinned memory the copies are asynchronous: the host does not wait for the GPU's queued work
+    # (a copy from pageable memory may), so the next step is planned while this one runs.
+    return [t.pin_memory().to(device, non_blocking=True) for t in tables]
 
 
 def launch(launch: Launch, h: Hyper) -> None:
