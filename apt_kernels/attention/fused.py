@@ -170,6 +170,26 @@ def _probs(s, lse):
 
 
 @triton.jit
+def _delta_kernel(DO, Out, DLse, Delta, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, so_n, so_d, Hq, N,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse in float32 (the backward's per-row term), one launch."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < D
+    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok).to(tl.float32)
+    o = _load_rows(Out + b * so_b + h * so_h, offs_m, offs_d, so_n, so_d, m_ok, d_ok).to(tl.float32)
+    delta = tl.sum(do * o, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + bh * N + offs_m, mask=m_ok, other=0.0)
+    tl.store(Delta + bh * N + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
 def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
@@ -444,26 +464,34 @@ def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse
     """(dq, dk, dv, dprefix_k, dprefix_v, dgate), each reduced to its input's (broadcast) shape."""
     a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
     B, Hq, N, D, Hkv, M, P = a.B, a.Hq, a.N, a.D, a.Hkv, a.M, a.P
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
     lse = lse.contiguous()
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
     do = grad_out
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-    dpk = dpv = dgate = None
+    # The kernels write every element of dq, dk, dv and the prefix buffers (plain stores); only the gate's
+    # buffer is accumulated into. With nothing to attend to (no keys at all) the gradients are zero.
+    nothing = q.numel() == 0 or (M == 0 and P == 0)
+    alloc = torch.zeros_like if nothing else torch.empty_like
+    dq = alloc(q, memory_format=torch.contiguous_format)
+    dk = alloc(k, memory_format=torch.contiguous_format)
+    dv = alloc(v, memory_format=torch.contiguous_format)
+    dpk = dpv = None
     gate_n1 = gate_h1 = False
     if P:
-        dpk = torch.zeros((B, Hkv, P, D), dtype=torch.float32, device=q.device)
-        dpv = torch.zeros_like(dpk)
+        dpk = (torch.zeros if nothing else torch.empty)((B, Hkv, P, D), dtype=torch.float32, device=q.device)
+        dpv = torch.empty_like(dpk) if not nothing else torch.zeros_like(dpk)
     dg_buf = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
     if a.has_gate:
         gate_n1, gate_h1 = gate.shape[2] == 1, gate.shape[1] == 1
         dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if gate_n1 else N, P), dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or (M == 0 and P == 0):
+    if nothing:
         return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
+    delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
+    dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
+    blocks, _ = _blocks(D, q.device)
+    _delta_kernel[(triton.cdiv(N, blocks["BLOCK_M"]), B * Hq)](
+        do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=blocks["BLOCK_D"],
+        BLOCK_M=blocks["BLOCK_M"], HAS_DLSE=grad_lse is not None)
     common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     for is_prefix in (True, False):
@@ -565,9 +593,33 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("apt_kernels::gated_prefix_attention_fwd", _backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same kernels without the custom op's dispatch (about 50 us of host time per call saved, which
+    is most of a short sequence's forward): used in eager mode; torch.compile traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed):
+        out, lse = attention_forward(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed)
+        ctx.set_materialize_grads(False)  # an unused lse (or out) brings None, not a tensor of zeros
+        _setup_context(ctx, (q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed),
+                       (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
+        grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
+                                   *ctx.args)
+        dq, dk, dv, dpk, dpv, dg = grads
+        return (dq, dk, dv, dpk, dpv, dg, None, None, None, None, None)
+
+
 def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):
     """The "triton" backend: arguments as normalised by apt_kernels.gated_prefix_attention."""
     seed = int(torch.randint(0, 2 ** 62, (), device="cpu")) if dropout_p > 0 else 0
-    out, lse = torch.ops.apt_kernels.gated_prefix_attention_fwd(q, k, v, prefix_k, prefix_v, gate, attn_mask,
-                                                                 causal, float(scale), float(dropout_p), seed)
+    args = (q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, float(scale), float(dropout_p), seed)
+    if torch.compiler.is_compiling():
+        out, lse = torch.ops.apt_kernels.gated_prefix_attention_fwd(*args)
+    else:
+        out, lse = _EagerAttention.apply(*args)
     return (out, lse) if return_lse else out
