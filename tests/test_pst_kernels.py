@@ -392,7 +392,7 @@ def test_triton_extra_memory_is_bitmask_plus_small(small_tiles, monkeypatch):
     out.backward(torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE))
     grads = 4 * (n * r * 2 + r * k * 2 + n + k)
     assert spy.total() <= grads + 64, spy.log  # only the gradient accumulators: no dS, no dW, no dense mask
-    assert all(b < n * k for _, b in spy.log)
+    assert all(b < n * k for tag, b in spy.log if tag != "grads")  # ("grads": the six accumulators, bounded above)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Design (details and the reasons in docs/pst.md):
   pruned iff its flat index is below ``F + 1``. The mask pass is then fully parallel.
 * **Mask pass**: W' = W * keep in W0's dtype and the packed bitmask (int32 words, LSB first, bit j of
   word w = element 32 w + j), stored directly when ``k % 32 == 0`` and by two atomic ORs per group of
-  32 columns otherwise. Extra memory: the histograms, n row counters, 2 state words.
+  32 columns otherwise. Extra memory: one zeroed scratch buffer with 2 state words, the histograms and
+  n row counters.
 * **Backward** (straight-through): per row block, a loop over column tiles recomputes W, reads G and
   the bits, forms dS = G W and dW = (M + |W|) G in registers and reduces them with ``tl.dot`` into
   dU, dA, dR (row accumulators, added once) and dV, dB, dC (atomically added per tile). Neither dS
@@ -366,18 +367,23 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     nwords = (numel + 31) // 32
     words = _alloc("words", torch.empty(nwords, dtype=torch.int32, device=w0.device) if aligned
                    else torch.zeros(nwords, dtype=torch.int32, device=w0.device))
-    state = _alloc("state", torch.zeros(2, dtype=torch.int64, device=w0.device))
     if numel == 0:
         return out, words
+    select = nm is None and n_pruned > 0
+    # One zeroed scratch buffer (one fill): the state (T, F) as int64, then, when selecting, the radix
+    # histograms and the per-row tie counts as int32.
+    n_int32 = NPASS * BINS + n if select else 0
+    scratch = _alloc("scratch", torch.zeros(2 + (n_int32 + 1) // 2, dtype=torch.int64, device=w0.device))
+    state = scratch[:2]
     bn, bk = _fwd_block(k, nm)
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     scal = (n, k, rw, rs, float(beta), float(alpha1), float(alpha2))
-    if nm is None and n_pruned > 0:
-        hist = _alloc("hist", torch.zeros(NPASS * BINS, dtype=torch.int32, device=w0.device))
+    if select:
+        ints = scratch[2:].view(torch.int32)
+        hist, rowcnt = ints[:NPASS * BINS], ints[NPASS * BINS:NPASS * BINS + n]
         for p in range(NPASS):
             _hist_kernel[grid](*args, hist, *scal, n_pruned, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
                                **_SCORE_OPTS)
-        rowcnt = _alloc("rowcnt", torch.zeros(n, dtype=torch.int32, device=w0.device))
         _tie_rows_kernel[grid](*args, hist, rowcnt, *scal, n_pruned, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS,
                                BN=bn, BK=bk, **_SCORE_OPTS)
         # one program scans the row counts, then the one row holding the cut: wide blocks, few iterations
@@ -409,13 +415,11 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
     n, k = w0.shape
     rw, rs = u.shape[1], a.shape[1]
     dev = w0.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    du = _alloc("du", torch.zeros(n, rw, **f32))
-    dv = _alloc("dv", torch.zeros(rw, k, **f32))
-    da = _alloc("da", torch.zeros(n, rs, **f32))
-    db = _alloc("db", torch.zeros(rs, k, **f32))
-    dr = _alloc("dr", torch.zeros(n, **f32))
-    dc = _alloc("dc", torch.zeros(k, **f32))
+    # the six accumulators (the kernel adds into them) carved from one zeroed buffer: one fill
+    sizes = (n * rw, rw * k, n * rs, rs * k, n, k)
+    flat = _alloc("grads", torch.zeros(sum(sizes), dtype=torch.float32, device=dev))
+    du, dv, da, db, dr, dc = (part.view(shape) for part, shape in zip(
+        flat.split(sizes), ((n, rw), (rw, k), (n, rs), (rs, k), (n,), (k,))))
     dw0 = _alloc("dw0", torch.empty(w0.shape, dtype=w0.dtype, device=dev)) if needs[0] else None
     if n * k:
         bn, bk = BWD_BLOCK
