@@ -81,19 +81,33 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
 
 @triton.jit
 def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-              spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, M, P):
-    """Where a query tile's key/value tiles come from: the prefix of kv head ``kvh`` (batch stride 0 when
-    shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows and
-    the first column number (for dropout counters)."""
+              spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M: tl.constexpr,
+              CAUSAL: tl.constexpr):
+    """Where query tile ``pid_m``'s key/value tiles come from: the prefix of kv head ``kvh`` (batch stride 0
+    when shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows,
+    the first column number (for dropout counters) and where the loop over them ends (all P prefix rows;
+    with causal masking, the last token some row of the tile can see)."""
     if IS_PREFIX:
         Kp = PK + b * spk_b + kvh * spk_h
         Vp = PV + b * spv_b + kvh * spv_h
-        skn, skd, svn, svd, L, col0 = spk_n, spk_d, spv_n, spv_d, P, 0
+        skn, skd, svn, svd, L, col0, hi = spk_n, spk_d, spv_n, spv_d, P, 0, P
     else:
         Kp = K + b * sk_b + kvh * sk_h
         Vp = V + b * sv_b + kvh * sv_h
-        skn, skd, svn, svd, L, col0 = sk_n, sk_d, sv_n, sv_d, M, P
-    return Kp, Vp, skn, skd, svn, svd, L, col0
+        skn, skd, svn, svd, L, col0, hi = sk_n, sk_d, sv_n, sv_d, M, P, M
+        if CAUSAL:
+            hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
+    return Kp, Vp, skn, skd, svn, svd, L, col0, hi
+
+
+@triton.jit
+def _query_tile(Hq, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's query tile: its (batch, head), rows and head dims, and which of them are in range."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_m, bh, bh // Hq, bh % Hq, offs_m, offs_d, offs_m < N, offs_d < D
 
 
 @triton.jit
@@ -106,15 +120,8 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < D
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -123,16 +130,10 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
     gh = h * sg_h
     mb = b * sm_b
     mh = h * sm_h
-    hi_tok = M  # causal: the token tiles end at the last key some row of this query tile can see
-    if CAUSAL:
-        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, col0 = _kv_tiles(
+        Kp, Vp, skn, skd, svn, svd, L, col0, hi = _kv_tiles(
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, M, P)
-        hi = hi_tok
-        if part == 0:
-            hi = P
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, CAUSAL)
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
@@ -173,14 +174,7 @@ def _probs(s, lse):
 def _delta_kernel(DO, Out, DLse, Delta, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, so_n, so_d, Hq, N,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dlse in float32 (the backward's per-row term), one launch."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < D
+    _, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok).to(tl.float32)
     o = _load_rows(Out + b * so_b + h * so_h, offs_m, offs_d, so_n, so_d, m_ok, d_ok).to(tl.float32)
     delta = tl.sum(do * o, 1)
@@ -274,30 +268,17 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                   DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < D
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
     lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi_tok = M  # causal: the token tiles end at the last key some row of this query tile can see
-    if CAUSAL:
-        hi_tok = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, col0 = _kv_tiles(
+        Kp, Vp, skn, skd, svn, svd, L, col0, hi = _kv_tiles(
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, M, P)
-        hi = hi_tok
-        if part == 0:
-            hi = P
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, CAUSAL)
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
