@@ -101,18 +101,40 @@ def test_backends_agree_in_outputs_and_gradients(family):
             torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=f"{backend} {n}")
 
 
+def enable_checkpointing(model):
+    """transformers >= 5.2x names it activation checkpointing (the old name warns); older 5.x do not."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing(family):
+def test_gradient_checkpointing(family, monkeypatch):
+    from apt_kernels.hf import apt as hf_apt
+
+    calls = [0]
+    inner = hf_apt.gated_prefix_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(hf_apt, "gated_prefix_attention", counted)
     ids = torch.randint(3, 64, (2, 6))
-    grads = []
+    grads, counts = [], []
     for ckpt in (False, True):
         model = build(family, head="cls")
         model.config.pad_token_id = model.config.pad_token_id or 0
         model.train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
+        calls[0] = 0
         model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+        counts.append(calls[0])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    # checkpointing really ran: every layer's attention was recomputed in the backward
+    assert counts[0] > 0 and counts[1] == 2 * counts[0], counts
     assert grads[0].keys() == grads[1].keys() and any(n.startswith("apt_adapter.") for n in grads[0])
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
