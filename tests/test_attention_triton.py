@@ -239,6 +239,13 @@ def test_custom_op_opcheck_and_compile():
 
 
 @pytest.mark.gpu
+def test_more_than_65535_heads_times_batch():
+    """B Hq = 65600 programs' worth of (batch, head): beyond a 2-D grid's second dimension."""
+    tensors, keep = make_inputs(B=4100, Hq=16, Hkv=4, N=3, M=5, D=16, P=2, gate="token", dtype=torch.float64)
+    check(tensors, keep, torch.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
 def test_autotuned_path_on_gpu(monkeypatch):
     monkeypatch.setenv("APT_KERNELS_AUTOTUNE", "1")
     tensors, keep = make_inputs(B=2, Hq=8, Hkv=2, N=200, M=200, D=64, P=16, gate="token", dtype=torch.float64)

@@ -102,9 +102,13 @@ def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, s
 
 @triton.jit
 def _query_tile(Hq, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's query tile: its (batch, head), rows and head dims, and which of them are in range."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """A program's query tile: its (batch, head), rows and head dims, and which of them are in range.
+    The grid is 1-D, (query tiles) x (B Hq) with the tiles of one head adjacent (they share its K/V in
+    L2); a 2-D grid would cap B Hq at 65535, the limit of CUDA's second grid dimension."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    pid_m = pid % n_tiles
+    bh = pid // n_tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     return pid_m, bh, bh // Hq, bh % Hq, offs_m, offs_d, offs_m < N, offs_d < D
@@ -193,8 +197,10 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate."""
-    pid_n = tl.program_id(0)
-    bg = tl.program_id(1)
+    pid = tl.program_id(0)  # 1-D grid: (key tiles) x (B Hkv), as in _query_tile
+    n_tiles = tl.cdiv(L, BLOCK_N)
+    pid_n = pid % n_tiles
+    bg = pid // n_tiles
     b = bg // Hkv
     kvh = bg % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -429,7 +435,7 @@ def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, d
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (triton.cdiv(a.N, bm), a.B * a.Hq),
+    _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (triton.cdiv(a.N, bm) * a.B * a.Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
              *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *out.stride(),
@@ -470,7 +476,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     blocks, _ = _blocks(D, q.device)
-    _delta_kernel[(triton.cdiv(N, blocks["BLOCK_M"]), B * Hq)](
+    _delta_kernel[(triton.cdiv(N, blocks["BLOCK_M"]) * B * Hq,)](
         do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=blocks["BLOCK_D"],
         BLOCK_M=blocks["BLOCK_M"], HAS_DLSE=grad_lse is not None)
     common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
@@ -482,14 +488,14 @@ def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse
         Kt, Vt = (a.pk, a.pv) if is_prefix else (k, v)
         k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
         DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
-        _launch(_bwd_kv_kernel, _BWD_TABLE, lambda bm, bn, L=L: (triton.cdiv(L, bn), B * Hkv),
+        _launch(_bwd_kv_kernel, _BWD_TABLE, lambda bm, bn, L=L: (triton.cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, dg_buf,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
                  *DKt.stride(), *DVt.stride(), *_strides(dg_buf),
                  Hq, Hkv, N, M, L, a.REP, 0 if is_prefix else P, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
                      GATE_H1=gate_h1), q.device, reset=("DG",))
-    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm), B * Hq),
+    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
