@@ -205,6 +205,19 @@ def test_remove_restores_the_model(family):
     assert not hasattr(model, "apt_adapter")
 
 
+def test_reparametrised_prefixes_are_computed_once_per_forward():
+    model = build("bert", head="cls", reparam_hidden=8)
+    calls = [0]
+    model.apt_adapter.prefix_mlp.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    ids = torch.randint(3, 64, (2, 6))
+    out = model(input_ids=ids, labels=torch.tensor([0, 1]))
+    assert calls[0] == 1
+    out.loss.backward()
+    assert model.apt_adapter.prefix_mlp[0].weight.grad is not None
+    model(input_ids=ids)
+    assert calls[0] == 2
+
+
 @pytest.mark.parametrize("reparam", [None, 8])
 def test_save_load_round_trip_is_exact(tmp_path, reparam):
     model = build("bert", head="cls", reparam_hidden=reparam)

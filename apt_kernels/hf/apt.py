@@ -104,6 +104,7 @@ class APTAdapter(nn.Module):
         if cfg.layer_gate:
             self.layer_scale = nn.Parameter(torch.ones(n_layers))
         self.keep_mask: torch.Tensor | None = None  # the 2-D padding mask of the running forward
+        self.forward_prefixes: tuple[torch.Tensor, torch.Tensor] | None = None  # reparametrised: per forward
 
     def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_k, prefix_v), each (L, Hkv, P, D)."""
@@ -113,6 +114,13 @@ class APTAdapter(nn.Module):
             kv = flat.view(P, 2, self.n_layers, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
             return kv[0], kv[1]
         return self.prefix_k, self.prefix_v
+
+    def layer_prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefixes the attention layers read: with the reparametrisation, those computed once at the
+        start of the running forward (not once per layer), else the parameters themselves."""
+        if self.forward_prefixes is not None:
+            return self.forward_prefixes
+        return self.prefixes()
 
     def gate(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
         """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off."""
@@ -151,7 +159,7 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
                                      dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
     adapter, layer = state["adapter"], state["layer"]
-    pk, pv = adapter.prefixes()
+    pk, pv = adapter.layer_prefixes()
     gate = state.get("gate")
     out = gated_prefix_attention(query, key, value, pk[layer].to(query.dtype), pv[layer].to(query.dtype), gate,
                                  attn_mask=attention_mask, causal=causal, scale=scaling, dropout_p=dropout,
@@ -193,7 +201,7 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
     backend = "auto"
     if state is not None:
         adapter, layer = state["adapter"], state["layer"]
-        pks, pvs = adapter.prefixes()
+        pks, pvs = adapter.layer_prefixes()
         pk, pv, gate, backend = pks[layer].to(q.dtype), pvs[layer].to(q.dtype), state.get("gate"), adapter.cfg.backend
     out = gated_prefix_attention(q4, k4, v4, pk, pv, gate, attn_mask=mask, scale=1.0 / math.sqrt(D * scale_factor),
                                  dropout_p=getattr(self.dropout, "p", getattr(self.dropout, "drop_prob", 0.0)) if self.training else 0.0, backend=backend)
@@ -277,6 +285,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
         adapter.keep_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        adapter.forward_prefixes = adapter.prefixes() if adapter.cfg.reparam_hidden else None
 
     handles.append(model.base_model.register_forward_pre_hook(capture_mask, with_kwargs=True))
     patched = []
