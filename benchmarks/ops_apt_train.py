@@ -30,7 +30,9 @@ def _configs(device, quick):
     import transformers as tf
 
     if device.type == "cuda" and not quick:
-        bert = tf.BertConfig(num_labels=2)  # bert-base
+        # bert-base, with room for the P positions PEFT's prefix (through past_key_values) shifts the
+        # tokens by: at N = 512 a real BERT checkpoint (512 positions) cannot run PEFT prefix tuning at all
+        bert = tf.BertConfig(num_labels=2, max_position_embeddings=512 + 16)
         llama = tf.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, num_labels=2,
                                pad_token_id=0)

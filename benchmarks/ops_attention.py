@@ -161,6 +161,8 @@ def build_sdpa(spec):
                 g = _gate_over_keys(gate)  # (B, 1, P, 1)
                 kk = torch.cat([(g * pk[None]).to(q.dtype), kk], dim=2)
                 vv = torch.cat([(g * pv[None]).to(q.dtype), vv], dim=2)
+            if use_is_causal and kk.shape[1] != Hq:  # GQA without a mask: SDPA's own GQA, no repeated K/V
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True)
             kk, vv = _repeat_kv(kk, Hq), _repeat_kv(vv, Hq)
             return F.scaled_dot_product_attention(q, kk, vv, attn_mask=keep, is_causal=use_is_causal)
 

@@ -9,8 +9,11 @@ W' = (M + S - S.detach()) * W, whose forward is M * W and whose backward is dS =
 the gradients of :func:`apt_kernels.pst_masked_weight`):
   * paper_dense_argsort: argsort of the flattened S, the k smallest indices zeroed in a dense mask.
   * torch_kthvalue: the k-th smallest score by ``kthvalue``, mask = S > threshold (ties may differ).
+  * torch_topk: the indices of the k smallest scores by ``topk(largest=False, sorted=False)``, zeroed in
+    a dense mask (CUDA's topk has a multi-block path; kthvalue works one block per slice).
 
-Bytes: a nominal 3 passes over W0's bytes per direction (fwd 3, bwd 3, fwd+bwd 6).
+Bytes: the issue's floor, three passes over W's bytes for forward + backward (the forward reads W0 and
+writes W', the backward reads G): fwd 2, bwd 1, fwd+bwd 3 passes.
 """
 
 from __future__ import annotations
@@ -85,6 +88,22 @@ def build_kthvalue(n_pruned: int):
     return build
 
 
+def build_topk(n_pruned: int):
+    def build(inp):
+        def run():
+            w, s = _dense(inp)
+            sd = s.detach()
+            idx = torch.topk(sd.flatten(), n_pruned, largest=False, sorted=False).indices
+            m = torch.ones(s.numel(), device=s.device, dtype=s.dtype)
+            m[idx] = 0.0
+            m = m.view_as(s)
+            return ((m + s - sd) * w).to(inp["w0"].dtype)
+
+        return run
+
+    return build
+
+
 def build_ours(backend):
     def build(inp):
         args = tuple(inp[x] for x in ("w0", "u", "v", "a", "b", "r", "c"))
@@ -103,12 +122,13 @@ def make_case(n: int, k: int, *, device, wdtype, rank: int = RANK) -> Case:
     wbytes = n * k * torch.empty((), dtype=wdtype).element_size()
     contenders = [our_backend(REGISTRY_OP, b, build_ours(b), lambda inp: Probe.of(inp["w0"])) for b in OUR_BACKENDS]
     contenders += [Contender("paper_dense_argsort", build_paper_argsort(n_pruned)),
-                   Contender("torch_kthvalue", build_kthvalue(n_pruned))]
+                   Contender("torch_kthvalue", build_kthvalue(n_pruned)),
+                   Contender("torch_topk", build_topk(n_pruned))]
     return Case(op=OP, name=f"{n}x{k}", params=dict(n=n, k=k, rank=rank, sparsity=SPARSITY,
                                                   w_dtype=str(wdtype).replace("torch.", ""), factor_dtype="float32"),
                 make_inputs=_inputs(n, k, rank, device, wdtype), contenders=contenders,
                 modes=("fwd", "bwd", "fwd+bwd"), grad_names=GRAD_NAMES,
-                bytes={"fwd": 3 * wbytes, "bwd": 3 * wbytes, "fwd+bwd": 6 * wbytes})
+                bytes={"fwd": 2 * wbytes, "bwd": 1 * wbytes, "fwd+bwd": 3 * wbytes})
 
 
 def cases(device, quick: bool) -> list[Case]:

@@ -5,8 +5,11 @@ Writes benchmarks/results/NAME.json, NAME.csv, NAME-<op>.png and NAME-summary.tx
 benchmarks/harness.py for what is measured). On CUDA it also measures, once, the device-to-device
 copy bandwidth and the dense bf16 matmul rate, the floors that GB/s and TFLOP/s are compared with.
 The last thing printed is the summary table: per case and mode, our best backend, the best peer and
-their ratio. ``--budget-s`` bounds the run (contenders not started in time are recorded as skipped);
-``--table RESULTS.json`` prints the table of an earlier run.
+their ratio, then the issues' targets (benchmarks/targets.py) as PASS / FAIL / n/a. ``--budget-s`` bounds
+the run (contenders and modes not started in time are recorded as skipped; our fused backends run
+first, then the peers, then our PyTorch fallbacks); ``--skip`` leaves contenders out by name;
+``--table RESULTS.json`` prints the table and targets of an earlier run (and, unless ``--no-plots``,
+draws its plots into ``--out-dir``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from . import harness, targets
 
 OPS = ("attention", "pst", "child_tuning", "apt_train")
 # Shares of the time budget (the rest rolls over to the ops after).
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-target-s", type=float, default=None, help="CPU: time spent repeating each contender")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new contenders after this many seconds (they are recorded as skipped)")
+    ap.add_argument("--skip", default="", help="comma-separated contender names to leave out (e.g. reference)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--table", metavar="RESULTS.json", help="only print the summary table of a results file")
     args = ap.parse_args(argv)
@@ -72,6 +76,10 @@ def main(argv=None) -> int:
         doc = json.loads(Path(args.table).read_text())
         print(f"{doc.get('name')}: {doc.get('device')} ({doc.get('date')})")
         print(harness.format_summary(doc["rows"]))
+        print(targets.format_targets(targets.evaluate(doc["rows"])))
+        if not args.no_plots:  # the GPU script leaves plots out (files that come back are few): draw them here
+            meta = {k: v for k, v in doc.items() if k not in ("rows", "name")}
+            harness.write_results(doc["rows"], args.out_dir, doc["name"], meta, plots=True)
         return 0
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -100,6 +108,7 @@ def main(argv=None) -> int:
     meta["floors"] = floors or None
 
     out_dir = Path(args.out_dir)
+    skip = tuple(x.strip() for x in args.skip.split(",") if x.strip())
     rows: list[dict] = []
 
     def save(new_rows, plots=False):
@@ -117,11 +126,13 @@ def main(argv=None) -> int:
             deadline = time.monotonic() + left * BUDGET_WEIGHTS[op] / sum(weights)
         t_op = time.monotonic()
         rows += harness.run_cases(cases, device, timing, deadline=deadline,
-                                  log=lambda s: print(s, flush=True), on_case=save)
+                                  log=lambda s: print(s, flush=True), on_case=save, skip=skip)
         print(f"[{op}] done in {time.monotonic() - t_op:.1f} s", flush=True)
 
+    results = targets.evaluate(rows)
+    meta["targets"] = results
     save([], plots=not args.no_plots)
-    table = harness.format_summary(rows)
+    table = harness.format_summary(rows) + "\n\n" + targets.format_targets(results)
     (out_dir / f"{name}-summary.txt").write_text(table + "\n")
     elapsed = time.monotonic() - t0
     print(f"\nwrote {out_dir / name}.json/.csv/-*.png in {elapsed:.1f} s\n", flush=True)

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine (no network): build the CUDA extension, report the backends, run
-# the GPU test lanes, run the benchmarks, and print the benchmark summary table last.
+# the GPU test lanes, run the benchmarks, and print the benchmark summary and the issues' targets last.
 #
-#   bash scripts/gpu_check.sh                 # full benchmark shapes
-#   BENCH_QUICK=1 bash scripts/gpu_check.sh   # fewer shapes
+#   bash scripts/gpu_check.sh                            # everything, within one 10-minute call
+#   SKIP_TESTS=1 BENCH_OPS=attention bash scripts/gpu_check.sh   # a second call: one op's benchmarks
+#   BENCH_QUICK=1 bash scripts/gpu_check.sh              # fewer shapes
 #
 # Environment:
-#   OUT            if set, results and logs are copied there (default: they stay in benchmarks/results)
+#   OUT            if set, results and logs are written there (else they stay in benchmarks/results):
+#                  JSON, CSV, summary and two logs, no plots (draw them later with
+#                  `python -m benchmarks.run --table NAME.json`)
+#   SKIP_TESTS=1   build and report only, then the benchmarks with the whole budget
+#   BENCH_OPS      comma-separated ops to benchmark (default: all: attention,pst,child_tuning,apt_train)
+#   BENCH_SKIP     contenders left out (default "reference": the float32 reference at full shapes is slow
+#                  and no target uses it; BENCH_SKIP= keeps it)
 #   BENCH_QUICK=1  benchmark the representative shapes only
 #   CHECK_LIMIT_S  wall-clock budget of the whole script (default 570 s, under a 10-minute limit);
-#                  the benchmark gets what the build and the tests leave, and skips (and records)
-#                  the contenders it has no time left for
-#   TEST_LIMIT_S   cap on the test run (default 270 s; interrupted tests still print their summary)
+#                  the benchmark gets what the build and the tests leave (nothing if under 60 s) and
+#                  skips, and records, the contenders and modes it has no time left for
+#   TEST_LIMIT_S   cap on the test run (default 270 s, at least 30; interrupted tests still print their
+#                  summary)
 #   BENCH_REP_MS   do_bench repetition time per contender (default 100 ms)
 # Exit status: the first failure among install, tests and benchmark (the benchmark still runs after
 # failing tests).
@@ -29,6 +37,10 @@ RESULTS="benchmarks/results"
 LOGS="${OUT:-$RESULTS}"
 mkdir -p "$RESULTS" "$LOGS"
 status=0
+test_rc=skipped
+bench_rc=skipped
+TEST_LIMIT="${TEST_LIMIT_S:-270}"
+if ! [ "$TEST_LIMIT" -ge 30 ] 2>/dev/null; then TEST_LIMIT=270; fi
 
 echo "== gpu_check ${NAME}: $(hostname), $(date -u)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -50,39 +62,45 @@ python3 -m apt_kernels
 # in parallel when pytest-xdist is there (it is on the H200 image); kernels are not autotuned in tests
 # (tests/conftest.py), except in the one test that checks the autotuned path.
 LANES="(gpu or triton) and not nvcc"
-XDIST=()
-if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-8}"); fi
-echo "== GPU tests: pytest -m '${LANES}' ${XDIST[*]} (log: ${LOGS}/${NAME}-pytest.log)"
-t_tests=$SECONDS
-set +e
-timeout -s INT -k 20 "${TEST_LIMIT_S:-270}" \
-    python3 -m pytest -q -m "$LANES" "${XDIST[@]}" tests 2>&1 | tee "${LOGS}/${NAME}-pytest.log"
-test_rc=${PIPESTATUS[0]}
-set -e
-echo "   tests took $((SECONDS - t_tests)) s, exit status ${test_rc}"
-if [ "$test_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$test_rc; fi
+if [ "${SKIP_TESTS:-0}" = "0" ]; then
+    XDIST=()
+    if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-8}"); fi
+    echo "== GPU tests: pytest -m '${LANES}' ${XDIST[*]} (log: ${LOGS}/${NAME}-pytest.log)"
+    t_tests=$SECONDS
+    set +e
+    timeout -s INT -k 20 "$TEST_LIMIT" \
+        python3 -m pytest -q -m "$LANES" "${XDIST[@]}" tests 2>&1 | tee "${LOGS}/${NAME}-pytest.log"
+    test_rc=${PIPESTATUS[0]}
+    set -e
+    echo "   tests took $((SECONDS - t_tests)) s, exit status ${test_rc}"
+    if [ "$test_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$test_rc; fi
+fi
 
-echo "== benchmarks: python3 -m benchmarks.run --out ${NAME}"
 budget=$((LIMIT - SECONDS - 45))
-if [ "$budget" -lt 60 ]; then budget=60; fi
-bench_args=(--device cuda --out "$NAME" --budget-s "$budget" --rep-ms "${BENCH_REP_MS:-100}")
-if [ "${BENCH_QUICK:-0}" != "0" ]; then bench_args+=(--quick); fi
-set +e
-timeout -s INT -k 15 "$((budget + 35))" python3 -m benchmarks.run "${bench_args[@]}" 2>&1 | tee "${LOGS}/${NAME}-bench.log"
-bench_rc=${PIPESTATUS[0]}
-set -e
-if [ "$bench_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$bench_rc; fi
-
-if [ -n "${OUT:-}" ]; then
-    cp -f "${RESULTS}/${NAME}".* "${RESULTS}/${NAME}"-*.png "${RESULTS}/${NAME}-summary.txt" "$OUT"/ 2>/dev/null || true
-    echo "== results copied to ${OUT}: $(cd "$OUT" && ls -1 "${NAME}"* | tr '\n' ' ')"
+if [ "$budget" -lt 60 ]; then
+    echo "== benchmarks skipped: ${budget} s left of CHECK_LIMIT_S=${LIMIT} (run again with SKIP_TESTS=1)"
+else
+    echo "== benchmarks: python3 -m benchmarks.run --out ${NAME} (budget ${budget} s)"
+    bench_args=(--device cuda --out "$NAME" --out-dir "$LOGS" --budget-s "$budget" --rep-ms "${BENCH_REP_MS:-100}"
+                --skip "${BENCH_SKIP-reference}")
+    if [ -n "${BENCH_OPS:-}" ]; then bench_args+=(--ops "$BENCH_OPS"); fi
+    if [ -n "${OUT:-}" ]; then bench_args+=(--no-plots); fi
+    if [ "${BENCH_QUICK:-0}" != "0" ]; then bench_args+=(--quick); fi
+    set +e
+    timeout -s INT -k 15 "$((budget + 35))" python3 -m benchmarks.run "${bench_args[@]}" 2>&1 | tee "${LOGS}/${NAME}-bench.log"
+    bench_rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$bench_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$bench_rc; fi
 fi
 
 echo
 echo "== done in ${SECONDS} s (tests: exit ${test_rc}, benchmark: exit ${bench_rc})"
+if [ -n "${OUT:-}" ]; then
+    echo "== in ${OUT}: $(cd "$OUT" && ls -1 | tr '\n' ' ')"
+fi
 echo "== summary (${NAME})"
-if [ -f "${RESULTS}/${NAME}.json" ]; then
-    python3 -m benchmarks.run --table "${RESULTS}/${NAME}.json"
+if [ -f "${LOGS}/${NAME}.json" ]; then
+    python3 -m benchmarks.run --table "${LOGS}/${NAME}.json" --no-plots
 else
     echo "no benchmark results were written"
 fi

@@ -98,7 +98,42 @@ def test_run_cli_quick_pst(tmp_path, capsys):
     _check_rows(doc["rows"])
     assert doc["floors"] is None  # measured on CUDA only
     out = capsys.readouterr().out
-    assert out.rstrip().splitlines()[-1].startswith("ratio = ")  # the summary table is printed last
+    lines = out.rstrip().splitlines()
+    assert any(x.startswith("ratio = ") for x in lines)  # the summary table, then the targets, last
+    assert lines[-1].strip().endswith("not judged") and "#5" in out
+    assert [t["status"] for t in doc["targets"]] and all(t["status"] == "n/a" for t in doc["targets"])  # CPU
+
+
+def _trow(case, contender, ms, *, kind="peer", status="ok", mem=None, copy=None, op="pst", mode="fwd+bwd"):
+    return dict(op=op, case=case, mode=mode, contender=contender, kind=kind, status=status, median_ms=ms,
+                peak_mem_mb=mem, frac_of_copy_bw=copy, frac_of_matmul_peak=None, reason="" if status == "ok" else "why")
+
+
+def test_targets_pass_fail_and_not_judged():
+    from benchmarks import targets
+
+    rows = [_trow("a", "triton", 1.0, kind="ours", copy=0.6), _trow("a", "cuda", 2.0, kind="ours"),
+            _trow("a", "torch", 0.1, kind="ours"),  # a fallback never stands in for the kernels
+            _trow("a", "paper_dense_argsort", 25.0), _trow("a", "torch_kthvalue", 2.5), _trow("a", "torch_topk", 9.0),
+            _trow("b", "triton", 1.0, kind="ours", copy=0.4), _trow("b", "paper_dense_argsort", 5.0),
+            _trow("b", "torch_kthvalue", 1.0, status="skipped"), _trow("b", "torch_topk", None, status="error")]
+    results = targets.evaluate(rows)
+    paper, comp, floor = "at least 20x", "at least 3x", "within 2x of"
+    got = {(r["case"], w): r for r in results for w in (paper, comp, floor) if w in r["target"]}
+    assert got[("a", paper)]["status"] == "PASS" and got[("a", paper)]["value"] == 25.0
+    assert got[("a", paper)]["ours"] == "triton"
+    assert got[("a", comp)]["status"] == "FAIL" and got[("a", comp)]["peer"] == "torch_kthvalue"
+    assert got[("a", floor)]["status"] == "PASS" and got[("b", floor)]["status"] == "FAIL"
+    assert got[("b", paper)]["status"] == "FAIL"
+    assert got[("b", comp)]["status"] == "n/a" and "skipped" in got[("b", comp)]["why"]
+    text = targets.format_targets(results)
+    assert "PASS" in text and "FAIL" in text and "not judged" in text
+
+
+def test_run_order_puts_fallbacks_last():
+    cs = [harness.Contender(n, None, ours=o) for n, o in
+          (("reference", True), ("torch", True), ("triton", True), ("sdpa", False), ("cuda", True))]
+    assert [c.name for c in harness.run_order(cs)] == ["triton", "cuda", "sdpa", "reference", "torch"]
 
 
 def test_time_budget_skips_with_reason():
