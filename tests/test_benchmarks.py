@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +141,14 @@ def test_time_budget_skips_with_reason():
     case = ops_pst.make_case(16, 16, device=CPU, wdtype=torch.float32)
     rows = harness.run_case(case, CPU, FAST, deadline=0.0, log=lambda s: None)
     assert rows and all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows)
+
+
+def test_exact_peers_are_checked_against_the_reference():
+    case = ops_attention.make_case("t", B=2, Hq=2, Hkv=2, N=8, P=3, D=16, causal=False, mask="padding",
+                                   gate="per-example", device=CPU, dtype=torch.float32, flex=False)
+    inp = case.make_inputs(0)
+    sdpa = next(c for c in case.contenders if c.name == "sdpa_concat")
+    sdpa.build(inp)()  # the real peer passes its check
+    wrong = ops_attention.verified(lambda inp: (lambda: inp["q"] * 2))
+    with pytest.raises(RuntimeError, match="differs from the reference"):
+        wrong(inp)
