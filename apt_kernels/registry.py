@@ -73,6 +73,16 @@ class Registry:
     def __init__(self, op: str):
         self.op = op
         self._entries: dict[str, _Entry] = {}
+        self._order: dict[str, tuple[str, ...]] = {}  # per-op auto orders that differ from AUTO_ORDER
+        self.order_reason: dict[str, str] = {}
+
+    def prefer(self, device_type: str, order: tuple[str, ...], why: str) -> None:
+        """This op's ``auto`` order on ``device_type`` (instead of AUTO_ORDER's), with the reason."""
+        self._order[device_type] = tuple(order)
+        self.order_reason[device_type] = why
+
+    def auto_order(self, device_type: str) -> tuple[str, ...]:
+        return self._order.get(device_type) or AUTO_ORDER.get(device_type, _DEFAULT_AUTO)
 
     def register(self, backend: str, *checks: Check):
         if backend not in BACKENDS:
@@ -94,7 +104,7 @@ class Registry:
 
     def select(self, backend: str, probe: Probe) -> tuple[str, Callable[..., Any]]:
         if backend == "auto":
-            order = AUTO_ORDER.get(probe.device.type, _DEFAULT_AUTO)
+            order = self.auto_order(probe.device.type)
             for name in order:
                 if self.reason(name, probe) is None:
                     log.debug("%s: auto picked %s for %s", self.op, name, probe)
@@ -114,7 +124,9 @@ class Registry:
         for name in BACKENDS:
             why = self.reason(name, probe)
             lines.append(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
-        lines.append(f"  auto ->   {self.select('auto', probe)[0]}")
+        why = self.order_reason.get(probe.device.type)
+        lines.append(f"  auto ->   {self.select('auto', probe)[0]}"
+                     + (f" (order {' > '.join(self.auto_order(probe.device.type))}: {why})" if why else ""))
         return "\n".join(lines)
 
 

@@ -48,6 +48,20 @@ def test_auto_order_and_fallback():
         reg.register("jax")
 
 
+def test_per_op_auto_order_is_used_and_explained():
+    from apt_kernels.registry import _Entry
+
+    reg = Registry("toy2")
+    for name in ("reference", "torch", "triton", "cuda"):  # every backend available (no extension checks)
+        reg._entries[name] = _Entry(lambda: None, ())
+    cuda = Probe(torch.device("cuda"), torch.float32)
+    assert reg.select("auto", cuda)[0] == "cuda"  # the default order
+    reg.prefer("cuda", ("triton", "cuda", "torch"), "measured faster")
+    assert reg.select("auto", cuda)[0] == "triton"
+    assert reg.select("auto", Probe(torch.device("cpu"), torch.float32))[0] == "torch"  # other devices unchanged
+    assert "order triton > cuda > torch: measured faster" in reg.explain(cuda)
+
+
 def test_triton_interpreter_availability_is_reported():
     reg = REGISTRIES["child_tuning_keep_mask"]
     why = reg.reason("triton", Probe(torch.device("cpu"), torch.bool))

@@ -96,6 +96,10 @@ REGISTRY.register("reference")(PSTImpl("reference", _dense_forward(reference_for
 REGISTRY.register("torch")(PSTImpl("torch", _dense_forward(torch_forward, "auto"), _dense_backward))
 REGISTRY.register("triton", _float32_only, _triton_limits)(PSTImpl("triton", _triton_forward, _triton_backward))
 REGISTRY.register("cuda", _float32_only, _cuda_groups)(PSTImpl("cuda", _cuda_forward, _cuda_backward))
+REGISTRY.prefer("cuda", ("triton", "cuda", "torch"),
+                "Triton first: by the counted costs (docs/pst.md) its score passes issue fewer instructions "
+                "per entry than the CUDA C++ kernels' (per-entry 64-bit division and factor loads), "
+                "until measured on a GPU")
 
 
 def _check_nm(nm, k):
