@@ -47,7 +47,8 @@ def cuda_extension():
     # No --use_fast_math: the kernels are memory-bound, and it would flush denormals to zero.
     nvcc_flags = ["-O3", "-lineinfo"]
     if not arch:
-        nvcc_flags += ["-gencode=arch=compute_90,code=sm_90"]
+        # sm_90 machine code plus compute_90 PTX, which the driver compiles for newer GPUs at load time
+        nvcc_flags += ["-gencode=arch=compute_90,code=[sm_90,compute_90]"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     say(f"building the CUDA extension apt_kernels._C from {len(sources)} sources")
     ext = CUDAExtension(

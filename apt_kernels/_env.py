@@ -87,7 +87,14 @@ def cuda_reason(device: torch.device) -> str | None:
     """None when the CUDA C++ extension can run on tensors of ``device``, else why not."""
     if device.type != "cuda":
         return f"the CUDA C++ kernels need CUDA tensors (got {device.type})"
-    return _load_extension()[1]
+    why = _load_extension()[1]
+    if why is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # the default build targets compute capability 9.0 (sm_90 code + compute_90 PTX)
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return (f"the CUDA extension was built for compute capability 9.0 and later; this GPU is "
+                    f"{major}.{minor} (rebuild with TORCH_CUDA_ARCH_LIST set to include it)")
+    return why
 
 
 def versions() -> dict[str, str | None]:

@@ -19,6 +19,7 @@ Design (docs/attention.md has the long form):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -105,7 +106,7 @@ def _query_tile(Hq, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """A program's query tile: its (batch, head), rows and head dims, and which of them are in range.
     The grid is 1-D, (query tiles) x (B Hq) with the tiles of one head adjacent (they share its K/V in
     L2); a 2-D grid would cap B Hq at 65535, the limit of CUDA's second grid dimension."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: b * stride may pass 2**31 on big inputs (4-D masks)
     n_tiles = tl.cdiv(N, BLOCK_M)
     pid_m = pid % n_tiles
     bh = pid // n_tiles
@@ -197,7 +198,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate."""
-    pid = tl.program_id(0)  # 1-D grid: (key tiles) x (B Hkv), as in _query_tile
+    pid = tl.program_id(0).to(tl.int64)  # 1-D grid: (key tiles) x (B Hkv), as in _query_tile; int64 offsets
     n_tiles = tl.cdiv(L, BLOCK_N)
     pid_n = pid % n_tiles
     bg = pid // n_tiles
@@ -427,8 +428,18 @@ class _Prepared:
         self.seed_lo, self.seed_hi = seed & 0xFFFFFFFF, seed >> 32
 
 
+def _on(device: torch.device):
+    """Triton launches on the current device: make it the tensors' (a model split over GPUs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, dropout_p: float, seed: int):
     """(out, lse) from the fused forward kernel."""
+    with _on(q.device):
+        return _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, seed)
+
+
+def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, seed):
     a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -449,6 +460,12 @@ def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, d
 def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal: bool, scale: float,
                        dropout_p: float, seed: int):
     """(dq, dk, dv, dprefix_k, dprefix_v, dgate), each reduced to its input's (broadcast) shape."""
+    with _on(q.device):
+        return _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal, scale,
+                                   dropout_p, seed)
+
+
+def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal, scale, dropout_p, seed):
     a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
     B, Hq, N, D, Hkv, M, P = a.B, a.Hq, a.N, a.D, a.Hkv, a.M, a.P
     lse = lse.contiguous()
@@ -480,18 +497,22 @@ def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse
         do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=blocks["BLOCK_D"],
         BLOCK_M=blocks["BLOCK_M"], HAS_DLSE=grad_lse is not None)
     common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
+    dg_dummy = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     for is_prefix in (True, False):
         L = P if is_prefix else M
         if L == 0:
             continue
         Kt, Vt = (a.pk, a.pv) if is_prefix else (k, v)
+        # The token launch never touches the gate buffer, but the autotuner zeroes every buffer named
+        # DG before and after its trials: it must not see the one the prefix launch has just filled.
+        DGt = dg_buf if is_prefix else dg_dummy
         k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
         DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
         _launch(_bwd_kv_kernel, _BWD_TABLE, lambda bm, bn, L=L: (triton.cdiv(L, bn) * B * Hkv,),
-                (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, dg_buf,
+                (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
-                 *DKt.stride(), *DVt.stride(), *_strides(dg_buf),
+                 *DKt.stride(), *DVt.stride(), *_strides(DGt),
                  Hq, Hkv, N, M, L, a.REP, 0 if is_prefix else P, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
                      GATE_H1=gate_h1), q.device, reset=("DG",))

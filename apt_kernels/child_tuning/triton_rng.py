@@ -7,6 +7,8 @@ Import this module only when Triton is usable (see ``apt_kernels._env``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -74,7 +76,9 @@ def keep_mask_triton(seed: int, step: int, param_index: int, shape, reserve_p: f
     if numel:
         seed &= (1 << 64) - 1
         block = 1024
-        _keep_mask_kernel[(triton.cdiv(numel + offset % 4, block),)](
-            out, numel, offset, step, param_index, seed & 0xFFFFFFFF, seed >> 32,
-            keep_threshold(reserve_p), BLOCK=block)
+        device = torch.device(device)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            _keep_mask_kernel[(triton.cdiv(numel + offset % 4, block),)](
+                out, numel, offset, step, param_index, seed & 0xFFFFFFFF, seed >> 32,
+                keep_threshold(reserve_p), BLOCK=block)
     return out.view(shape).bool()

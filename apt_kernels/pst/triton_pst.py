@@ -123,9 +123,16 @@ def _radix_state(hist_ptr, k_target, NDONE: tl.constexpr, BITS: tl.constexpr, NB
 
 
 @triton.jit
+def _tile_col(k, BK: tl.constexpr):
+    """The column-tile number of this program (1-D grid, row-tile major: no 65535 cap on either)."""
+    return tl.program_id(0) % tl.cdiv(k, BK)
+
+
+@triton.jit
 def _tile_setup(n, k, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    pid = tl.program_id(0)
+    rows = (pid // tl.cdiv(k, BK)) * BN + tl.arange(0, BN)
+    cols = _tile_col(k, BK) * BK + tl.arange(0, BK)
     return rows, cols, rows < n, cols < k
 
 
@@ -235,7 +242,7 @@ def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, word
     kb = keep.to(tl.int64) << (f & 31)
     if ALIGNED:  # k % 32 == 0: every group of 32 columns is one whole word
         wv = tl.sum(tl.reshape(kb, [BN, BK // 32, 32]), axis=2)
-        g0 = tl.program_id(1) * BK + 32 * tl.arange(0, BK // 32)
+        g0 = _tile_col(k, BK) * BK + 32 * tl.arange(0, BK // 32)
         widx = (rows64[:, None] * k + g0[None, :]) >> 5
         tl.store(words_ptr + widx, wv.to(tl.int32), mask=rmask[:, None] & (g0 < k)[None, :])
     else:  # a group of 32 columns straddles at most two words: OR both parts into the zeroed words
@@ -312,6 +319,7 @@ def _bwd_kernel(g_ptr, words_ptr, w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr,
 # Tile sizes. Tests may override them (small tiles exercise the edges on small matrices).
 FWD_BLOCK = (32, 128)  # (rows, columns) of a forward tile; columns a multiple of 32
 BWD_BLOCK = (32, 64)   # backward tile; both at least 16 (tl.dot)
+BWD_WARPS = 8          # ptxas for sm_90: 4 warps need 255 registers and spill at rank 8; 8 warps do not
 CUT_BLOCK = 1024       # columns per step of the one-program scan of the row holding the tie cut
 BWD_SPLIT = None       # column splits of the backward grid (None: enough programs for the device)
 ALLOC = None           # tests set a callable(tag, tensor) to see every tensor these wrappers allocate
@@ -376,7 +384,7 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     scratch = _alloc("scratch", torch.zeros(2 + (n_int32 + 1) // 2, dtype=torch.int64, device=w0.device))
     state = scratch[:2]
     bn, bk = _fwd_block(k, nm)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    grid = (triton.cdiv(n, bn) * triton.cdiv(k, bk),)
     scal = (n, k, rw, rs, float(beta), float(alpha1), float(alpha2))
     if select:
         ints = scratch[2:].view(torch.int32)
@@ -430,6 +438,7 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
         _bwd_kernel[(triton.cdiv(n, bn), split)](
             grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
             n, k, rw, rs, float(beta), float(alpha1), float(alpha2), split,
-            RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk)
+            RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
+            num_warps=BWD_WARPS)
     grads = [dw0, du, dv, da, db, dr, dc]
     return [g if need else None for g, need in zip(grads, needs)]
