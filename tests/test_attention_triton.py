@@ -195,6 +195,34 @@ def test_dropout_is_seeded_statistical_and_differentiable():
         assert abs(fd.item() - (gr * d).sum().item()) <= 2e-2 * max(1.0, abs(fd.item())), NAMES[i + 1]
 
 
+def test_dropout_bits_do_not_depend_on_the_tile_sizes(monkeypatch):
+    """The forward and the two backward kernels are tuned separately on a GPU, so their key tiles differ:
+    the keep bits are a function of (row, column), not of the tiling. Same seed, other tiles: the same
+    output and gradients up to summation order (a different mask would change them at O(1))."""
+    from apt_kernels.attention import fused
+
+    (q, k, v, pk, pv, g), _ = make_inputs(B=1, Hq=2, Hkv=1, N=20, M=40, D=16, P=8, gate="example", mask="none",
+                                          dtype=torch.float32, device=DEVICE)
+    ts = [t.clone().requires_grad_(True) for t in (q, k, v, pk, pv, g)]
+
+    def run():
+        torch.manual_seed(11)
+        out = ak.gated_prefix_attention(*ts, dropout_p=0.5, backend="triton")
+        return [out.detach()] + list(torch.autograd.grad((out ** 2).sum(), ts))
+
+    base = run()
+    real = fused._blocks
+    for bn in (32, 64):
+        def blocks(D, device, table=None, bn=bn):
+            got, launch = real(D, device, table)
+            wide = table is None or table is fused._FWD_TABLE  # forward tiles wider, backward kept at 16
+            return dict(got, BLOCK_N=bn if wide else got["BLOCK_N"]), launch
+
+        monkeypatch.setattr(fused, "_blocks", blocks)
+        for name, a, b in zip(NAMES, run(), base):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"BLOCK_N={bn}: {name}")
+
+
 @pytest.mark.parametrize("used", ["lse", "out"])
 def test_gradient_through_one_output_only(used):
     """Only lse (or only out) feeds the loss: the other output's gradient never exists (None in the eager
@@ -268,7 +296,7 @@ from triton.compiler import ASTSource
 from apt_kernels.attention import fused as f
 
 FLOAT_ARGS = {"scale", "mask_min", "inv_keep"}
-INT_ARGS = {"Hq", "Hkv", "N", "M", "P", "L", "REP", "col0", "keep_thr", "seed_lo", "seed_hi"}
+INT_ARGS = {"Hq", "Hkv", "N", "M", "P", "L", "REP", "keep_thr", "seed_lo", "seed_hi"}
 
 
 def build(fn, dt, consts, opts):
@@ -326,7 +354,7 @@ bwd, lb = f._bwd_blocks(64, cuda)
 build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, **bwd,
                                     **ones), lb)
 build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True,
-                                     IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, col0=1, **bwd, **ones), lb)
+                                     IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, **bwd, **ones), lb)
 count += 3
 # every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
 dims = {64: 64, 128: 128, 256: 256}

@@ -13,8 +13,9 @@ Design (docs/attention.md has the long form):
   prefix tiles also dgate, written once per element, no atomics) launched once for the prefix
   and once for the tokens, and a query-side kernel for dq. A shared prefix's gradient is summed
   over the batch, and the gate's over its broadcast dims, from small float32 buffers.
-* Dropout: keep bits come from Philox4x32-10 keyed on (seed) with counter (column, row,
-  batch * Hq + head, 0x41505400); forward and backward regenerate the same bits.
+* Dropout: 16-bit uniforms from Philox4x32-10 keyed on (seed), one draw per 8 key columns of a row,
+  counter (column // 8, row, batch * Hq + head, 0x41505400 + part); forward and backward regenerate the
+  same bits (``_dropout_keep``).
 """
 
 from __future__ import annotations
@@ -32,17 +33,31 @@ from ..child_tuning.triton_rng import philox4x32_10, u32_like
 DROPOUT_TAG = tl.constexpr(0x41505400)
 
 
+KEEP_BITS = 16  # a 16-bit uniform per entry: one Philox draw (4 x 32 bits) serves 8 entries
+
+
 def keep_threshold(dropout_p: float) -> int:
-    return int((1.0 - dropout_p) * (1 << 24))
+    return int((1.0 - dropout_p) * (1 << KEEP_BITS))
 
 
 @triton.jit
-def _dropout_keep(seed_lo, seed_hi, bh, rows, cols, threshold):
-    c0 = (cols[None, :] + tl.zeros_like(rows)[:, None]).to(tl.uint32)
-    c1 = (rows[:, None] + tl.zeros_like(cols)[None, :]).to(tl.uint32)
-    c3 = tl.zeros_like(c0) + DROPOUT_TAG
-    x, _, _, _ = philox4x32_10(c0, c1, u32_like(bh, c0), c3, u32_like(seed_lo, c0), u32_like(seed_hi, c0))
-    return (x >> 8).to(tl.int32) < threshold
+def _dropout_keep(seed_lo, seed_hi, bh, row0, start, PART: tl.constexpr, threshold, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Keep bits of the (BLOCK_M, BLOCK_N) score tile of rows row0 .. and key columns start .. (a multiple
+    of 8) in part PART (0 prefix, 1 tokens). Columns 8 g .. 8 g + 7 of a row share one Philox4x32-10 draw,
+    counter (g, row, batch * Hq + head, TAG + PART): column 8 g + j is the low (j even) or high (j odd)
+    16 bits of word j // 2, kept iff below ``threshold``. Every kernel regenerates the same bits whatever
+    its tile sizes (tiles start at multiples of 8). The draws are made on a flat block of BLOCK_M * BLOCK_N / 8
+    counters (one per thread slot, no replicated work), then spread to the tile."""
+    G: tl.constexpr = BLOCK_N // 8
+    idx = tl.arange(0, BLOCK_M * G)
+    c1 = (row0 + idx // G).to(tl.uint32)
+    c0 = (start // 8 + idx % G).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (DROPOUT_TAG + PART)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, u32_like(bh, c0), c3, u32_like(seed_lo, c0), u32_like(seed_hi, c0))
+    w = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (n, 2, 2): flat order x0, x1, x2, x3
+    halves = tl.join(w & 0xFFFF, w >> 16)  # (n, 2, 2, 2): flat order lo0, hi0, lo1, hi1, ...
+    return tl.reshape(halves.to(tl.int32) < threshold, [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -85,20 +100,20 @@ def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, s
               spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M: tl.constexpr,
               CAUSAL: tl.constexpr):
     """Where query tile ``pid_m``'s key/value tiles come from: the prefix of kv head ``kvh`` (batch stride 0
-    when shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows,
-    the first column number (for dropout counters) and where the loop over them ends (all P prefix rows;
-    with causal masking, the last token some row of the tile can see)."""
+    when shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows
+    and where the loop over them ends (all P prefix rows; with causal masking, the last token some row of
+    the tile can see)."""
     if IS_PREFIX:
         Kp = PK + b * spk_b + kvh * spk_h
         Vp = PV + b * spv_b + kvh * spv_h
-        skn, skd, svn, svd, L, col0, hi = spk_n, spk_d, spv_n, spv_d, P, 0, P
+        skn, skd, svn, svd, L, hi = spk_n, spk_d, spv_n, spv_d, P, P
     else:
         Kp = K + b * sk_b + kvh * sk_h
         Vp = V + b * sv_b + kvh * sv_h
-        skn, skd, svn, svd, L, col0, hi = sk_n, sk_d, sv_n, sv_d, M, P, M
+        skn, skd, svn, svd, L, hi = sk_n, sk_d, sv_n, sv_d, M, M
         if CAUSAL:
             hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
-    return Kp, Vp, skn, skd, svn, svd, L, col0, hi
+    return Kp, Vp, skn, skd, svn, svd, L, hi
 
 
 @triton.jit
@@ -136,7 +151,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
     mb = b * sm_b
     mh = h * sm_h
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, col0, hi = _kv_tiles(
+        Kp, Vp, skn, skd, svn, svd, L, hi = _kv_tiles(
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
             spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, CAUSAL)
         for start in range(0, hi, BLOCK_N):
@@ -152,7 +167,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
+                keep = _dropout_keep(seed_lo, seed_hi, bh, pid_m * BLOCK_M, start, part, keep_thr, BLOCK_M, BLOCK_N)
                 p = tl.where(keep, p * inv_keep, 0.0)
             if part == 0:
                 if HAS_GATE:
@@ -193,7 +208,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
                    sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sdg_b, sdg_h, sdg_n, sdg_p,
-                   Hq, Hkv, N, M, L, REP, col0, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
+                   Hq, Hkv, N, M, L, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -233,7 +248,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
             u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
             z = tl.zeros_like(p) + 1.0
             if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
+                keep = _dropout_keep(seed_lo, seed_hi, bh, start, pid_n * BLOCK_N, 0 if IS_PREFIX else 1, keep_thr,
+                                     BLOCK_M, BLOCK_N)
                 z = tl.where(keep, inv_keep, 0.0)
             pz = p * z
             dp = z * u
@@ -283,7 +299,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, col0, hi = _kv_tiles(
+        Kp, Vp, skn, skd, svn, svd, L, hi = _kv_tiles(
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
             spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, CAUSAL)
         for start in range(0, hi, BLOCK_N):
@@ -297,7 +313,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             p = _probs(s, lse)
             dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
             if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, col0 + offs_n, keep_thr)
+                keep = _dropout_keep(seed_lo, seed_hi, bh, pid_m * BLOCK_M, start, part, keep_thr, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             if part == 0:
                 if HAS_GATE:
@@ -513,7 +529,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
                  *DKt.stride(), *DVt.stride(), *_strides(DGt),
-                 Hq, Hkv, N, M, L, a.REP, 0 if is_prefix else P, *tail),
+                 Hq, Hkv, N, M, L, a.REP, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
                      GATE_H1=gate_h1), q.device, reset=("DG",))
     _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
