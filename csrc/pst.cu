@@ -35,7 +35,7 @@ struct State {
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
-// ---- exact float32 arithmetic, immune to --use_fast_math (no contraction, no flush-to-zero) ----
+// ---- exact float32 arithmetic, immune to --use_fast_math (only the written FMAs, no flush-to-zero) ----
 __device__ __forceinline__ float add_rn(float x, float y) {
   float z;
   asm("add.rn.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
@@ -45,6 +45,11 @@ __device__ __forceinline__ float mul_rn(float x, float y) {
   float z;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
   return z;
+}
+__device__ __forceinline__ float fma_rn(float x, float y, float z) {
+  float w;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(w) : "f"(x), "f"(y), "f"(z));
+  return w;
 }
 __device__ __forceinline__ float abs_bits(float x) { return __uint_as_float(__float_as_uint(x) & 0x7fffffffu); }
 
@@ -64,17 +69,17 @@ __device__ __forceinline__ void store_out(const AptPstProblem& p, void* out, int
   }
 }
 
+// The documented order (reference.fused_order_scores): fused multiply-adds over the rank in order.
 __device__ __forceinline__ float weight_at(const AptPstProblem& p, int64_t i, int64_t c) {
   float uv = 0.0f;
-  for (int j = 0; j < p.rw; ++j) uv = add_rn(uv, mul_rn(p.u[i * p.rw + j], p.v[j * p.k + c]));
-  return add_rn(load_w0(p, i * p.k + c), mul_rn(p.beta, uv));
+  for (int j = 0; j < p.rw; ++j) uv = fma_rn(p.u[i * p.rw + j], p.v[j * p.k + c], uv);
+  return fma_rn(p.beta, uv, load_w0(p, i * p.k + c));
 }
 
 __device__ __forceinline__ float score_at(const AptPstProblem& p, int64_t i, int64_t c, float w) {
   float ab = 0.0f;
-  for (int j = 0; j < p.rs; ++j) ab = add_rn(ab, mul_rn(p.a[i * p.rs + j], p.b[j * p.k + c]));
-  const float s = add_rn(abs_bits(w), mul_rn(p.alpha1, ab));
-  return add_rn(s, mul_rn(p.alpha2, add_rn(p.r[i], p.c[c])));
+  for (int j = 0; j < p.rs; ++j) ab = fma_rn(p.a[i * p.rs + j], p.b[j * p.k + c], ab);
+  return fma_rn(p.alpha2, add_rn(p.r[i], p.c[c]), fma_rn(p.alpha1, ab, abs_bits(w)));
 }
 
 // Unsigned order-preserving key (integer tests only: fast-math cannot touch them).

@@ -1,6 +1,7 @@
 """PST: masks against an independent stable sort, the straight-through backward against autograd."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -160,3 +161,53 @@ def test_backward_computes_in_the_forwards_dtype_when_only_r_is_float64():
     ak.pst_masked_weight(*full, sparsity=0.5).backward(g.float().double())
     assert ts[5].grad.dtype == torch.float64
     torch.testing.assert_close(ts[5].grad, full[5].grad, rtol=1e-12, atol=1e-12)
+
+
+def _round_to_float32_exactly(x):
+    """The float32 nearest to the Fraction x (ties to even), by exact comparison with its neighbours."""
+    import numpy as np
+
+    if x == 0:
+        return np.float32(0.0)
+    f = np.float32(float(x))  # within one float32 ulp of x
+    if not np.isfinite(f):
+        return f
+    cands = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    best = min(cands, key=lambda y: (abs(Fraction(float(y)) - x), int(np.array(y).view(np.int32)) & 1))
+    return best
+
+
+def test_fma32_rounds_once():
+    """reference.fma32 == the exactly rounded a * b + c, on random triples and on the hard cases of double
+    rounding (c cancelling most of a * b, far exponents, exact float32 midpoints)."""
+    import numpy as np
+
+    from apt_kernels.pst.reference import fma32
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(3000).astype(np.float32)
+    b = rng.standard_normal(3000).astype(np.float32)
+    c = rng.standard_normal(3000).astype(np.float32)
+    c[:1000] = -(a[:1000].astype(np.float64) * b[:1000]).astype(np.float32)  # cancellation
+    c[1000:1500] *= np.float32(2.0 ** -40)  # tiny addend: the product's rounding decides
+    c[1500:2000] *= np.float32(2.0 ** 30)  # huge addend
+    # a * b exactly half an ulp of c away from a float32 (a float64 sum, rounded again, breaks ties wrongly)
+    c[2000:2500] = np.float32(1.0)
+    a[2000:2500] = np.float32(2.0 ** -24)
+    b[2000:2500] = (1.0 + rng.integers(1, 1000, 500) * 2.0 ** -23).astype(np.float32)
+    # the classic double-rounding trap: a * b = 2^-24 - 2^-70, c = 1 + 2^-23 (odd last bit): the exact sum lies
+    # just below the midpoint 1 + 2^-23 + 2^-24; float64 rounds it onto the midpoint, float32 then to even
+    a[2400:2500] = np.float32(2.0 ** -12 * (1 + 2.0 ** -23))
+    b[2400:2500] = np.float32(2.0 ** -12 * (1 - 2.0 ** -23))
+    c[2400:2500] = np.float32(1 + 2.0 ** -23) * np.where(np.arange(100) % 2, 1, -1).astype(np.float32)
+    b[2400:2500] *= np.where(np.arange(100) % 2, 1, -1).astype(np.float32)
+    a[2500:2600] = np.float32(1e-30)  # subnormal results
+    b[2500:2600] = np.float32(1e-10)
+    c[2500:2600] = np.float32(0.0)
+    got = fma32(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)).numpy()
+    for i in range(len(a)):
+        want = _round_to_float32_exactly(Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i])))
+        assert got[i].view(np.int32) == np.float32(want).view(np.int32) or (got[i] == 0 and want == 0), i
+    # plain float64 evaluation is wrong on some of these: the test can fail
+    naive = (a.astype(np.float64) * b + c).astype(np.float32)
+    assert (naive.view(np.int32) != got.view(np.int32)).any()

@@ -1,7 +1,7 @@
 """The "cuda" backend of PST: the selection and mask passes of the C++ extension (csrc/pst.cu).
 
 An implementation independent of the Triton one: same scores (the evaluation order of
-:func:`apt_kernels.pst.reference.fused_order_scores`, each float32 operation rounded to nearest
+:func:`apt_kernels.pst.reference.fused_order_scores`: float32 FMAs and additions rounded to nearest
 through inline PTX), a three-pass radix select with 11/11/10-bit digits and shared-memory histograms,
 and a warp-ballot mask pass. The factors are passed as float32 (they are small); W0 stays in its dtype.
 """

@@ -78,15 +78,35 @@ def reference_forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, k, nm=None):
     return (w * keep).to(w0.dtype), keep
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` for float32 tensors, rounded once to float32, exactly as ``fma.rn.f32`` (what
+    ``tl.fma`` and ``__fmaf_rn`` compute). PyTorch has no fused multiply-add it guarantees, so this
+    works in float64: the product of two float32 values is exact there; TwoSum gives the exact error
+    of the float64 sum; rounding that sum *to odd* (the neighbour with an odd last bit whenever it is
+    inexact) and then to float32 equals rounding ``a * b + c`` once (Boldo & Melquiond, "Emulation of
+    FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008: 53 >= 24 + 2 bits).
+    """
+    a, b, c = (t.to(torch.float64) for t in torch.broadcast_tensors(a, b, c))
+    p = a * b  # exact: 24 + 24 significant bits
+    s = p + c
+    z = s - p
+    e = (p - (s - z)) + (c - z)  # p + c == s + e exactly (TwoSum; no overflow at float32 magnitudes)
+    odd = (s.view(torch.int64) & 1) == 1
+    fix = (e != 0) & ~odd & torch.isfinite(s)
+    s = torch.where(fix, torch.nextafter(s, torch.where(e > 0, math.inf, -math.inf)), s)
+    return s.to(torch.float32)
+
+
 def fused_order_scores(w0, u, v, a, b, r, c, beta, alpha1, alpha2):
     """(W, S) in float32, evaluated in the fused kernels' order (Triton and CUDA C++ backends).
 
-    Every operation is one IEEE float32 operation rounded to nearest (no fused multiply-add):
+    Every step is one float32 fused multiply-add rounded once to nearest (:func:`fma32`), or one
+    float32 addition:
 
-        uv = 0;  for j in 0..rw-1:  uv = uv + U[i, j] * V[j, c]          (sequential in j)
-        ab = 0;  for j in 0..rs-1:  ab = ab + A[i, j] * B[j, c]
-        W  = W0 + beta * uv
-        S  = (|W| + alpha1 * ab) + alpha2 * (R[i] + C[c])
+        uv = 0;  for j in 0..rw-1:  uv = fma(U[i, j], V[j, c], uv)          (sequential in j)
+        ab = 0;  for j in 0..rs-1:  ab = fma(A[i, j], B[j, c], ab)
+        W  = fma(beta, uv, W0)
+        S  = fma(alpha2, R[i] + C[c], fma(alpha1, ab, |W|))
 
     The reference computes ``U @ V`` and ``A @ B`` with a matrix product whose summation order is the
     library's, so its scores can differ from these in the last bits; where the products are exact
@@ -96,13 +116,14 @@ def fused_order_scores(w0, u, v, a, b, r, c, beta, alpha1, alpha2):
     w = w0.to(f)
     uv = torch.zeros(w.shape, dtype=f, device=w.device)
     for j in range(u.shape[1]):
-        uv = uv + u[:, j:j + 1].to(f) * v[j:j + 1, :].to(f)
+        uv = fma32(u[:, j:j + 1].to(f), v[j:j + 1, :].to(f), uv)
     ab = torch.zeros(w.shape, dtype=f, device=w.device)
     for j in range(a.shape[1]):
-        ab = ab + a[:, j:j + 1].to(f) * b[j:j + 1, :].to(f)
-    w = w + beta * uv
-    s = w.abs() + alpha1 * ab
-    s = s + alpha2 * (r.to(f)[:, None] + c.to(f)[None, :])
+        ab = fma32(a[:, j:j + 1].to(f), b[j:j + 1, :].to(f), ab)
+    scalar = lambda x: torch.tensor(float(x), dtype=f, device=w.device)  # noqa: E731
+    w = fma32(scalar(beta), uv, w)
+    s = fma32(scalar(alpha1), ab, w.abs())
+    s = fma32(scalar(alpha2), r.to(f)[:, None] + c.to(f)[None, :], s)
     return w, s
 
 

@@ -3,9 +3,9 @@
 Design (details and the reasons in docs/pst.md):
 
 * **Scores are never stored.** Every pass recomputes S tile by tile from W0, U, V, A, B, R, C in the
-  order of :func:`apt_kernels.pst.reference.fused_order_scores` (float32, sequential sums over the
-  rank, no fused multiply-add: the score kernels are compiled with ``enable_fp_fusion=False``), so
-  every score pass sees the same bits. The backward (compiled with fusion) recomputes W, which may
+  order of :func:`apt_kernels.pst.reference.fused_order_scores` (float32, sequential fused
+  multiply-adds over the rank, explicit ``tl.fma``; nothing else contracted: the score kernels are
+  compiled with ``enable_fp_fusion=False``), so every score pass sees the same bits. The backward (compiled with fusion) recomputes W, which may
   differ in the last bit there; the mask is never recomputed: the backward reads the saved bits.
 * **Selection** of the ``n_pruned``-th smallest score: a most-significant-digit radix select over the
   32-bit order-preserving keys of :func:`~apt_kernels.pst.reference.ordered_key` (as unsigned
@@ -51,7 +51,8 @@ NPASS = 32 // RADIX_BITS
 @triton.jit
 def _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta,
                  BN: tl.constexpr, BK: tl.constexpr):
-    """W = W0 + beta * (sum_j U[:, j] V[j, :]) on a (BN, BK) tile, float32, j sequential."""
+    """W = fma(beta, uv, W0) with uv = fma(U[:, j], V[j, :], uv) over j in order, on a (BN, BK) tile,
+    float32 (the order of reference.fused_order_scores)."""
     rows64 = rows.to(tl.int64)
     m2 = rmask[:, None] & cmask[None, :]
     w = tl.load(w0_ptr + rows64[:, None] * k + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -59,24 +60,25 @@ def _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta,
     for j in range(RW):
         uj = tl.load(u_ptr + rows64 * RW + j, mask=rmask, other=0.0).to(tl.float32)
         vj = tl.load(v_ptr + j * k + cols, mask=cmask, other=0.0).to(tl.float32)
-        uv = uv + uj[:, None] * vj[None, :]
-    return w + beta * uv
+        uv = tl.fma(uj[:, None], vj[None, :], uv)
+    return tl.fma(beta, uv, w)
 
 
 @triton.jit
 def _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2,
                 BN: tl.constexpr, BK: tl.constexpr):
-    """S = (|W| + alpha1 * sum_j A[:, j] B[j, :]) + alpha2 * (R + C), float32, j sequential."""
+    """S = fma(alpha2, R + C, fma(alpha1, ab, |W|)) with ab = fma(A[:, j], B[j, :], ab) over j in order,
+    float32 (the order of reference.fused_order_scores)."""
     rows64 = rows.to(tl.int64)
     ab = tl.zeros([BN, BK], dtype=tl.float32)
     for j in range(RS):
         aj = tl.load(a_ptr + rows64 * RS + j, mask=rmask, other=0.0).to(tl.float32)
         bj = tl.load(b_ptr + j * k + cols, mask=cmask, other=0.0).to(tl.float32)
-        ab = ab + aj[:, None] * bj[None, :]
+        ab = tl.fma(aj[:, None], bj[None, :], ab)
     rr = tl.load(r_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
     cc = tl.load(c_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    s = tl.abs(w) + alpha1 * ab
-    return s + alpha2 * (rr[:, None] + cc[None, :])
+    s = tl.fma(alpha1, ab, tl.abs(w))
+    return tl.fma(alpha2, rr[:, None] + cc[None, :], s)
 
 
 @triton.jit
@@ -324,7 +326,7 @@ CUT_BLOCK = 1024       # columns per step of the one-program scan of the row hol
 BWD_SPLIT = None       # column splits of the backward grid (None: enough programs for the device)
 ALLOC = None           # tests set a callable(tag, tensor) to see every tensor these wrappers allocate
 
-_SCORE_OPTS = dict(enable_fp_fusion=False)  # no FMA contraction: the documented evaluation order
+_SCORE_OPTS = dict(enable_fp_fusion=False)  # only the written tl.fma: the documented evaluation order
 
 
 def _alloc(tag: str, t: torch.Tensor) -> torch.Tensor:
