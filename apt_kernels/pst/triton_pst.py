@@ -139,14 +139,26 @@ def _tile_setup(n, k, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, n, k, RW, RS,
+def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cache_ptr, n, k, RW, RS,
                  beta, alpha1, alpha2, k_target,
-                 PASS: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 PASS: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 CACHE_BITS: tl.constexpr):
+    """Histogram of digit PASS of the keys still in the running. The first pass also keeps the top
+    CACHE_BITS bits of every key in ``cache_ptr`` (the W' buffer, free until the mask pass: 16 bits for
+    a 16-bit W0, the whole key for float32); a later pass whose digit lies in those bits reads them
+    instead of recomputing the scores."""
     rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
-    w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, BN, BK)
-    s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2, BN, BK)
-    ukey = _ukey(s)
     valid = rmask[:, None] & cmask[None, :]
+    f = rows.to(tl.int64)[:, None] * k + cols[None, :]
+    if PASS > 0 and BITS * (PASS + 1) <= CACHE_BITS:
+        top = tl.load(cache_ptr + f, mask=valid, other=0).to(tl.int64) & ((1 << CACHE_BITS) - 1)
+        ukey = top << (32 - CACHE_BITS)
+    else:
+        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, BN, BK)
+        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2, BN, BK)
+        ukey = _ukey(s)
+        if PASS == 0 and CACHE_BITS > 0:
+            tl.store(cache_ptr + f, (ukey >> (32 - CACHE_BITS)).to(cache_ptr.dtype.element_ty), mask=valid)
     if PASS > 0:
         prefix, need, count = _radix_state(hist_ptr, k_target, PASS, BITS, NBINS)
         hi = 32 - BITS * PASS
@@ -391,9 +403,12 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     if select:
         ints = scratch[2:].view(torch.int32)
         hist, rowcnt = ints[:NPASS * BINS], ints[NPASS * BINS:NPASS * BINS + n]
+        # the first pass keeps the keys' top bits in W' (overwritten by the mask pass): 16 or all 32
+        cache_bits = {2: 16, 4: 32}.get(out.element_size(), 0)
+        cache = out.view({16: torch.int16, 32: torch.int32}[cache_bits]) if cache_bits else hist
         for p in range(NPASS):
-            _hist_kernel[grid](*args, hist, *scal, n_pruned, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
-                               **_SCORE_OPTS)
+            _hist_kernel[grid](*args, hist, cache, *scal, n_pruned, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
+                               CACHE_BITS=cache_bits, **_SCORE_OPTS)
         _tie_rows_kernel[grid](*args, hist, rowcnt, *scal, n_pruned, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS,
                                BN=bn, BK=bk, **_SCORE_OPTS)
         # one program scans the row counts, then the one row holding the cut: wide blocks, few iterations
