@@ -508,10 +508,11 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
-    blocks, _ = _blocks(D, q.device)
-    _delta_kernel[(triton.cdiv(N, blocks["BLOCK_M"]) * B * Hq,)](
-        do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=blocks["BLOCK_D"],
-        BLOCK_M=blocks["BLOCK_M"], HAS_DLSE=grad_lse is not None)
+    block_d = max(16, triton.next_power_of_2(D))
+    rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
+    _delta_kernel[(triton.cdiv(N, rows) * B * Hq,)](
+        do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
+        HAS_DLSE=grad_lse is not None, num_warps=4)
     common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
     dg_dummy = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
