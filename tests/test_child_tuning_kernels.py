@@ -572,3 +572,31 @@ def test_train_child_tuning_example_runs(tmp_path):
         needles += ["Trainer runs skipped: transformers' Trainer needs the accelerate package"]
     for needle in needles:
         assert needle in out, out
+
+
+def test_fused_plan_rejects_bad_tensors_with_clear_errors():
+    """fused.run's per-tensor check (a cheap combined test first, then the detailed message)."""
+    launched = []
+
+    def plan(params, grads, ms, vs, masking=None):
+        masking = masking or Masking("F", 0.5, seed=1, indices=list(range(len(params))))
+        fused.run(lambda launch, h: launched.append(len(launch)), params, grads, ms, vs, [1] * len(params), masking,
+                  lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, semantics="official")
+
+    p = torch.zeros(5)
+    f32 = lambda: torch.zeros(5)  # noqa: E731
+    plan([p], [f32()], [f32()], [f32()])
+    assert launched == [1]
+    with pytest.raises(TypeError, match="float32/bfloat16/float16 parameters, got torch.float64"):
+        plan([p.double()], [f32().double()], [f32()], [f32()])
+    with pytest.raises(TypeError, match="gradient dtype torch.bfloat16 differs"):
+        plan([p], [f32().bfloat16()], [f32()], [f32()])
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 must be torch.float32 of shape \(5,\)"):
+        plan([p], [f32()], [torch.zeros(6)], [f32()])
+    with pytest.raises(ValueError, match="exp_avg_sq of parameter 0 must be torch.float32"):
+        plan([p], [f32()], [f32()], [f32().bfloat16()])
+    with pytest.raises(ValueError, match=r"gradient of parameter 0 must be .* of shape \(5,\)"):
+        plan([p], [torch.zeros(2, 3)], [f32()], [f32()])
+    with pytest.raises(ValueError, match="packed mask of parameter 0 must be 1 int32 words"):
+        plan([p], [f32()], [f32()], [f32()], Masking("D", bits=[torch.zeros(2, dtype=torch.int32)]))
+    assert launched == [1]
