@@ -600,3 +600,17 @@ def test_fused_plan_rejects_bad_tensors_with_clear_errors():
     with pytest.raises(ValueError, match="packed mask of parameter 0 must be 1 int32 words"):
         plan([p], [f32()], [f32()], [f32()], Masking("D", bits=[torch.zeros(2, dtype=torch.int32)]))
     assert launched == [1]
+
+
+@pytest.mark.gpu
+def test_gpu_fisher_quantile_uses_the_radix_select_and_matches_numpy():
+    import numpy as np
+
+    from apt_kernels.child_tuning.fisher import quantile_threshold
+
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand(1_000_003, generator=g) ** 2
+    vals[::5] = 0.0
+    for q in (0.0, 0.3, 0.9, 0.999, 1.0):
+        want = float(np.percentile(vals.double().numpy(), 100 * q))
+        assert quantile_threshold(vals.cuda(), q) == pytest.approx(want, rel=1e-6, abs=0.0), q

@@ -538,3 +538,22 @@ def test_gpu_cuda_extension_rejects_bad_arguments():
         ext.pst_forward(*ts, 1.0, 1.0, 1.0, 0, 2, 5)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ext.pst_forward(ts[0].double(), *ts[1:], 1.0, 1.0, 1.0, 10, 0, 0)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here")
+def test_kth_smallest_by_the_radix_passes():
+    """fisher_mask's exact quantile on a GPU: the k-th smallest of non-negative values (ties, zeros, a
+    length that is not a multiple of the 4096-wide rows)."""
+    from apt_kernels.pst.triton_pst import kth_smallest
+
+    g = torch.Generator().manual_seed(5)
+    vals = torch.rand(5000, generator=g) ** 3
+    vals[::7] = 0.0
+    vals[1::11] = 0.25  # ties
+    vals = vals.to(DEVICE)
+    srt = vals.cpu().sort().values
+    ks = [1, 2, 2500, 5000]
+    assert kth_smallest(vals, ks) == [float(srt[k - 1]) for k in ks]
+    with pytest.raises(ValueError, match="outside"):
+        kth_smallest(vals, [0])

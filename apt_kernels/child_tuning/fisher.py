@@ -45,15 +45,29 @@ def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return loss
 
 
+def _kth_values(values: torch.Tensor, ks: list[int]) -> list[float]:
+    """The ks-th smallest values (1-based), selected on the values' device: on a GPU with Triton, the
+    radix-select passes of the PST kernels (``torch.kthvalue`` runs one block per slice there); else
+    ``kthvalue``."""
+    from .. import _env
+
+    if values.is_cuda and values.dtype == torch.float32 and _env.triton_reason(values.device) is None:
+        from ..pst.triton_pst import kth_smallest
+
+        return kth_smallest(values, ks)
+    return [float(values.kthvalue(k).values) for k in ks]
+
+
 def quantile_threshold(values: torch.Tensor, q: float) -> float:
-    """The q-quantile of ``values`` with linear interpolation (numpy.percentile's default), found by
-    selection (kthvalue) on the values' device, in float64."""
+    """The q-quantile of the non-negative ``values`` with linear interpolation (numpy.percentile's
+    default), found by selection on the values' device (nothing copied to the host), in float64."""
     n = values.numel()
     pos = q * (n - 1)
     lo = int(pos)
     hi = min(lo + 1, n - 1)
-    v_lo = float(values.kthvalue(lo + 1).values)
-    v_hi = float(values.kthvalue(hi + 1).values) if hi != lo else v_lo
+    ks = [lo + 1] if hi == lo else [lo + 1, hi + 1]
+    got = _kth_values(values, ks)
+    v_lo, v_hi = got[0], got[-1]
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 

@@ -270,6 +270,13 @@ def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, word
         tl.atomic_or(words_ptr + lo_w + 1, hi.to(tl.int32), mask=hi != 0)
 
 
+@triton.jit
+def _threshold_kernel(hist_ptr, state_ptr, k_target, NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr):
+    """One program: the unsigned key of the k_target-th smallest score, from the finished histograms."""
+    thr, _, _ = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
+    tl.store(state_ptr, thr)
+
+
 # --------------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +426,43 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     _mask_kernel[grid](*args, out, words, state, *scal, NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BN=bn, BK=bk,
                        **_SCORE_OPTS)
     return out, words
+
+
+def kth_smallest(values: torch.Tensor, ks: list[int]) -> list[float]:
+    """The ks-th smallest (1-based) of the non-negative float32 ``values``, by the radix passes of the
+    forward (its scores with zero factors are ``|W0|``): no sort, the values never leave the device; one
+    8-byte read-back per k. Used by ``apt_kernels.fisher_mask`` for its exact quantile."""
+    numel = values.numel()
+    if numel >= 2 ** 31:
+        raise ValueError(f"kth_smallest counts with int32 histograms: {numel} values are too many")
+    width = 4096
+    rows = triton.cdiv(numel, width)
+    # a (rows, 4096) matrix padded with +inf (the largest: the ks-th smallest is unchanged for ks <= numel)
+    w0 = torch.full((rows * width,), float("inf"), dtype=torch.float32, device=values.device)
+    w0[:numel] = values.reshape(-1)
+    w0 = w0.view(rows, width)
+    zeros_rows = torch.zeros(rows, dtype=torch.float32, device=values.device)
+    zeros_cols = torch.zeros(width, dtype=torch.float32, device=values.device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=values.device)
+    args = [w0, dummy, dummy, dummy, dummy, zeros_rows, zeros_cols]
+    scal = (rows, width, 0, 0, 0.0, 0.0, 0.0)
+    bn, bk = FWD_BLOCK
+    grid = (triton.cdiv(rows, bn) * triton.cdiv(width, bk),)
+    out = []
+    with _on(values.device):
+        for k in ks:
+            if not 1 <= k <= numel:
+                raise ValueError(f"k = {k} is outside 1 .. {numel}")
+            hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=values.device)
+            state = torch.zeros(1, dtype=torch.int64, device=values.device)
+            for p in range(NPASS):
+                _hist_kernel[grid](*args, hist, hist, *scal, k, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
+                                   CACHE_BITS=0, **_SCORE_OPTS)
+            _threshold_kernel[(1,)](hist, state, k, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS)
+            key = int(state.item()) - 2 ** 31  # the signed ordered key; non-negative for x >= 0
+            bits = key if key >= 0 else key ^ 0x7FFFFFFF
+            out.append(float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)))
+    return out
 
 
 def _split(n_row_blocks: int, n_col_tiles: int, device: torch.device) -> int:
