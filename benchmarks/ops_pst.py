@@ -59,45 +59,29 @@ def _dense(inp):
     return w, s
 
 
-def build_paper_argsort(n_pruned: int):
-    def build(inp):
-        def run():
-            w, s = _dense(inp)
-            idx = torch.argsort(s.detach().flatten())[:n_pruned]
-            m = torch.ones(s.numel(), device=s.device, dtype=s.dtype)
-            m[idx] = 0.0
-            m = m.view_as(s)
-            return ((m + s - s.detach()) * w).to(inp["w0"].dtype)
-
-        return run
-
-    return build
+def _zero_at(shape_like: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    m = torch.ones(shape_like.numel(), device=shape_like.device, dtype=shape_like.dtype)
+    m[idx] = 0.0
+    return m.view_as(shape_like)
 
 
-def build_kthvalue(n_pruned: int):
-    def build(inp):
-        def run():
-            w, s = _dense(inp)
-            sd = s.detach()
-            thr = sd.flatten().kthvalue(n_pruned).values
-            m = (sd > thr).to(s.dtype)
-            return ((m + s - sd) * w).to(inp["w0"].dtype)
-
-        return run
-
-    return build
+# Each peer's mask from the detached scores: the paper's argsort, kthvalue's threshold, topk's indices.
+PEER_MASKS = {
+    "paper_dense_argsort": lambda sd, n: _zero_at(sd, torch.argsort(sd.flatten())[:n]),
+    "torch_kthvalue": lambda sd, n: (sd > sd.flatten().kthvalue(n).values).to(sd.dtype),
+    "torch_topk": lambda sd, n: _zero_at(sd, torch.topk(sd.flatten(), n, largest=False, sorted=False).indices),
+}
 
 
-def build_topk(n_pruned: int):
+def build_peer(name: str, n_pruned: int):
+    """Dense S, the peer's mask, and the straight-through surrogate (M + S - S.detach()) * W."""
+    mask_of = PEER_MASKS[name]
+
     def build(inp):
         def run():
             w, s = _dense(inp)
             sd = s.detach()
-            idx = torch.topk(sd.flatten(), n_pruned, largest=False, sorted=False).indices
-            m = torch.ones(s.numel(), device=s.device, dtype=s.dtype)
-            m[idx] = 0.0
-            m = m.view_as(s)
-            return ((m + s - sd) * w).to(inp["w0"].dtype)
+            return ((mask_of(sd, n_pruned) + s - sd) * w).to(inp["w0"].dtype)
 
         return run
 
@@ -121,9 +105,7 @@ def make_case(n: int, k: int, *, device, wdtype, rank: int = RANK) -> Case:
     n_pruned = int(math.floor(n * k * SPARSITY))
     wbytes = n * k * torch.empty((), dtype=wdtype).element_size()
     contenders = [our_backend(REGISTRY_OP, b, build_ours(b), lambda inp: Probe.of(inp["w0"])) for b in OUR_BACKENDS]
-    contenders += [Contender("paper_dense_argsort", build_paper_argsort(n_pruned)),
-                   Contender("torch_kthvalue", build_kthvalue(n_pruned)),
-                   Contender("torch_topk", build_topk(n_pruned))]
+    contenders += [Contender(name, build_peer(name, n_pruned)) for name in PEER_MASKS]
     return Case(op=OP, name=f"{n}x{k}", params=dict(n=n, k=k, rank=rank, sparsity=SPARSITY,
                                                   w_dtype=str(wdtype).replace("torch.", ""), factor_dtype="float32"),
                 make_inputs=_inputs(n, k, rank, device, wdtype), contenders=contenders,

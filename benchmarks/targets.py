@@ -91,20 +91,15 @@ def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
             res = dict(issue=t.issue, target=t.text, op=t.op, case=case, mode=t.mode, kind=t.kind,
                        threshold=t.threshold, ours=None, peer=None, value=None, status="n/a", why="")
             time_key = "median_ms"
-            mem = t.kind in ("memory", "memory_less")
-            ours, why = _best(group, t.ours, "peak_mem_mb" if mem else time_key)
-            if ours is None:
-                res["why"] = f"ours: {why}"
+            key = "peak_mem_mb" if t.kind in ("memory", "memory_less") else time_key
+            ours, why = _best(group, t.ours, key)
+            peer, why_peer = _best(group, t.peers, key) if t.peers else (None, "")
+            res["ours"] = ours and ours["contender"]
+            res["peer"] = peer and peer["contender"]
+            if ours is None or (t.peers and peer is None):
+                res["why"] = f"ours: {why}" if ours is None else f"peers: {why_peer}"
                 out.append(res)
                 continue
-            res["ours"] = ours["contender"]
-            if t.peers:
-                peer, why = _best(group, t.peers, "peak_mem_mb" if mem else time_key)
-                if peer is None:
-                    res["why"] = f"peers: {why}"
-                    out.append(res)
-                    continue
-                res["peer"] = peer["contender"]
             if t.kind == "time_ratio":
                 value = ours[time_key] / peer[time_key]
                 ok = value <= t.threshold

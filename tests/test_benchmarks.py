@@ -152,3 +152,12 @@ def test_exact_peers_are_checked_against_the_reference():
     wrong = ops_attention.verified(lambda inp: (lambda: inp["q"] * 2))
     with pytest.raises(RuntimeError, match="differs from the reference"):
         wrong(inp)
+
+
+def test_pst_peer_masks_prune_the_same_n_smallest():
+    sd = torch.rand(37, 53, generator=torch.Generator().manual_seed(2))
+    n = 700
+    masks = {name: f(sd, n) for name, f in ops_pst.PEER_MASKS.items()}
+    want = (sd > sd.flatten().sort().values[n - 1]).float()
+    for name, m in masks.items():
+        assert torch.equal(m, want), name
