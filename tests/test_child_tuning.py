@@ -27,6 +27,17 @@ def fake_grads(model, step):
         p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
 
 
+def step_together(a, opt_a, b, opt_b, steps):
+    """The same fake gradients for both models at every step; their parameters must then agree."""
+    for step in range(steps):
+        fake_grads(a, step)
+        fake_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
 class PaperChildTuningAdamW:
     """A literal copy of the Child-Tuning paper's optimizer step (old transformers AdamW + grad mask),
     with the F-mode Bernoulli draw replaced by the exposed keep mask of the same (seed, step, index)."""
@@ -115,13 +126,8 @@ def test_torch_semantics_full_reserve_equals_torch_adamw(backend, wd):
     opt_a = ak.ChildTuningAdamW(a.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=wd,
                                 reserve_p=1.0, semantics="torch", backend=backend)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=wd, foreach=False)
-    for step in range(60):
-        fake_grads(a, step)
-        fake_grads(b, step)
-        opt_a.step()
-        opt_b.step()
+    step_together(a, opt_a, b, opt_b, 60)
     for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-6, atol=0)
 
@@ -138,13 +144,7 @@ def test_official_semantics_equals_paper_loop(backend, mode):
     kw = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, reserve_p=0.35, mode=mode)
     opt_a = ak.ChildTuningAdamW(a.parameters(), **kw, masks=masks_a, seed=11, backend=backend)
     opt_b = PaperChildTuningAdamW(b.parameters(), **kw, masks=masks_b, seed=11)
-    for step in range(40):
-        fake_grads(a, step)
-        fake_grads(b, step)
-        opt_a.step()
-        opt_b.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    step_together(a, opt_a, b, opt_b, 40)
     if mode == "D":  # masked-out weights moved only by weight decay: p * (1 - lr*wd)^40
         p0 = list(small_model().parameters())[0]
         p1, m = list(a.parameters())[0], raw[0]
