@@ -6,6 +6,7 @@ questions to decide which backends are available and to say why one is not.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -81,6 +82,12 @@ def _load_extension():
 def cuda_extension():
     """The loaded extension module, or None."""
     return _load_extension()[0]
+
+
+def on_device(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (a no-op elsewhere). Triton launches, and
+    its autotuner benchmarks, on the current device: the kernels' tensors may live on another GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def cuda_reason(device: torch.device) -> str | None:

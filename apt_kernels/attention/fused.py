@@ -20,14 +20,13 @@ Design (docs/attention.md has the long form):
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .._env import triton_interpret
+from .._env import on_device, triton_interpret
 from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
 DROPOUT_TAG = tl.constexpr(0x41505400)
@@ -444,14 +443,9 @@ class _Prepared:
         self.seed_lo, self.seed_hi = seed & 0xFFFFFFFF, seed >> 32
 
 
-def _on(device: torch.device):
-    """Triton launches on the current device: make it the tensors' (a model split over GPUs)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, dropout_p: float, seed: int):
     """(out, lse) from the fused forward kernel."""
-    with _on(q.device):
+    with on_device(q.device):
         return _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, seed)
 
 
@@ -476,7 +470,7 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
 def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal: bool, scale: float,
                        dropout_p: float, seed: int):
     """(dq, dk, dv, dprefix_k, dprefix_v, dgate), each reduced to its input's (broadcast) shape."""
-    with _on(q.device):
+    with on_device(q.device):
         return _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal, scale,
                                    dropout_p, seed)
 
@@ -499,8 +493,9 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     gate_n1 = gate_h1 = False
     if P:
         dpk = (torch.zeros if nothing else torch.empty)((B, Hkv, P, D), dtype=torch.float32, device=q.device)
-        dpv = torch.empty_like(dpk) if not nothing else torch.zeros_like(dpk)
-    dg_buf = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
+        dpv = alloc(dpk)
+    # a 1-element stand-in where no gate gradient is made (the token launch, or no gate at all)
+    dg_dummy = dg_buf = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
     if a.has_gate:
         gate_n1, gate_h1 = gate.shape[2] == 1, gate.shape[1] == 1
         dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if gate_n1 else N, P), dtype=torch.float32, device=q.device)
@@ -514,7 +509,6 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
         HAS_DLSE=grad_lse is not None, num_warps=4)
     common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
-    dg_dummy = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     for is_prefix in (True, False):
         L = P if is_prefix else M
@@ -635,8 +629,7 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
         grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
                                    *ctx.args)
-        dq, dk, dv, dpk, dpv, dg = grads
-        return (dq, dk, dv, dpk, dpv, dg, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):

@@ -141,15 +141,11 @@ def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp
     write_back = []  # (original, contiguous copy) pairs to copy back after the launches
     scalars: dict[int, tuple[float, float]] = {}  # step -> (step size, sqrt(bc2)): steps are mostly equal
     f_mode = masking.mode == "F"
-    f_mode_active = f_mode and masking.reserve_p < 1.0
     for j, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         _check(j, p, g, m, v, masking)
         if p.numel() == 0:
             continue
-        if f_mode:
-            mode = MODE_F if f_mode_active else MODE_NONE
-        else:
-            mode = MODE_D if masking.bits[j] is not None else MODE_NONE
+        mode = (MODE_F if f_mode else MODE_D) if masking.active(j) else MODE_NONE
         key = (p.device, p.dtype, mode)
         launch = launches.get(key)
         if launch is None:

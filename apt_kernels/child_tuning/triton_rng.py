@@ -7,12 +7,11 @@ Import this module only when Triton is usable (see ``apt_kernels._env``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from .._env import on_device
 from .rng import KEEP_BITS, keep_threshold
 
 KEEP_BITS_C = tl.constexpr(KEEP_BITS)
@@ -77,7 +76,7 @@ def keep_mask_triton(seed: int, step: int, param_index: int, shape, reserve_p: f
         seed &= (1 << 64) - 1
         block = 1024
         device = torch.device(device)
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with on_device(device):
             _keep_mask_kernel[(triton.cdiv(numel + offset % 4, block),)](
                 out, numel, offset, step, param_index, seed & 0xFFFFFFFF, seed >> 32,
                 keep_threshold(reserve_p), BLOCK=block)

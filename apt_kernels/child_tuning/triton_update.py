@@ -16,12 +16,11 @@ Import this module only when Triton is usable (see ``apt_kernels._env``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from .._env import on_device
 from .fused import MODE_D, MODE_F, Hyper, Launch
 from .triton_rng import group_tile, philox_keep4
 
@@ -178,7 +177,7 @@ def launch(launch: Launch, h: Hyper) -> None:
 def _launch(launch: Launch, h: Hyper, aligned: bool) -> None:
     ptrs, meta, scal, work = _tables(launch, launch.device)
     grid = (work.shape[0],)
-    with torch.cuda.device(launch.device) if launch.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(launch.device):
         _child_tuning_adamw_kernel[grid](
             ptrs, meta, scal, work,
             h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.inv_reserve_p,

@@ -33,11 +33,11 @@ Import this module only when Triton is usable (see ``apt_kernels._env``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .._env import on_device
 
 RADIX_BITS = 8
 BINS = 1 << RADIX_BITS
@@ -354,11 +354,6 @@ def _alloc(tag: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _on(device: torch.device):
-    """Launch on the tensors' GPU, whichever is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(1, x)))
 
@@ -379,7 +374,7 @@ def _fwd_block(k: int, nm) -> tuple[int, int]:
 
 def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
     """(W', packed keep bits) for n_pruned (global selection) or nm=(N, M)."""
-    with _on(w0.device):
+    with on_device(w0.device):
         return _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm)
 
 
@@ -449,7 +444,7 @@ def kth_smallest(values: torch.Tensor, ks: list[int]) -> list[float]:
     bn, bk = FWD_BLOCK
     grid = (triton.cdiv(rows, bn) * triton.cdiv(width, bk),)
     out = []
-    with _on(values.device):
+    with on_device(values.device):
         for k in ks:
             if not 1 <= k <= numel:
                 raise ValueError(f"k = {k} is outside 1 .. {numel}")
@@ -476,7 +471,7 @@ def _split(n_row_blocks: int, n_col_tiles: int, device: torch.device) -> int:
 
 def backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
     """Straight-through gradients (dW0, dU, dV, dA, dB, dR, dC) in float32 (dW0 in w0's dtype)."""
-    with _on(w0.device):
+    with on_device(w0.device):
         return _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs)
 
 
