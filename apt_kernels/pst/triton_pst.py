@@ -378,6 +378,13 @@ def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
         return _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm)
 
 
+def _radix_passes(grid, args, hist, cache, scal, k_target, cache_bits: int, bn: int, bk: int) -> None:
+    """The NPASS histogram passes selecting the k_target-th smallest score (state in ``hist``)."""
+    for p in range(NPASS):
+        _hist_kernel[grid](*args, hist, cache, *scal, k_target, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
+                           CACHE_BITS=cache_bits, **_SCORE_OPTS)
+
+
 def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     n, k = w0.shape
     numel = n * k
@@ -408,9 +415,7 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
         # the first pass keeps the keys' top bits in W' (overwritten by the mask pass): 16 or all 32
         cache_bits = {2: 16, 4: 32}.get(out.element_size(), 0)
         cache = out.view({16: torch.int16, 32: torch.int32}[cache_bits]) if cache_bits else hist
-        for p in range(NPASS):
-            _hist_kernel[grid](*args, hist, cache, *scal, n_pruned, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
-                               CACHE_BITS=cache_bits, **_SCORE_OPTS)
+        _radix_passes(grid, args, hist, cache, scal, n_pruned, cache_bits, bn, bk)
         _tie_rows_kernel[grid](*args, hist, rowcnt, *scal, n_pruned, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS,
                                BN=bn, BK=bk, **_SCORE_OPTS)
         # one program scans the row counts, then the one row holding the cut: wide blocks, few iterations
@@ -450,9 +455,7 @@ def kth_smallest(values: torch.Tensor, ks: list[int]) -> list[float]:
                 raise ValueError(f"k = {k} is outside 1 .. {numel}")
             hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=values.device)
             state = torch.zeros(1, dtype=torch.int64, device=values.device)
-            for p in range(NPASS):
-                _hist_kernel[grid](*args, hist, hist, *scal, k, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
-                                   CACHE_BITS=0, **_SCORE_OPTS)
+            _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
             _threshold_kernel[(1,)](hist, state, k, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS)
             key = int(state.item()) - 2 ** 31  # the signed ordered key; non-negative for x >= 0
             bits = key if key >= 0 else key ^ 0x7FFFFFFF
