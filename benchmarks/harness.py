@@ -459,10 +459,19 @@ def write_results(rows: list[dict], out_dir: str | Path, name: str, meta: dict, 
             r = dict(r, params=json.dumps(r["params"], sort_keys=True))
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
     if plots:
-        for op in dict.fromkeys(r["op"] for r in rows):
-            p = plot_op([r for r in rows if r["op"] == op], out_dir / f"{name}-{op}.png", title=f"{op} — {meta.get('device', '')}")
-            if p:
-                paths[f"png:{op}"] = p
+        paths.update(write_plots(rows, out_dir, name, meta.get("device", "")))
+    return paths
+
+
+def write_plots(rows: list[dict], out_dir: str | Path, name: str, device: str = "") -> dict:
+    """``<name>-<op>.png`` per op with a measured row; returns {"png:<op>": path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for op in dict.fromkeys(r["op"] for r in rows):
+        p = plot_op([r for r in rows if r["op"] == op], out_dir / f"{name}-{op}.png", title=f"{op} — {device}")
+        if p:
+            paths[f"png:{op}"] = p
     return paths
 
 

@@ -78,8 +78,7 @@ def main(argv=None) -> int:
         print(harness.format_summary(doc["rows"]))
         print(targets.format_targets(targets.evaluate(doc["rows"])))
         if not args.no_plots:  # the GPU script leaves plots out (files that come back are few): draw them here
-            meta = {k: v for k, v in doc.items() if k not in ("rows", "name")}
-            harness.write_results(doc["rows"], args.out_dir, doc["name"], meta, plots=True)
+            harness.write_plots(doc["rows"], args.out_dir, doc["name"], doc.get("device", ""))
         return 0
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
