@@ -1,7 +1,7 @@
 // Child-Tuning's fused masked AdamW: the per-element math and the per-chunk loop, as __host__ __device__
-// templates. child_tuning.cu runs them in its kernels; the tests also compile this header for the host
-// with nvcc and run the very same chunk loop on CPU memory (tests/test_child_tuning_kernels.py), since
-// a machine without a GPU can compile CUDA but not run it. Plain CUDA, no framework headers.
+// templates that child_tuning.cu runs in its kernels. The tests also run those kernels on CPU memory
+// (child_tuning.cu compiled for the host with tests/cuda_host_sim.h; tests/test_child_tuning_kernels.py),
+// since a machine without a GPU can compile CUDA but not run it. Plain CUDA, no framework headers.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -13,6 +13,8 @@
 // Workspace: a State, 3 histograms of 2048 64-bit counters, n 64-bit row counters.
 #include "pst.cuh"
 
+#include <cmath>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -36,20 +38,33 @@ struct State {
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
 // ---- exact float32 arithmetic, immune to --use_fast_math (only the written FMAs, no flush-to-zero) ----
+// (The host branches serve the tests, which run these kernels on the CPU: tests/cuda_host_sim.h.)
 __device__ __forceinline__ float add_rn(float x, float y) {
+#ifdef __CUDA_ARCH__
   float z;
   asm("add.rn.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
   return z;
+#else
+  return x + y;
+#endif
 }
 __device__ __forceinline__ float mul_rn(float x, float y) {
+#ifdef __CUDA_ARCH__
   float z;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
   return z;
+#else
+  return x * y;
+#endif
 }
 __device__ __forceinline__ float fma_rn(float x, float y, float z) {
+#ifdef __CUDA_ARCH__
   float w;
   asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(w) : "f"(x), "f"(y), "f"(z));
   return w;
+#else
+  return std::fma(x, y, z);
+#endif
 }
 __device__ __forceinline__ float abs_bits(float x) { return __uint_as_float(__float_as_uint(x) & 0x7fffffffu); }
 

@@ -1,12 +1,12 @@
 // PST selection and mask passes: fused low-rank scores, exact radix select of the n_pruned-th
 // smallest score, W' = M * W and a packed keep bitmask. Plain CUDA: no torch headers.
 //
-// Scores, per entry (i, c), every operation one IEEE float32 operation rounded to nearest (no FMA,
-// no flush-to-zero; done with inline PTX so that compiler flags such as --use_fast_math cannot
-// change them):
-//   uv = 0; for j < rw: uv = uv + U[i, j] * V[j, c]        ab likewise with A, B and rs
-//   W  = W0[i, c] + beta * uv
-//   S  = (|W| + alpha1 * ab) + alpha2 * (R[i] + C[c])
+// Scores, per entry (i, c), in this order, every step one IEEE float32 fused multiply-add rounded once
+// to nearest or one float32 addition (inline PTX, so that compiler flags such as --use_fast_math cannot
+// change them or flush to zero; apt_kernels.pst.reference.fused_order_scores is the same order):
+//   uv = 0; for j < rw: uv = fma(U[i, j], V[j, c], uv)        ab likewise with A, B and rs
+//   W  = fma(beta, uv, W0[i, c])
+//   S  = fma(alpha2, R[i] + C[c], fma(alpha1, ab, |W|))
 // Ordered keys: the float bits with negative values flipped, -0 -> +0, every NaN above +inf, as
 // apt_kernels.pst.reference.ordered_key (here as unsigned: key ^ 0x80000000).
 // Mask: exactly n_pruned entries with the smallest keys are pruned; among equal keys the smaller

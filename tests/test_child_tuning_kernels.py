@@ -3,8 +3,8 @@
 Lanes:
   * triton: the Triton kernel through the interpreter on CPU (compiled on a GPU) against the torch backend;
     its F masks bit-exactly against the stream's definition.
-  * nvcc: the CUDA kernel's own chunk loop and math (csrc/child_tuning_kernel.cuh) compiled by nvcc for
-    the host and run on CPU tensors through the binding's Python-side call, against the torch backend.
+  * nvcc: the CUDA kernels themselves (csrc/child_tuning.cu) compiled for the host and run on CPU threads
+    by tests/cuda_host_sim.h, called through the binding's Python-side signature, against the torch backend.
   * gpu: the built extension on a CUDA device: the cuda and triton backends against torch, the masks
     bit-exactly.
 """
@@ -322,12 +322,12 @@ def test_triton_kernel_compiles_for_sm90_and_vectorises():
 
 
 # ---------------------------------------------------------------------------------------------------
-# nvcc lane: the CUDA kernel's code, compiled for the host, run on CPU tensors
+# nvcc lane: the CUDA kernels, compiled for the host (tests/cuda_host_sim.h), run on CPU tensors
 # ---------------------------------------------------------------------------------------------------
 
 HOST_HARNESS = r"""
-// Runs child_tuning_kernel.cuh's chunk loop on host memory: every chunk of the table, every lane of a
-// block in turn (lanes are independent), exactly the indexing of the kernel with kThreads threads.
+// Host entry points over child_tuning.cu's own launch functions (run by tests/cuda_host_sim.h) and
+// the Philox function of child_tuning_kernel.cuh.
 #include <vector>
 #include "child_tuning_kernel.cuh"
 namespace ct = apt::child_tuning;
@@ -338,9 +338,9 @@ extern "C" void host_philox(const uint32_t* ctr, const uint32_t* key, uint32_t* 
   for (int i = 0; i < 4; ++i) out[i] = c[i];
 }
 
-extern "C" void host_keep_mask(bool* out, int64_t n, int64_t offset, uint32_t step, uint32_t index, uint32_t seed_lo,
-                               uint32_t seed_hi, uint32_t threshold) {
-  for (int64_t i = 0; i < n; ++i) out[i] = ct::keep_bit(i + offset, step, index, seed_lo, seed_hi, threshold);
+extern "C" int host_keep_mask(bool* out, int64_t n, int64_t offset, uint32_t step, uint32_t index, uint32_t seed_lo,
+                              uint32_t seed_hi, uint32_t threshold) {
+  return apt_child_tuning_keep_mask(out, n, offset, step, index, seed_lo, seed_hi, threshold, nullptr);
 }
 
 extern "C" int host_adamw(int64_t n, void* const* params, const void* const* grads, float* const* ms, float* const* vs,
@@ -357,30 +357,19 @@ extern "C" int host_adamw(int64_t n, void* const* params, const void* const* gra
   const ct::Hyper h{float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]),
                     uint32_t(u[0]), uint32_t(u[1]), uint32_t(u[2])};
   const std::vector<ct::ChunkRow> chunks = ct::chunk_table(rows.data(), n);
-  return ct::dispatch(dtype, mode, official != 0, has_decay != 0, [&](auto p, auto m, auto o, auto d) -> cudaError_t {
-    using P = typename decltype(p)::type;
-    for (const ct::ChunkRow& c : chunks)
-      for (int lane = 0; lane < ct::kThreads; ++lane)
-        ct::update_chunk<P, decltype(m)::value, decltype(o)::value, decltype(d)::value>(rows[c.tensor], c.chunk, lane,
-                                                                                         ct::kThreads, h);
-    return cudaSuccess;
-  });
+  return apt_child_tuning_adamw(rows.data(), chunks.data(), static_cast<int64_t>(chunks.size()), h, dtype, mode,
+                                official != 0, has_decay != 0, nullptr);
 }
 """
 
 
 @pytest.fixture(scope="module")
 def host_kernels(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+    if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found")
-    d = tmp_path_factory.mktemp("ct_host")
-    (d / "harness.cu").write_text(HOST_HARNESS)
-    lib = d / "libct_host.so"
-    res = subprocess.run([nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc"),
-                          str(d / "harness.cu"), "-o", str(lib)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return ctypes.CDLL(str(lib))
+    from cuda_host import build_host_kernels
+
+    return build_host_kernels(tmp_path_factory.mktemp("ct_host"), ["child_tuning.cu"], HOST_HARNESS)
 
 
 def _ptrs(ctype, tensors):
@@ -412,9 +401,10 @@ class HostExtension:
 
     def child_tuning_keep_mask(self, numel, offset, step, index, seed_lo, seed_hi, threshold, device_index):
         out = torch.empty(numel, dtype=torch.bool)
-        self.lib.host_keep_mask(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(numel), ctypes.c_int64(offset),
-                                ctypes.c_uint32(step), ctypes.c_uint32(index), ctypes.c_uint32(seed_lo),
-                                ctypes.c_uint32(seed_hi), ctypes.c_uint32(threshold))
+        rc = self.lib.host_keep_mask(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(numel), ctypes.c_int64(offset),
+                                     ctypes.c_uint32(step), ctypes.c_uint32(index), ctypes.c_uint32(seed_lo),
+                                     ctypes.c_uint32(seed_hi), ctypes.c_uint32(threshold))
+        assert rc == 0
         return out
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from apt_kernels.child_tuning import keep_mask
+from cuda_host import cuda_include_dirs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -45,13 +46,7 @@ def _torch_include_flags(stub_dir: pathlib.Path) -> list[str]:
     # CPU wheels of torch ship c10/cuda headers but not this generated one; it only sets a macro.
     (stub_dir / "c10/cuda/impl").mkdir(parents=True)
     (stub_dir / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    nvcc = pathlib.Path(shutil.which("nvcc")).resolve()
-    cuda_include = [p for p in (nvcc.parents[1] / "include", pathlib.Path("/usr/local/cuda/include"))
-                    if (p / "cuda_runtime.h").exists()]
-    if not cuda_include:  # nvcc may be a wrapper script: ask it where the toolkit is
-        out = subprocess.run([str(nvcc), "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
-        tops = [line.split("=", 1)[1].strip() for line in out.splitlines() if "TOP=" in line]
-        cuda_include = [pathlib.Path(t) / "include" for t in tops]
+    cuda_include = cuda_include_dirs()
     return ([f"-I{stub_dir}"] + [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
             + [f"-I{p}" for p in cuda_include] + [f"-I{CSRC}"])
 

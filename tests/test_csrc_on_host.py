@@ -1,0 +1,257 @@
+"""The CUDA C++ kernels of csrc/ executed on the CPU (nvcc lane; no GPU needed).
+
+tests/cuda_host_sim.h runs each launch of the real kernel code on host threads with CUDA's block and
+warp semantics (shared memory, __syncthreads, warp ballots and shuffles, atomics). Stand-ins for the
+extension's Python-facing functions (``HostExtension``, the binding's arguments and allocations, outputs
+poisoned) are patched in as ``apt_kernels._C``, so ``backend="cuda"`` runs on CPU tensors through the
+package's own code path. The GPU lane (tests/test_gpu.py) runs the same kernels compiled for sm_90.
+
+Covered here: PST's selection (three radix passes and their one-block pick kernels, the tie split's
+row counts and cut kernel) and mask passes, its N:M path, and the bit packing kernels. Child-Tuning's
+kernels run on the host in tests/test_child_tuning_kernels.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import apt_kernels as ak
+from apt_kernels import _env, bits
+from apt_kernels.pst import REGISTRY as PST_REGISTRY
+from apt_kernels.pst import _run
+from apt_kernels.pst.reference import fused_order_scores, n_pruned, reference_keep_mask
+from cuda_host import build_host_kernels
+from test_pst_kernels import make, numpy_mask, tolerance_band
+
+pytestmark = pytest.mark.nvcc
+
+_PTR = ctypes.c_void_p
+
+
+class _Problem(ctypes.Structure):  # csrc/pst.cuh: AptPstProblem
+    _fields_ = [("w0", _PTR), ("w0_dtype", ctypes.c_int), ("u", _PTR), ("v", _PTR), ("a", _PTR), ("b", _PTR),
+                ("r", _PTR), ("c", _PTR), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("rw", ctypes.c_int),
+                ("rs", ctypes.c_int), ("beta", ctypes.c_float), ("alpha1", ctypes.c_float),
+                ("alpha2", ctypes.c_float)]
+
+
+def _poisoned(shape, dtype):
+    """An output buffer full of a byte pattern that no kernel writes by chance (0x5A5A... / NaN-free)."""
+    t = torch.empty(shape, dtype=dtype)
+    t.view(torch.uint8).fill_(0x5A)
+    return t
+
+
+class HostExtension:
+    """apt_kernels._C as the bindings (csrc/*_bind.cpp) call csrc/'s C API, on CPU tensors."""
+
+    _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.apt_pst_workspace_bytes.restype = ctypes.c_size_t
+        lib.apt_pst_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
+        lib.apt_pst_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int64, ctypes.c_int, ctypes.c_int, _PTR,
+                                        _PTR, _PTR, ctypes.c_size_t, _PTR]
+        for name in ("apt_pack_bits", "apt_unpack_bits"):
+            getattr(lib, name).argtypes = [_PTR, _PTR, ctypes.c_int64, _PTR]
+
+    def pst_forward(self, w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm_n, nm_m):
+        assert w0.dim() == 2 and w0.device.type == "cpu"
+        n, k = w0.shape
+        rw, rs = u.shape[1], a.shape[1]
+        assert u.shape == (n, rw) and v.shape == (rw, k) and a.shape == (n, rs) and b.shape == (rs, k)
+        assert r.shape == (n,) and c.shape == (k,)
+        w = w0.contiguous()
+        f32 = [t.float().contiguous() for t in (u, v, a, b, r, c)]
+        out = _poisoned(w.shape, w.dtype)
+        words = _poisoned(((n * k + 31) // 32,), torch.int32)
+        ws = _poisoned((self.lib.apt_pst_workspace_bytes(n, k),), torch.uint8)
+        p = _Problem(w.data_ptr(), self._DTYPES[w.dtype], *[t.data_ptr() for t in f32], n, k, rw, rs, beta, alpha1,
+                     alpha2)
+        rc = self.lib.apt_pst_forward(ctypes.byref(p), n_pruned, nm_n, nm_m, out.data_ptr(), words.data_ptr(),
+                                      ws.data_ptr(), ws.numel(), None)
+        if rc:
+            raise RuntimeError(f"apt_pst_forward: cuda error {rc}")
+        return [out, words]
+
+    def pack_bits(self, mask):
+        flat = mask.contiguous().view(-1)
+        words = _poisoned(((flat.numel() + 31) // 32,), torch.int32)
+        assert self.lib.apt_pack_bits(flat.data_ptr(), words.data_ptr(), flat.numel(), None) == 0
+        return words
+
+    def unpack_bits(self, words, n):
+        mask = _poisoned((n,), torch.bool)
+        mask.view(torch.uint8).fill_(2)  # neither False nor True
+        assert self.lib.apt_unpack_bits(words.contiguous().data_ptr(), mask.data_ptr(), n, None) == 0
+        return mask
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    try:
+        return build_host_kernels(tmp_path_factory.mktemp("csrc_host"), ["pst.cu", "bitpack.cu"])
+    except RuntimeError as e:
+        if "no C++ compiler" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture
+def cuda_on_host(host_lib, monkeypatch):
+    """backend="cuda" on CPU tensors runs csrc/'s kernels on the host."""
+    monkeypatch.setattr(_env, "cuda_extension", lambda: HostExtension(host_lib))
+    for reg in (PST_REGISTRY, bits.REGISTRY):
+        monkeypatch.setattr(reg._entries["cuda"], "checks", ())
+    return HostExtension(host_lib)
+
+
+def _cuda(ts, sparsity=None, nm=None, beta=1.0, a1=1.0, a2=1.0):
+    """(W', keep mask) of the cuda backend."""
+    wp, words, name = _run(*ts, sparsity, beta, a1, a2, "cuda", nm=nm)
+    assert name == "cuda"
+    return wp, bits.unpack_bits(words, ts[0].shape)
+
+
+def _emulated(ts, sparsity=None, nm=None, beta=1.0, a1=1.0, a2=1.0):
+    w, s = fused_order_scores(*ts, beta, a1, a2)
+    keep = (ak.pst.composite.nm_keep_mask(s, nm) if nm is not None
+            else reference_keep_mask(s, n_pruned(s.numel(), sparsity)))
+    return (w * keep).to(ts[0].dtype), keep
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (64, 96), (1, 1), (1, 13), (13, 1), (33, 64)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+def test_pst_ties_equal_reference_exactly(cuda_on_host, shape, sparsity):
+    ts = make(*shape, ties=True, device="cpu")
+    wp, keep = _cuda(ts, sparsity)
+    assert torch.equal(keep, ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+    assert torch.equal(keep, numpy_mask(ts, sparsity))
+    assert int((~keep).sum()) == n_pruned(keep.numel(), sparsity)
+    assert torch.equal(wp, ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ties", [True, False])
+def test_pst_dtypes_equal_fused_order_emulation(cuda_on_host, dtype, ties):
+    """Any data: the mask and W' of the documented FMA order, bit for bit, in every dtype."""
+    ts = make(37, 53, rw=8, rs=5, ties=ties, dtype=dtype, device="cpu")
+    for sparsity, (beta, a1, a2) in ((0.5, (1.0, 1.0, 1.0)), (0.9, (0.7, 1.3, -0.4))):
+        want_w, want_keep = _emulated(ts, sparsity, beta=beta, a1=a1, a2=a2)
+        wp, keep = _cuda(ts, sparsity, beta=beta, a1=a1, a2=a2)
+        assert wp.dtype == dtype
+        assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (64, 96)])
+def test_pst_vs_reference_within_rounding(cuda_on_host, shape):
+    beta, a1, a2 = 0.7, 1.3, 0.4
+    ts = make(*shape, rw=8, rs=8, device="cpu")
+    for sparsity in (0.3, 0.9):
+        ref = ak.pst_mask(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="reference")
+        _, got = _cuda(ts, sparsity, beta=beta, a1=a1, a2=a2)
+        band = tolerance_band(ts, sparsity, beta, a1, a2)
+        assert int((~got).sum()) == int((~ref).sum()) == n_pruned(got.numel(), sparsity)
+        assert not bool(((got != ref) & ~band).any()), "masks differ outside the rounding band of the threshold"
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (37, 53), (1, 40), (1100, 2)])
+def test_pst_tie_split(cuda_on_host, shape):
+    """Ties split in row-major order: the row-count and cut kernels (1100 rows: the cut kernel's scan over
+    the row counts takes two rounds of its 1024 threads)."""
+    n, k = shape
+    ts = make(n, k, ties=True, device="cpu")
+    one = 1.5 / (n * k)  # floor(n k s) == 1
+    assert torch.equal(_cuda(ts, one)[1], ak.pst_mask(*ts, sparsity=one, backend="reference"))
+    ts[0] = torch.ones_like(ts[0])  # every score equal: the first n_pruned entries in row-major order go
+    ts[0].view(-1)[::3] *= -1  # -1 and +1 have the same |W|
+    for sparsity in (0.3, 0.9, 0.999):
+        keep = _cuda(ts, sparsity)[1].reshape(-1)
+        kp = n_pruned(n * k, sparsity)
+        assert not keep[:kp].any() and keep[kp:].all(), sparsity
+
+
+def test_pst_signed_zeros_nan_and_inf(cuda_on_host):
+    ts = make(9, 40, ties=True, device="cpu")
+    w0 = ts[0]
+    w0[0, :5] = -0.0
+    w0[1, :5] = 0.0
+    w0[2, 3] = float("nan")
+    w0[3, 4] = float("inf")
+    w0[4, 5] = -float("inf")
+    for sparsity in (0.1, 0.5, 0.99):
+        assert torch.equal(_cuda(ts, sparsity)[1], ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+    wp = _cuda(ts, 0.9)[0]
+    assert torch.isnan(wp[2, 3]) and wp[3, 4] == float("inf") and wp[4, 5] == -float("inf")
+
+
+@pytest.mark.parametrize("k", [64, 53, 3])
+def test_pst_bitmask_layout(cuda_on_host, k):
+    """Words as apt_kernels.bits packs them, for rows that straddle words too."""
+    ts = make(11, k, device="cpu")
+    _, words, _ = _run(*ts, 0.6, 1.0, 1.0, 1.0, "cuda")
+    mask = bits.unpack_bits(words, (11, k))
+    assert words.dtype == torch.int32 and words.numel() == (11 * k + 31) // 32
+    assert torch.equal(words, bits.pack_bits(mask, backend="torch"))
+    assert torch.equal(mask, _emulated(ts, 0.6)[1])
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (0, 4), (16, 32), (2, 3), (5, 6)])
+@pytest.mark.parametrize("ties", [True, False])
+def test_pst_nm(cuda_on_host, nm, ties):
+    """N:M, group sizes that are not powers of two included (the cuda path's own; Triton's needs them)."""
+    ts = make(13, 96, ties=ties, device="cpu")
+    wp, keep = _cuda(ts, nm=nm)
+    want_w, want_keep = _emulated(ts, nm=nm)
+    assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+    assert torch.all(keep.view(13, -1, nm[1]).sum(-1) == nm[0])
+    if ties:  # exact scores: the reference's stable sort per group
+        assert torch.equal(keep, ak.pst_mask(*ts, nm=nm, backend="reference"))
+
+
+def test_pst_gradients_through_the_cuda_backend(cuda_on_host):
+    """The cuda backend's forward feeds the backward (Triton's fused one where Triton runs, else the STE)."""
+    ts = [t.requires_grad_(i > 0) for i, t in enumerate(make(19, 45, rw=4, rs=4, device="cpu"))]
+    out = ak.pst_masked_weight(*ts, sparsity=0.7, backend="cuda")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, ts[1:], g)
+    want = torch.autograd.grad(ak.pst_masked_weight(*ts, sparsity=0.7, backend="reference"), ts[1:], g)
+    for name, x, y in zip("uvabrc", got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+def test_pst_rejects_what_the_c_api_rejects(cuda_on_host, host_lib):
+    """The C API's own argument checks (the binding checks first; these guard other callers)."""
+    w = torch.zeros(4, 8)
+    f = [torch.zeros(4, 1), torch.zeros(1, 8), torch.zeros(4, 1), torch.zeros(1, 8), torch.zeros(4), torch.zeros(8)]
+    for n_pruned_, nm_n, nm_m in ((32, 0, 0), (-1, 0, 0), (0, 1, 3), (0, 5, 4), (0, 1, 64)):
+        with pytest.raises(RuntimeError, match="cuda error 1"):  # cudaErrorInvalidValue
+            cuda_on_host.pst_forward(w, *f, 1.0, 1.0, 1.0, n_pruned_, nm_n, nm_m)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 1000])
+def test_bitpack_kernels(cuda_on_host, n):
+    mask = torch.rand(n) < 0.4
+    words = bits.pack_bits(mask, backend="cuda")
+    if n:
+        assert torch.equal(words, bits.pack_bits(mask, backend="torch"))
+        assert torch.equal(cuda_on_host.unpack_bits(words, n), mask)
+    shaped = torch.rand(3, 7, 5) < 0.5
+    assert torch.equal(bits.unpack_bits(bits.pack_bits(shaped, backend="cuda"), shaped.shape), shaped)
+
+
+def test_pst_cuda_agrees_with_triton_bit_for_bit(cuda_on_host):
+    """Two independent implementations of one contract: same W' and words (Triton via its interpreter)."""
+    from test_pst_kernels import FMA_EXACT, TRITON_OK
+
+    if not (TRITON_OK and FMA_EXACT):
+        pytest.skip("Triton's interpreter cannot run the bit-exact score order here")
+    for ties, dtype in ((True, torch.bfloat16), (False, torch.float32), (False, torch.float16)):
+        ts = make(33, 70, rw=8, rs=8, ties=ties, dtype=dtype, device="cpu")
+        got_w, got_words, _ = _run(*ts, 0.8, 0.5, 2.0, 0.25, "cuda")
+        want_w, want_words, _ = _run(*ts, 0.8, 0.5, 2.0, 0.25, "triton")
+        assert torch.equal(got_w, want_w) and torch.equal(got_words, want_words)
