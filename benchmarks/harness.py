@@ -23,6 +23,11 @@ A contender that cannot run (``BackendUnavailable``, a peer that does not exist 
 failed compile) is recorded with status "skipped" and the reason; an unexpected exception from one of
 *our* backends is recorded as "error" (a bug to look at) without stopping the run.
 
+With ``profile=True`` every measured mode of our fused backends (not the PyTorch fallbacks) gets a
+``kernels`` list: the time per call of its heaviest kernels (CUDA; CPU: operators), from a few calls
+under ``torch.profiler`` once every contender of the case has been timed (so the profiler never runs
+before a timing of the same case), so that one GPU run says where the time goes.
+
 Every ok row gets ``ratio_to_best_peer`` = its median / the best peer's median in the same
 (op, case, mode): below 1 means faster than every peer measured in that run.
 """
@@ -211,6 +216,69 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
     return max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def short_kernel_name(name: str, width: int = 60) -> str:
+    """A kernel's name without its parameter list, return type and namespaces (C++), at most ``width`` chars."""
+    base = name.strip()
+    if base.endswith(")"):  # drop the parameter list: back to the "(" matching the final ")"
+        depth = 0
+        for i in range(len(base) - 1, -1, -1):
+            depth += (base[i] == ")") - (base[i] == "(")
+            if depth == 0:
+                base = base[:i].strip()
+                break
+    if base.startswith("void "):
+        base = base[5:]
+    depth, cut = 0, 0  # after the last "::" outside brackets
+    for i, ch in enumerate(base):
+        depth += (ch in "<(") - (ch in ">)")
+        if depth == 0 and base.startswith("::", i):
+            cut = i + 2
+    base = base[cut:] or name
+    return base if len(base) <= width else base[: width - 3] + "..."
+
+
+def kernel_breakdown(fn, device: torch.device, calls: int = 3, top: int = 8) -> list[dict]:
+    """The heaviest kernels of ``fn`` (CUDA: device time of each kernel, copy and fill; CPU: self time of
+    each operator), per call of ``fn``, averaged over ``calls`` calls under ``torch.profiler``:
+    ``[{"name", "calls", "us"}]``, heaviest first. ``calls`` is how often it ran per call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    # one warm-up step inside the session (a session's first kernel records can be lost), then the
+    # recorded one
+    with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+        for step in range(2):
+            for _ in range(1 if step == 0 else calls):
+                fn()
+            _sync(device)
+            prof.step()
+    out = []
+    for e in prof.key_averages():
+        if e.key.startswith("ProfilerStep"):
+            continue
+        if cuda:
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0.0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0 and (not cuda or e.device_type != torch.autograd.DeviceType.CPU):
+            out.append(dict(name=short_kernel_name(e.key), calls=e.count / calls, us=us / calls))
+    if cuda and not out:  # a profiler that files kernels under their operators only
+        out = [dict(name=short_kernel_name(e.key), calls=e.count / calls, us=e.self_device_time_total / calls)
+               for e in prof.key_averages()
+               if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("ProfilerStep")]
+    out.sort(key=lambda k: -k["us"])
+    return out[:top]
+
+
+def format_kernels(kernels: list[dict], top: int = 5) -> str:
+    return ", ".join(f"{k['name']} {k['us']:.1f} us" + (f" x{k['calls']:g}" if k["calls"] != 1 else "")
+                     for k in kernels[:top])
+
+
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -304,7 +372,8 @@ def run_order(contenders: list[Contender]) -> list[Contender]:
 
 
 def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: float | None = None,
-             n_sets: int = N_INPUT_SETS, log: Callable[[str], None] = print, skip: tuple[str, ...] = ()) -> list[dict]:
+             n_sets: int = N_INPUT_SETS, log: Callable[[str], None] = print, skip: tuple[str, ...] = (),
+             profile: bool = False) -> list[dict]:
     rows: list[dict] = []
     for c in run_order(case.contenders):
         if c.name in skip:
@@ -315,8 +384,30 @@ def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: floa
             continue
         rows += _run_contender(case, c, device, timing, n_sets, log, deadline)
         _cleanup(device)
+    if profile:  # after every contender of the case was timed: the profiler cannot touch a timing
+        for c in case.contenders:
+            if c.ours and c.name not in FALLBACKS:
+                _profile_contender(case, c, [r for r in rows if r["contender"] == c.name and r["status"] == "ok"],
+                                   device, log)
+                _cleanup(device)
     add_ratios(rows)
     return rows
+
+
+def _profile_contender(case, c, rows, device, log) -> None:
+    """Adds ``kernels`` (see :func:`kernel_breakdown`) to the measured ``rows`` of contender ``c``."""
+    if not rows:
+        return
+    try:
+        inputs = [case.make_inputs(0)]
+        fns = [c.build(inputs[0])]
+        for row in rows:
+            call = _mode_calls(case, row["mode"], fns, inputs, device)[0]
+            call()  # warm (compiled and autotuned already, but a fresh closure)
+            row["kernels"] = kernel_breakdown(call, device)
+            log(f"    {c.name:22s} {row['mode']:8s} kernels: {format_kernels(row['kernels'])}")
+    except Exception as e:  # noqa: BLE001  (a profiler problem must not cost the timings)
+        log(f"    {c.name:22s} not profiled: {_reason(e)}")
 
 
 def _run_contender(case, c, device, timing, n_sets, log, deadline=None) -> list[dict]:
@@ -403,7 +494,8 @@ def add_floor_fractions(rows: list[dict], floors: dict | None) -> None:
 
 def run_cases(cases: list[Case], device, timing: Timing | None = None, *, deadline: float | None = None,
               n_sets: int = N_INPUT_SETS, log: Callable[[str], None] = print,
-              on_case: Callable[[list[dict]], None] | None = None, skip: tuple[str, ...] = ()) -> list[dict]:
+              on_case: Callable[[list[dict]], None] | None = None, skip: tuple[str, ...] = (),
+              profile: bool = False) -> list[dict]:
     """Run every case; returns the rows (``on_case(rows_so_far)`` after each case, for incremental saves)."""
     device = torch.device(device)
     timing = timing or Timing()
@@ -411,7 +503,7 @@ def run_cases(cases: list[Case], device, timing: Timing | None = None, *, deadli
     for i, case in enumerate(cases, 1):
         shape = ", ".join(f"{k}={v}" for k, v in case.params.items())
         log(f"[{case.op} {i}/{len(cases)}] {case.name} ({shape})")
-        rows += run_case(case, device, timing, deadline=deadline, n_sets=n_sets, log=log, skip=skip)
+        rows += run_case(case, device, timing, deadline=deadline, n_sets=n_sets, log=log, skip=skip, profile=profile)
         if on_case:
             on_case(rows)
     return rows
@@ -546,4 +638,15 @@ def format_summary(rows: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
     lines.append("ratio = our best backend's median / the best peer's median (< 1: ours is faster).")
+    return "\n".join(lines)
+
+
+def format_kernel_table(rows: list[dict], top: int = 4) -> str:
+    """Per measured row of ours with a profile: its heaviest kernels (empty string when none)."""
+    prof = [r for r in rows if r.get("kernels")]
+    if not prof:
+        return ""
+    lines = ["heaviest kernels per call (torch.profiler, after the timing):"]
+    for r in prof:
+        lines.append(f"  {r['op']} {r['case']} {r['mode']} {r['contender']}: {format_kernels(r['kernels'], top)}")
     return "\n".join(lines)

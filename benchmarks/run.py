@@ -56,6 +56,22 @@ def measure_floors(device: torch.device, timing: harness.Timing) -> dict:
     return floors
 
 
+def autotune_choices() -> dict:
+    """The configurations Triton's autotuner picked in this run, per kernel and autotuning key."""
+    from apt_kernels.attention import fused
+
+    return fused.autotune_choices()
+
+
+def format_autotune(choices: dict) -> str:
+    if not choices:
+        return ""
+    lines = ["autotuned configurations (kernel: key -> choice):"]
+    for kernel, picks in choices.items():
+        lines += [f"  {kernel}: {key} -> {cfg}" for key, cfg in picks.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
@@ -70,11 +86,18 @@ def main(argv=None) -> int:
                     help="stop starting new contenders after this many seconds (they are recorded as skipped)")
     ap.add_argument("--skip", default="", help="comma-separated contender names to leave out (e.g. reference)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record the heaviest kernels of our fused backends per case and mode (torch.profiler)")
     ap.add_argument("--table", metavar="RESULTS.json", help="only print the summary table of a results file")
     args = ap.parse_args(argv)
     if args.table:
         doc = json.loads(Path(args.table).read_text())
         print(f"{doc.get('name')}: {doc.get('device')} ({doc.get('date')})")
+        kernels = harness.format_kernel_table(doc["rows"])
+        if kernels:
+            print(kernels + "\n")
+        if doc.get("autotune"):
+            print(format_autotune(doc["autotune"]) + "\n")
         print(harness.format_summary(doc["rows"]))
         print(targets.format_targets(targets.evaluate(doc["rows"])))
         if not args.no_plots:  # the GPU script leaves plots out (files that come back are few): draw them here
@@ -113,7 +136,8 @@ def main(argv=None) -> int:
     def save(new_rows, plots=False):
         allrows = rows + new_rows
         harness.add_floor_fractions(allrows, floors)
-        harness.write_results(allrows, out_dir, name, dict(meta, elapsed_s=round(time.monotonic() - t0, 1)), plots=plots)
+        harness.write_results(allrows, out_dir, name, dict(meta, elapsed_s=round(time.monotonic() - t0, 1),
+                                                           autotune=autotune_choices()), plots=plots)
 
     for i, op in enumerate(ops):
         mod = importlib.import_module(f"benchmarks.ops_{op}")
@@ -125,13 +149,14 @@ def main(argv=None) -> int:
             deadline = time.monotonic() + left * BUDGET_WEIGHTS[op] / sum(weights)
         t_op = time.monotonic()
         rows += harness.run_cases(cases, device, timing, deadline=deadline,
-                                  log=lambda s: print(s, flush=True), on_case=save, skip=skip)
+                                  log=lambda s: print(s, flush=True), on_case=save, skip=skip, profile=args.profile)
         print(f"[{op}] done in {time.monotonic() - t_op:.1f} s", flush=True)
 
     results = targets.evaluate(rows)
     meta["targets"] = results
     save([], plots=not args.no_plots)
-    table = harness.format_summary(rows) + "\n\n" + targets.format_targets(results)
+    table = "\n\n".join(x for x in (harness.format_kernel_table(rows), format_autotune(autotune_choices()),
+                                     harness.format_summary(rows), targets.format_targets(results)) if x)
     (out_dir / f"{name}-summary.txt").write_text(table + "\n")
     elapsed = time.monotonic() - t0
     print(f"\nwrote {out_dir / name}.json/.csv/-*.png in {elapsed:.1f} s\n", flush=True)

@@ -15,6 +15,8 @@
 #   BENCH_SKIP     contenders left out (default "reference": the float32 reference at full shapes is slow
 #                  and no target uses it; BENCH_SKIP= keeps it)
 #   BENCH_QUICK=1  benchmark the representative shapes only
+#   BENCH_PROFILE=0  leave out the per-kernel breakdown of our fused backends (torch.profiler, a few
+#                  calls per measured mode; in the JSON as "kernels", printed before the summary)
 #   CHECK_LIMIT_S  wall-clock budget of the whole script (default 570 s, under a 10-minute limit);
 #                  the benchmark gets what the build and the tests leave (nothing if under 60 s) and
 #                  skips, and records, the contenders and modes it has no time left for
@@ -86,6 +88,7 @@ else
     if [ -n "${BENCH_OPS:-}" ]; then bench_args+=(--ops "$BENCH_OPS"); fi
     if [ -n "${OUT:-}" ]; then bench_args+=(--no-plots); fi
     if [ "${BENCH_QUICK:-0}" != "0" ]; then bench_args+=(--quick); fi
+    if [ "${BENCH_PROFILE:-1}" != "0" ]; then bench_args+=(--profile); fi
     set +e
     timeout -s INT -k 15 "$((budget + 35))" python3 -m benchmarks.run "${bench_args[@]}" 2>&1 | tee "${LOGS}/${NAME}-bench.log"
     bench_rc=${PIPESTATUS[0]}

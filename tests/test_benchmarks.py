@@ -161,3 +161,52 @@ def test_pst_peer_masks_prune_the_same_n_smallest():
     want = (sd > sd.flatten().sort().values[n - 1]).float()
     for name, m in masks.items():
         assert torch.equal(m, want), name
+
+
+def test_kernel_breakdown_names_the_heaviest_work():
+    a = torch.randn(256, 256)
+
+    def fn():
+        return (a @ a).relu_().sum()
+
+    ks = harness.kernel_breakdown(fn, CPU, calls=2)
+    assert ks and ks[0]["us"] > 0 and ks == sorted(ks, key=lambda k: -k["us"])
+    assert ks[0]["name"] == "mm" and ks[0]["calls"] == 1, ks  # aten::mm, namespace dropped
+    assert not [k for k in ks if k["name"].startswith("ProfilerStep")], ks
+    assert harness.short_kernel_name("void (anonymous namespace)::hist_kernel(AptPstProblem, int, State const*)") \
+        == "hist_kernel"
+    assert harness.short_kernel_name("void apt::ct::adamw_kernel<float, 1, true, false>(apt::Row const*)") \
+        == "adamw_kernel<float, 1, true, false>"
+    assert harness.short_kernel_name("_attn_fwd") == "_attn_fwd"
+
+
+def test_profile_records_kernels_of_fused_contenders_only(monkeypatch):
+    """--profile: our non-fallback backends get a "kernels" list per measured mode; peers and fallbacks not."""
+    case = ops_pst.make_case(16, 24, device=CPU, wdtype=torch.float32)
+    fused = [c for c in case.contenders if c.name == "torch"][0]  # stands in for a fused backend on CPU
+    case.contenders = [harness.Contender("triton", fused.build, ours=True),
+                       *[c for c in case.contenders if c.name in ("torch", "torch_kthvalue")]]
+    rows = harness.run_case(case, CPU, FAST, log=lambda s: None, profile=True)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["contender"] for r in ok} == {"triton", "torch", "torch_kthvalue"}
+    for r in ok:
+        assert bool(r.get("kernels")) == (r["contender"] == "triton"), r
+    table = harness.format_kernel_table(rows)
+    assert table.count("\n") == sum(r["contender"] == "triton" for r in ok) and " us" in table
+
+
+def test_autotune_choices_are_reported(monkeypatch):
+    from types import SimpleNamespace
+
+    from apt_kernels.attention import fused
+
+    assert run.autotune_choices() == {} or all(isinstance(v, dict) for v in run.autotune_choices().values())
+    def _attn_fwd():  # stands in for the JITFunction (hashable, has a __name__)
+        pass
+
+    kernel = _attn_fwd
+    tuner = SimpleNamespace(cache={(64, 128, False): "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"})
+    monkeypatch.setitem(fused._TUNED, kernel, tuner)
+    choices = run.autotune_choices()
+    assert choices["_attn_fwd"] == {"(64, 128, False)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"}
+    assert "_attn_fwd: (64, 128, False) -> BLOCK_M: 128" in run.format_autotune(choices)

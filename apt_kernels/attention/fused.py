@@ -389,6 +389,13 @@ def _autotuned(kernel, table, reset=()):
 _TUNED = {}
 
 
+def autotune_choices() -> dict[str, dict[str, str]]:
+    """{kernel name: {autotuning key: picked configuration}} of the kernels autotuned so far in this process
+    (for the benchmark reports: which tiles won on this GPU)."""
+    return {getattr(kernel, "__name__", str(kernel)): {str(key): str(cfg) for key, cfg in tuner.cache.items()}
+            for kernel, tuner in _TUNED.items() if getattr(tuner, "cache", None)}
+
+
 def _launch(kernel, table, grid_of, args, consts, device, reset=()):
     """Launch ``kernel`` on the grid ``grid_of(BLOCK_M, BLOCK_N)``: autotuned over ``table`` on a GPU,
     else with the fixed blocks. ``reset`` names buffers the kernel accumulates into (zeroed between
