@@ -341,3 +341,27 @@ def test_fisher_mask_drives_mode_d():
     assert sum(int(m.sum()) for m in masks.values()) > 0
     with pytest.raises(ValueError, match="at least one batch"):
         ak.fisher_mask(model, [], 0.2, progress=False)
+
+
+def test_radix_kth_selects_exactly_across_tensors_and_chunks():
+    """fisher_mask's selection without Triton on a GPU (and past 2^31 values): exact k-th smallest over
+    several tensors, chunk boundaries inside them, ties, zeros, inf and NaN (the largest)."""
+    from apt_kernels.child_tuning.fisher import quantile_threshold, radix_kth
+
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.rand(700, generator=g) ** 3, torch.rand(13, 9, generator=g), torch.zeros(5), torch.rand(1, generator=g)]
+    parts[0][::9] = 0.125  # ties
+    parts[1][2, 3] = float("inf")
+    parts[1][4, 4] = float("nan")
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    srt = flat.sort().values  # NaN sorts last
+    for k in (1, 2, 5, 6, 300, 700, flat.numel() - 1, flat.numel()):
+        got = radix_kth(parts, k, chunk=64)
+        want = float(srt[k - 1])
+        assert (got == want) or (math.isnan(got) and math.isnan(want)), k
+    with pytest.raises(ValueError, match="outside"):
+        radix_kth(parts, 0)
+    finite = [t.nan_to_num(posinf=2.0) for t in parts]
+    for q in (0.0, 0.37, 0.9, 1.0):
+        want = float(np.percentile(torch.cat([t.reshape(-1) for t in finite]).double().numpy(), 100 * q))
+        assert quantile_threshold(finite, q) == pytest.approx(want, rel=1e-6, abs=0.0), q

@@ -604,3 +604,10 @@ def test_gpu_fisher_quantile_uses_the_radix_select_and_matches_numpy():
     for q in (0.0, 0.3, 0.9, 0.999, 1.0):
         want = float(np.percentile(vals.double().numpy(), 100 * q))
         assert quantile_threshold(vals.cuda(), q) == pytest.approx(want, rel=1e-6, abs=0.0), q
+    # the torch-ops selection that serves past 2^31 values (and without Triton), on the GPU
+    from apt_kernels.child_tuning.fisher import radix_kth
+
+    srt = vals.sort().values
+    parts = [vals[:400_000].cuda(), vals[400_000:].cuda()]
+    for k in (1, 500_000, 1_000_003):
+        assert radix_kth(parts, k, chunk=300_000) == float(srt[k - 1]), k

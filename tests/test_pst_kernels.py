@@ -555,5 +555,7 @@ def test_kth_smallest_by_the_radix_passes():
     srt = vals.cpu().sort().values
     ks = [1, 2, 2500, 5000]
     assert kth_smallest(vals, ks) == [float(srt[k - 1]) for k in ks]
+    # a list of tensors is taken together (no concatenation by the caller)
+    assert kth_smallest([vals[:1234], vals[1234:].view(-1, 2)], ks) == [float(srt[k - 1]) for k in ks]
     with pytest.raises(ValueError, match="outside"):
         kth_smallest(vals, [0])

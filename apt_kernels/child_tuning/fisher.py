@@ -45,23 +45,65 @@ def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return loss
 
 
-def _kth_values(values: torch.Tensor, ks: list[int]) -> list[float]:
-    """The ks-th smallest values (1-based), selected on the values' device: on a GPU with Triton, the
-    radix-select passes of the PST kernels (``torch.kthvalue`` runs one block per slice there); else
-    ``kthvalue``."""
+# elements per step of the chunked selection (bounds its temporaries: a few bytes per element each)
+SELECT_CHUNK = 1 << 26
+
+
+def radix_kth(values: list[torch.Tensor], k: int, chunk: int | None = None) -> float:
+    """The k-th smallest (1-based) of the float32 ``values`` taken together, exactly, in torch ops on
+    their device: a radix select over the order-preserving integer keys of the floats (8 bits a pass,
+    4 passes, int64 counts: no size limit), ``chunk`` elements at a time (temporaries stay small,
+    nothing is concatenated). NaN counts as the largest value."""
+    from ..pst.reference import ordered_key
+
+    chunk = chunk or SELECT_CHUNK
+    numel = sum(t.numel() for t in values)
+    if not 1 <= k <= numel:
+        raise ValueError(f"k = {k} is outside 1 .. {numel}")
+    device = values[0].device
+    prefix, need = 0, k  # unsigned key bits chosen so far; rank still needed inside the current bucket
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(256, dtype=torch.int64, device=device)
+        for t in values:
+            for part in t.detach().reshape(-1).split(chunk):
+                key = ordered_key(part.float()).to(torch.int64) + 2 ** 31  # unsigned order
+                if shift < 24:
+                    key = key[(key >> (shift + 8)) == (prefix >> (shift + 8))]
+                hist += torch.bincount((key >> shift) & 255, minlength=256)
+        cum = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cum, torch.tensor([need], device=device)).item())
+        need -= int(cum[bucket - 1]) if bucket else 0
+        prefix |= bucket << shift
+    key = prefix - 2 ** 31  # signed ordered key -> float bits
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def _kth_values(values: list[torch.Tensor], ks: list[int]) -> list[float]:
+    """The ks-th smallest values (1-based) of the float32 ``values`` taken together, selected on their
+    device: on a GPU with Triton, the radix-select passes of the PST kernels (one float32 copy; below
+    2^31 values), else :func:`radix_kth` in torch ops (no copy, any size; ``torch.kthvalue`` runs one
+    block per slice on a GPU); on CPU ``kthvalue`` of their concatenation."""
     from .. import _env
 
-    if values.is_cuda and values.dtype == torch.float32 and _env.triton_reason(values.device) is None:
+    device = values[0].device
+    numel = sum(t.numel() for t in values)
+    if device.type == "cpu":
+        flat = torch.cat([t.reshape(-1) for t in values])
+        return [float(flat.kthvalue(k).values) for k in ks]
+    if numel < 2 ** 31 and _env.triton_reason(device) is None:
         from ..pst.triton_pst import kth_smallest
 
         return kth_smallest(values, ks)
-    return [float(values.kthvalue(k).values) for k in ks]
+    return [radix_kth(values, k) for k in ks]
 
 
-def quantile_threshold(values: torch.Tensor, q: float) -> float:
-    """The q-quantile of the non-negative ``values`` with linear interpolation (numpy.percentile's
-    default), found by selection on the values' device (nothing copied to the host), in float64."""
-    n = values.numel()
+def quantile_threshold(values, q: float) -> float:
+    """The q-quantile of the non-negative ``values`` (a tensor or a list of tensors taken together) with
+    linear interpolation (numpy.percentile's default), found by selection on the values' device
+    (nothing copied to the host), in float64."""
+    values = [values] if isinstance(values, torch.Tensor) else list(values)
+    n = sum(t.numel() for t in values)
     pos = q * (n - 1)
     lo = int(pos)
     hi = min(lo + 1, n - 1)
@@ -134,9 +176,7 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
         raise ValueError("batches was empty: the Fisher information needs at least one batch")
     torch._foreach_div_(fisher, float(n_batches))
 
-    flat = torch.cat([f.reshape(-1) for f in fisher])
-    threshold = quantile_threshold(flat, 1.0 - reserve_p)
-    del flat
+    threshold = quantile_threshold(fisher, 1.0 - reserve_p)
     return {p: f.double() >= threshold for p, f in zip(chosen, fisher)}
 
 

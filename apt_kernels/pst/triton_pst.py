@@ -428,33 +428,38 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     return out, words
 
 
-def kth_smallest(values: torch.Tensor, ks: list[int]) -> list[float]:
-    """The ks-th smallest (1-based) of the non-negative float32 ``values``, by the radix passes of the
-    forward (its scores with zero factors are ``|W0|``): no sort, the values never leave the device; one
-    8-byte read-back per k. Used by ``apt_kernels.fisher_mask`` for its exact quantile."""
-    numel = values.numel()
+def kth_smallest(values, ks: list[int]) -> list[float]:
+    """The ks-th smallest (1-based) of the non-negative float32 ``values`` (a tensor, or a list of tensors
+    on one device taken together), by the radix passes of the forward (its scores with zero factors are
+    ``|W0|``): no sort, the values never leave the device; one 8-byte read-back per k. Used by
+    ``apt_kernels.fisher_mask`` for its exact quantile. Costs one float32 copy of the values (laid out
+    as rows of 4096, padded with +inf)."""
+    parts = [values] if isinstance(values, torch.Tensor) else list(values)
+    numel = sum(t.numel() for t in parts)
     if numel >= 2 ** 31:
         raise ValueError(f"kth_smallest counts with int32 histograms: {numel} values are too many")
+    device = parts[0].device
     width = 4096
     rows = triton.cdiv(numel, width)
     # a (rows, 4096) matrix padded with +inf (the largest: the ks-th smallest is unchanged for ks <= numel)
-    w0 = torch.full((rows * width,), float("inf"), dtype=torch.float32, device=values.device)
-    w0[:numel] = values.reshape(-1)
-    w0 = w0.view(rows, width)
-    zeros_rows = torch.zeros(rows, dtype=torch.float32, device=values.device)
-    zeros_cols = torch.zeros(width, dtype=torch.float32, device=values.device)
-    dummy = torch.zeros(1, dtype=torch.float32, device=values.device)
+    flat = torch.empty(rows * width, dtype=torch.float32, device=device)
+    torch.cat([t.reshape(-1) for t in parts], out=flat[:numel])
+    flat[numel:].fill_(float("inf"))
+    w0 = flat.view(rows, width)
+    zeros_rows = torch.zeros(rows, dtype=torch.float32, device=device)
+    zeros_cols = torch.zeros(width, dtype=torch.float32, device=device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     args = [w0, dummy, dummy, dummy, dummy, zeros_rows, zeros_cols]
     scal = (rows, width, 0, 0, 0.0, 0.0, 0.0)
     bn, bk = FWD_BLOCK
     grid = (triton.cdiv(rows, bn) * triton.cdiv(width, bk),)
     out = []
-    with on_device(values.device):
+    with on_device(device):
         for k in ks:
             if not 1 <= k <= numel:
                 raise ValueError(f"k = {k} is outside 1 .. {numel}")
-            hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=values.device)
-            state = torch.zeros(1, dtype=torch.int64, device=values.device)
+            hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=device)
+            state = torch.zeros(1, dtype=torch.int64, device=device)
             _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
             _threshold_kernel[(1,)](hist, state, k, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS)
             key = int(state.item()) - 2 ** 31  # the signed ordered key; non-negative for x >= 0
