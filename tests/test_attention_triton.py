@@ -329,9 +329,10 @@ VARIANTS = [("bf16", "tf32", 64, 1, True, True, True), ("bf16", "tf32", 128, 2, 
 for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
     fwd, lf = f._blocks(D, cuda)
     bwd, lb = f._bwd_blocks(D, cuda)
-    common = dict(D=D, MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
-    ks = [build(f._fwd_kernel, dt, dict(common, HAS_GATE=gate, **fwd), lf),
-          build(f._bwd_q_kernel, dt, dict(common, HAS_GATE=gate, **bwd), lb)]
+    # row-broadcast masks and gates (MASK_N1 / GATE_N1) alternate with full ones across the variants
+    common = dict(D=D, MASK_KIND=mask_kind, MASK_N1=D % 128 == 0, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
+    ks = [build(f._fwd_kernel, dt, dict(common, HAS_GATE=gate, GATE_N1=not causal, **fwd), lf),
+          build(f._bwd_q_kernel, dt, dict(common, HAS_GATE=gate, GATE_N1=causal, **bwd), lb)]
     for is_prefix in (True, False):
         ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
                                                    GATE_N1=not causal, GATE_H1=causal, **bwd), lb))
@@ -347,22 +348,23 @@ for D, has_dlse in ((64, True), (256, False)):
 # Triton turns an int argument whose value is 1 into a constexpr (seed 1, one head per group, P = 1, ...)
 ones = dict(seed_lo=1, seed_hi=1, REP=1, P=1, Hq=1, N=1, M=1, keep_thr=1)
 fwd, lf = f._blocks(64, cuda)
-build(f._fwd_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, **fwd,
-                                  **ones), lf)
+build(f._fwd_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
+                                  HAS_GATE=True, GATE_N1=False, **fwd, **ones), lf)
 bwd, lb = f._bwd_blocks(64, cuda)
-build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, **bwd,
-                                    **ones), lb)
-build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True,
-                                     IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, **bwd, **ones), lb)
+build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=False, CAUSAL=True, DROPOUT=True, PREC="tf32",
+                                    HAS_GATE=True, GATE_N1=True, **bwd, **ones), lb)
+build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
+                                     HAS_GATE=True, IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, **bwd, **ones), lb)
 count += 3
 # every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
 dims = {64: 64, 128: 128, 256: 256}
 for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, {}),
-                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_N1=False, GATE_H1=True))):
+                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True))):
     for cls, cfgs in table.items():
         for m, n, w, st in cfgs:
-            build(kern, "bf16", dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1, CAUSAL=True,
-                                     DROPOUT=True, PREC="tf32", HAS_GATE=True, **extra), dict(num_warps=w, num_stages=st))
+            build(kern, "bf16", dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1, MASK_N1=False,
+                                     CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, GATE_N1=False, **extra),
+                  dict(num_warps=w, num_stages=st))
             count += 1
 print("compiled", count, "max shared", worst)
 """

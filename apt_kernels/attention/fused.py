@@ -68,26 +68,35 @@ def _load_rows(base, rows, offs_d, s_row, s_d, row_ok, d_ok):
 
 @triton.jit
 def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m, mask_min,
-            N, M, scale, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr,
-            CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Natural-log scores of a (BLOCK_M, BLOCK_N) tile, -inf where hidden; also the raw scaled dot and gate."""
+            N, M, scale, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
+            MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Natural-log scores of a (BLOCK_M, BLOCK_N) tile, -inf where hidden; also the raw scaled dot and gate.
+    A gate or mask that is the same for every query row (GATE_N1 / MASK_N1: row stride 0, e.g. a (B, M)
+    padding mask or a (B, 1, 1, P) gate) is loaded as one row and broadcast: a (BLOCK_M, BLOCK_N) tile of
+    addresses would cost registers the dots need (ptxas spills otherwise)."""
     raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * scale
     s = raw
-    g = tl.zeros_like(raw) + 1.0
+    g = 1.0
     if IS_PREFIX:
         if HAS_GATE:
-            g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
-                        mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            if GATE_N1:
+                g = tl.load(G + gb + gh + offs_n * sg_p, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
+                            mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             s = raw * g
     else:
-        if MASK_KIND == 1:
-            keep = tl.load(Mk + mb + mh + offs_m[:, None] * sm_n + offs_n[None, :] * sm_m,
-                           mask=m_ok[:, None] & n_ok[None, :], other=1)
-            s = tl.where(keep != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            add = tl.load(Mk + mb + mh + offs_m[:, None] * sm_n + offs_n[None, :] * sm_m,
-                          mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            s = s + tl.where(add <= mask_min, float("-inf"), add)
+        if MASK_KIND != 0:
+            if MASK_N1:
+                mk = tl.load(Mk + mb + mh + offs_n * sm_m, mask=n_ok, other=1 if MASK_KIND == 1 else 0.0)[None, :]
+            else:
+                mk = tl.load(Mk + mb + mh + offs_m[:, None] * sm_n + offs_n[None, :] * sm_m,
+                             mask=m_ok[:, None] & n_ok[None, :], other=1 if MASK_KIND == 1 else 0.0)
+            if MASK_KIND == 1:
+                s = tl.where(mk != 0, s, float("-inf"))
+            else:
+                add = mk.to(tl.float32)
+                s = s + tl.where(add <= mask_min, float("-inf"), add)
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
     s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -137,8 +146,8 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 so_b, so_h, so_n, so_d,
                 Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
@@ -158,7 +167,8 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
             n_ok = offs_n < L
             kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
-                                sm_m, mask_min, N, M, scale, part == 0, HAS_GATE, MASK_KIND, CAUSAL, PREC)
+                                sm_m, mask_min, N, M, scale, part == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1,
+                                CAUSAL, PREC)
             s = s * 1.4426950408889634  # base-2 domain for exp2
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,7 +220,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    Hq, Hkv, N, M, L, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
-                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                   MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   PREC: tl.constexpr):
     """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate."""
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid: (key tiles) x (B Hkv), as in _query_tile; int64 offsets
     n_tiles = tl.cdiv(L, BLOCK_N)
@@ -242,7 +253,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
             delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
                                 b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE,
-                                MASK_KIND, CAUSAL, PREC)
+                                GATE_N1, MASK_KIND, MASK_N1, CAUSAL, PREC)
             p = _probs(s, lse)
             u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
             z = tl.zeros_like(p) + 1.0
@@ -256,7 +267,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                 if HAS_GATE:
                     pz = pz * g
                     dp = dp * g
-            dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=PREC)
+            dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=PREC)
             ds = p * (dp - delta[:, None])
             if IS_PREFIX:
                 if HAS_GATE:
@@ -273,7 +284,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                     else:
                         tl.atomic_add(DG + b * sdg_b + gh_idx * sdg_h + offs_m[:, None] * sdg_n + offs_n[None, :] * sdg_p,
                                       dgt, mask=m_ok[:, None] & n_ok[None, :])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)  # accumulates in place
+    dk = dk * scale  # once, not per tile: the dot then adds into its accumulator (no extra tile)
     tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     tl.store(DV + b * sdv_b + kvh * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
@@ -288,8 +300,8 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
                   sdq_b, sdq_h, sdq_n, sdq_d,
                   Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_GATE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                  DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                  HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
+                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
@@ -308,7 +320,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
             s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
                                 b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, part == 0, HAS_GATE,
-                                MASK_KIND, CAUSAL, PREC)
+                                GATE_N1, MASK_KIND, MASK_N1, CAUSAL, PREC)
             p = _probs(s, lse)
             dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
             if DROPOUT:
@@ -321,7 +333,8 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             if part == 0:
                 if HAS_GATE:
                     ds = ds * g
-            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * scale
+            dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
+    dq = dq * scale  # once, as dk
     tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -347,7 +360,8 @@ _FWD_TABLE = {64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8
 _BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
               128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)],
               256: [(64, 16, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]}
-_TUNE_KEY = ["D", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "DROPOUT", "IS_PREFIX", "GATE_N1", "GATE_H1"]
+_TUNE_KEY = ["D", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "DROPOUT", "IS_PREFIX", "GATE_N1",
+             "GATE_H1"]
 
 
 def _dclass(D: int) -> int:
@@ -433,6 +447,7 @@ class _Prepared:
         self.has_gate = gate is not None and self.P > 0
         self.gate = gate if self.has_gate else dummy
         self.g_strides = _strides(gate) if self.has_gate else (0, 0, 0, 0)
+        self.gate_n1 = self.has_gate and gate.shape[2] == 1  # the same gate row for every query
         self.mask_min = 0.0
         if mask is None:
             self.mask_kind, self.mask = 0, dummy
@@ -443,6 +458,7 @@ class _Prepared:
                 mask <= torch.finfo(mask.dtype).min, float("-inf"))
             self.mask_kind, self.mask, self.mask_min = 2, m, float(torch.finfo(m.dtype).min)
         self.m_strides = _strides(mask) if mask is not None else (0, 0, 0, 0)
+        self.mask_n1 = mask is not None and self.m_strides[2] == 0  # one mask row for every query (padding)
         self.dropout = dropout_p > 0.0
         self.keep_thr = keep_threshold(dropout_p) if self.dropout else 0
         self.inv_keep = 1.0 / (1.0 - dropout_p) if self.dropout else 1.0
@@ -469,8 +485,8 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
              *a.g_strides, *a.m_strides, *out.stride(),
              a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
              max(a.N, a.M + a.P)),
-            dict(D=a.D, HAS_GATE=a.has_gate, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout,
-                 PREC=_precision(q.dtype)), q.device)
+            dict(D=a.D, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1,
+                 CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype)), q.device)
     return out, lse
 
 
@@ -497,15 +513,16 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     dk = alloc(k, memory_format=torch.contiguous_format)
     dv = alloc(v, memory_format=torch.contiguous_format)
     dpk = dpv = None
-    gate_n1 = gate_h1 = False
+    gate_h1 = False
     if P:
         dpk = (torch.zeros if nothing else torch.empty)((B, Hkv, P, D), dtype=torch.float32, device=q.device)
         dpv = alloc(dpk)
     # a 1-element stand-in where no gate gradient is made (the token launch, or no gate at all)
     dg_dummy = dg_buf = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
     if a.has_gate:
-        gate_n1, gate_h1 = gate.shape[2] == 1, gate.shape[1] == 1
-        dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if gate_n1 else N, P), dtype=torch.float32, device=q.device)
+        gate_h1 = gate.shape[1] == 1
+        dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if a.gate_n1 else N, P), dtype=torch.float32,
+                             device=q.device)
     if nothing:
         return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
@@ -515,7 +532,8 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     _delta_kernel[(triton.cdiv(N, rows) * B * Hq,)](
         do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
         HAS_DLSE=grad_lse is not None, num_warps=4)
-    common = dict(D=D, MASK_KIND=a.mask_kind, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype))
+    common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
+                  PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     for is_prefix in (True, False):
         L = P if is_prefix else M
@@ -532,14 +550,14 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
                  *DKt.stride(), *DVt.stride(), *_strides(DGt),
                  Hq, Hkv, N, M, L, a.REP, *tail),
-                dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=gate_n1,
+                dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
                      GATE_H1=gate_h1), q.device, reset=("DG",))
     _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
-            dict(common, HAS_GATE=a.has_gate), q.device)
+            dict(common, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
     return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
 
 
