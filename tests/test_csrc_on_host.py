@@ -22,9 +22,9 @@ import apt_kernels as ak
 from apt_kernels import _env, bits
 from apt_kernels.pst import REGISTRY as PST_REGISTRY
 from apt_kernels.pst import _run
-from apt_kernels.pst.reference import fused_order_scores, n_pruned, reference_keep_mask
+from apt_kernels.pst.reference import n_pruned
 from cuda_host import build_host_kernels
-from test_pst_kernels import make, numpy_mask, tolerance_band
+from test_pst_kernels import _emulated, make, make_scores_equal, make_special_values, numpy_mask, tolerance_band
 
 pytestmark = pytest.mark.nvcc
 
@@ -117,13 +117,6 @@ def _cuda(ts, sparsity=None, nm=None, beta=1.0, a1=1.0, a2=1.0):
     return wp, bits.unpack_bits(words, ts[0].shape)
 
 
-def _emulated(ts, sparsity=None, nm=None, beta=1.0, a1=1.0, a2=1.0):
-    w, s = fused_order_scores(*ts, beta, a1, a2)
-    keep = (ak.pst.composite.nm_keep_mask(s, nm) if nm is not None
-            else reference_keep_mask(s, n_pruned(s.numel(), sparsity)))
-    return (w * keep).to(ts[0].dtype), keep
-
-
 @pytest.mark.parametrize("shape", [(37, 53), (64, 96), (1, 1), (1, 13), (13, 1), (33, 64)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 def test_pst_ties_equal_reference_exactly(cuda_on_host, shape, sparsity):
@@ -141,7 +134,7 @@ def test_pst_dtypes_equal_fused_order_emulation(cuda_on_host, dtype, ties):
     """Any data: the mask and W' of the documented FMA order, bit for bit, in every dtype."""
     ts = make(37, 53, rw=8, rs=5, ties=ties, dtype=dtype, device="cpu")
     for sparsity, (beta, a1, a2) in ((0.5, (1.0, 1.0, 1.0)), (0.9, (0.7, 1.3, -0.4))):
-        want_w, want_keep = _emulated(ts, sparsity, beta=beta, a1=a1, a2=a2)
+        want_keep, want_w = _emulated(ts, sparsity, beta=beta, a1=a1, a2=a2)
         wp, keep = _cuda(ts, sparsity, beta=beta, a1=a1, a2=a2)
         assert wp.dtype == dtype
         assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
@@ -167,8 +160,7 @@ def test_pst_tie_split(cuda_on_host, shape):
     ts = make(n, k, ties=True, device="cpu")
     one = 1.5 / (n * k)  # floor(n k s) == 1
     assert torch.equal(_cuda(ts, one)[1], ak.pst_mask(*ts, sparsity=one, backend="reference"))
-    ts[0] = torch.ones_like(ts[0])  # every score equal: the first n_pruned entries in row-major order go
-    ts[0].view(-1)[::3] *= -1  # -1 and +1 have the same |W|
+    make_scores_equal(ts)  # the first n_pruned entries in row-major order go
     for sparsity in (0.3, 0.9, 0.999):
         keep = _cuda(ts, sparsity)[1].reshape(-1)
         kp = n_pruned(n * k, sparsity)
@@ -176,13 +168,7 @@ def test_pst_tie_split(cuda_on_host, shape):
 
 
 def test_pst_signed_zeros_nan_and_inf(cuda_on_host):
-    ts = make(9, 40, ties=True, device="cpu")
-    w0 = ts[0]
-    w0[0, :5] = -0.0
-    w0[1, :5] = 0.0
-    w0[2, 3] = float("nan")
-    w0[3, 4] = float("inf")
-    w0[4, 5] = -float("inf")
+    ts = make_special_values(device="cpu")
     for sparsity in (0.1, 0.5, 0.99):
         assert torch.equal(_cuda(ts, sparsity)[1], ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
     wp = _cuda(ts, 0.9)[0]
@@ -197,7 +183,7 @@ def test_pst_bitmask_layout(cuda_on_host, k):
     mask = bits.unpack_bits(words, (11, k))
     assert words.dtype == torch.int32 and words.numel() == (11 * k + 31) // 32
     assert torch.equal(words, bits.pack_bits(mask, backend="torch"))
-    assert torch.equal(mask, _emulated(ts, 0.6)[1])
+    assert torch.equal(mask, _emulated(ts, 0.6)[0])
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (0, 4), (16, 32), (2, 3), (5, 6)])
@@ -206,7 +192,7 @@ def test_pst_nm(cuda_on_host, nm, ties):
     """N:M, group sizes that are not powers of two included (the cuda path's own; Triton's needs them)."""
     ts = make(13, 96, ties=ties, device="cpu")
     wp, keep = _cuda(ts, nm=nm)
-    want_w, want_keep = _emulated(ts, nm=nm)
+    want_keep, want_w = _emulated(ts, nm=nm)
     assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
     assert torch.all(keep.view(13, -1, nm[1]).sum(-1) == nm[0])
     if ties:  # exact scores: the reference's stable sort per group

@@ -78,6 +78,25 @@ def make(n, k, rw=3, rs=2, *, ties=False, dtype=torch.float32, fdtype=torch.floa
     return [w0.to(device=device, dtype=dtype)] + [t.to(device=device, dtype=fdtype) for t in (u, v, a, b, r, c)]
 
 
+def make_special_values(device=DEVICE):
+    """Tie-style inputs (9 x 40) whose W0 holds -0.0, +0.0, NaN, +inf and -inf (a NaN at [2, 3], +inf at
+    [3, 4], -inf at [4, 5])."""
+    ts = make(9, 40, ties=True, device=device)
+    w0 = ts[0]
+    w0[0, :5] = -0.0
+    w0[1, :5] = 0.0
+    w0[2, 3] = float("nan")
+    w0[3, 4] = float("inf")
+    w0[4, 5] = -float("inf")
+    return ts
+
+
+def make_scores_equal(ts):
+    """Tie-style inputs (V = B = R = C = 0) made to have every score equal: W0 = +-1 (same |W|)."""
+    ts[0] = torch.ones_like(ts[0])
+    ts[0].view(-1)[::3] *= -1
+
+
 def numpy_mask(ts, sparsity):
     """An independent stable sort (numpy) of the float64 scores."""
     w0, u, v, a, b, r, c = [t.detach().double().cpu().numpy() for t in ts]
@@ -207,8 +226,7 @@ def test_triton_one_pruned_and_all_equal_scores(small_tiles, shape):
     ts = make(n, k, ties=True)
     one = 1.5 / (n * k)  # floor(n k s) == 1
     assert torch.equal(ak.pst_mask(*ts, sparsity=one, backend="triton"), ak.pst_mask(*ts, sparsity=one, backend="reference"))
-    ts[0] = torch.ones_like(ts[0])  # every score equal: the first n_pruned entries in row-major order go
-    ts[0].view(-1)[::3] *= -1  # -1 and +1 have the same |W|
+    make_scores_equal(ts)  # the first n_pruned entries in row-major order go
     for sparsity in (0.3, 0.9):
         got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton").reshape(-1).cpu()
         kp = n_pruned(n * k, sparsity)
@@ -218,13 +236,7 @@ def test_triton_one_pruned_and_all_equal_scores(small_tiles, shape):
 @pytest.mark.triton
 @needs_triton
 def test_triton_signed_zeros_nan_and_inf(small_tiles):
-    ts = make(9, 40, ties=True)
-    w0 = ts[0]
-    w0[0, :5] = -0.0
-    w0[1, :5] = 0.0
-    w0[2, 3] = float("nan")
-    w0[3, 4] = float("inf")
-    w0[4, 5] = -float("inf")
+    ts = make_special_values()
     for sparsity in (0.1, 0.5, 0.99):
         ref = ak.pst_mask(*ts, sparsity=sparsity, backend="reference")
         got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton")

@@ -54,7 +54,7 @@ def radix_kth(values: list[torch.Tensor], k: int, chunk: int | None = None) -> f
     their device: a radix select over the order-preserving integer keys of the floats (8 bits a pass,
     4 passes, int64 counts: no size limit), ``chunk`` elements at a time (temporaries stay small,
     nothing is concatenated). NaN counts as the largest value."""
-    from ..pst.reference import ordered_key
+    from ..pst.reference import float_of_key, ordered_key
 
     chunk = chunk or SELECT_CHUNK
     numel = sum(t.numel() for t in values)
@@ -74,9 +74,7 @@ def radix_kth(values: list[torch.Tensor], k: int, chunk: int | None = None) -> f
         bucket = int(torch.searchsorted(cum, torch.tensor([need], device=device)).item())
         need -= int(cum[bucket - 1]) if bucket else 0
         prefix |= bucket << shift
-    key = prefix - 2 ** 31  # signed ordered key -> float bits
-    bits = key if key >= 0 else key ^ 0x7FFFFFFF
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+    return float_of_key(prefix)
 
 
 def _kth_values(values: list[torch.Tensor], ks: list[int]) -> list[float]:

@@ -46,6 +46,14 @@ def ordered_key(s: torch.Tensor) -> torch.Tensor:
     return bits ^ (sign & top)
 
 
+def float_of_key(ukey: int) -> float:
+    """The float32 value whose :func:`ordered_key` is ``ukey - 2**31`` (the unsigned form the radix
+    selects work with): the inverse map, for the value a selection ends on."""
+    key = ukey - 2 ** 31
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
 def reference_keep_mask(s: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k smallest scores; among equal scores the smaller flat (row-major) index goes first."""
     flat = s.reshape(-1)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
+from .reference import float_of_key
 
 RADIX_BITS = 8
 BINS = 1 << RADIX_BITS
@@ -462,9 +463,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
             state = torch.zeros(1, dtype=torch.int64, device=device)
             _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
             _threshold_kernel[(1,)](hist, state, k, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS)
-            key = int(state.item()) - 2 ** 31  # the signed ordered key; non-negative for x >= 0
-            bits = key if key >= 0 else key ^ 0x7FFFFFFF
-            out.append(float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)))
+            out.append(float_of_key(int(state.item())))
     return out
 
 
