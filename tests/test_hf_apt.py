@@ -69,6 +69,40 @@ def test_padding_and_batch_independence(family):
     torch.testing.assert_close(both[1], alone_b[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama"])
+def test_masks_reach_the_kernels_as_sdpa_mask_builds_them(family, monkeypatch):
+    """The "apt" mask function gives sdpa_mask's values; an encoder's padding mask arrives as one row
+    expanded over the queries (stride 0: the kernels' MASK_N1 path), a decoder's as sdpa_mask's own."""
+    from transformers.masking_utils import sdpa_mask
+
+    import apt_kernels.hf.apt as hf_apt
+
+    model = build(family)
+    seen, built = [], []
+    real_attention, real_mask = hf_apt.gated_prefix_attention, hf_apt.apt_mask
+    monkeypatch.setattr(hf_apt, "gated_prefix_attention",
+                        lambda *a, attn_mask=None, **k: seen.append(attn_mask) or real_attention(*a, attn_mask=attn_mask, **k))
+    from transformers import AttentionMaskInterface
+
+    def spy(*a, **k):
+        built.append((sdpa_mask(*a, **k), real_mask(*a, **k)))
+        return built[-1][1]
+
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, hf_apt.ATTN_NAME, spy)
+    ids = torch.randint(3, 64, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1] = 0
+    hidden(model, ids, mask)
+    assert built and seen and all(m is seen[0] for m in seen)
+    for want, got in built:
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert (seen[0].stride(2) == 0) == (family != "llama")
+    built.clear()
+    hidden(model, ids)  # no padding: no mask for either kind of model
+    assert [got for _, got in built] == [None] * len(built)
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_causal_decoders_do_not_see_the_future(family):
     model = build(family)

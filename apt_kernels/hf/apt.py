@@ -167,14 +167,36 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
     return out.transpose(1, 2).contiguous(), None
 
 
+def apt_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+             mask_function=None, attention_mask=None, **kwargs):
+    """The "apt" AttentionMaskInterface function: transformers' ``sdpa_mask`` (boolean keep-masks, True =
+    attend; None when causality or nothing needs one), the form the kernels read directly.
+
+    One difference in layout, none in values: an encoder's padding-only mask (the plain bidirectional
+    mask function and a 2-D padding mask, ``q_offset >= 0``) is the same row for every query, so it is
+    built for one query and expanded to ``(B, 1, q_length, kv_length)`` with query stride 0. The kernels
+    then read one mask row per key tile (their ``MASK_N1`` path) instead of a materialised
+    ``B x N x M`` tensor. Every other mask is ``sdpa_mask``'s own.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    if mask_function is None:
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                         **kwargs)
+    row_only = (mask_function is bidirectional_mask_function and attention_mask is not None
+                and attention_mask.dim() == 2 and q_offset >= 0 and q_length > 1 and not kwargs.get("use_vmap"))
+    mask = sdpa_mask(batch_size, 1 if row_only else q_length, kv_length, q_offset, kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    if row_only and mask is not None:
+        mask = mask.expand(batch_size, mask.shape[1], q_length, kv_length)
+    return mask
+
+
 def _register_interfaces() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, apt_attention_forward)
-    # Boolean keep-masks (True = attend), None when causality or nothing needs one: the form the
-    # kernels read directly.
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, apt_mask)
 
 
 def _deberta_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
