@@ -69,19 +69,24 @@ def test_padding_and_batch_independence(family):
     torch.testing.assert_close(both[1], alone_b[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "llama"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deberta-v2"])  # DeBERTa: patched, own mask
 def test_masks_reach_the_kernels_as_sdpa_mask_builds_them(family, monkeypatch):
-    """The "apt" mask function gives sdpa_mask's values; an encoder's padding mask arrives as one row
-    expanded over the queries (stride 0: the kernels' MASK_N1 path), a decoder's as sdpa_mask's own."""
+    """The "apt" mask function gives sdpa_mask's values; the kernels get the padding row expanded over
+    the queries (stride 0: their MASK_N1 path), with causal=True for a decoder."""
     from transformers.masking_utils import sdpa_mask
 
     import apt_kernels.hf.apt as hf_apt
 
     model = build(family)
-    seen, built = [], []
+    seen, built, flags = [], [], []
     real_attention, real_mask = hf_apt.gated_prefix_attention, hf_apt.apt_mask
-    monkeypatch.setattr(hf_apt, "gated_prefix_attention",
-                        lambda *a, attn_mask=None, **k: seen.append(attn_mask) or real_attention(*a, attn_mask=attn_mask, **k))
+
+    def attention(*a, attn_mask=None, causal=False, **k):
+        seen.append(attn_mask)
+        flags.append(causal)
+        return real_attention(*a, attn_mask=attn_mask, causal=causal, **k)
+
+    monkeypatch.setattr(hf_apt, "gated_prefix_attention", attention)
     from transformers import AttentionMaskInterface
 
     def spy(*a, **k):
@@ -91,13 +96,19 @@ def test_masks_reach_the_kernels_as_sdpa_mask_builds_them(family, monkeypatch):
     monkeypatch.setitem(AttentionMaskInterface._global_mapping, hf_apt.ATTN_NAME, spy)
     ids = torch.randint(3, 64, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.long)
-    mask[0, 4:] = 0
-    mask[2, 1] = 0
+    mask[0, 4:] = 0  # right padding
+    mask[1, :2] = 0  # left padding
+    mask[2, 3] = 0  # a hole
     hidden(model, ids, mask)
-    assert built and seen and all(m is seen[0] for m in seen)
+    assert built and len(seen) == model.config.num_hidden_layers and all(m is seen[0] for m in seen)
     for want, got in built:
         assert got.shape == want.shape and torch.equal(got, want)
-    assert (seen[0].stride(2) == 0) == (family != "llama")
+    assert seen[0].shape == (3, 1, 6, 6) and seen[0].stride(2) == 0
+    decoder = family in DECODERS
+    assert flags == [decoder] * len(flags)
+    if decoder:  # causal attention with the padding row: sdpa_mask's mask, split exactly
+        tril = torch.ones(6, 6, dtype=torch.bool).tril()
+        assert torch.equal(built[0][1], seen[0] & tril)
     built.clear()
     hidden(model, ids)  # no padding: no mask for either kind of model
     assert [got for _, got in built] == [None] * len(built)

@@ -154,6 +154,9 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
     """The "apt" AttentionInterface function: gated-prefix attention, (B, N, H, D) out, no weights."""
     state = _apt_state(module)
     causal = bool(getattr(module, "is_causal", False)) and attention_mask is None
+    rows = getattr(attention_mask, "apt_causal_rows", None)
+    if rows is not None:  # causal & padding (see apt_mask): causal attention with the padding row
+        attention_mask, causal = rows, True
     if state is None:  # a module of the model that carries no prefix (e.g. cross-attention)
         out = gated_prefix_attention(query, key, value, attn_mask=attention_mask, causal=causal, scale=scaling,
                                      dropout_p=dropout)
@@ -170,25 +173,38 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
 def apt_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
              mask_function=None, attention_mask=None, **kwargs):
     """The "apt" AttentionMaskInterface function: transformers' ``sdpa_mask`` (boolean keep-masks, True =
-    attend; None when causality or nothing needs one), the form the kernels read directly.
+    attend; None when causality or nothing needs one), the form the kernels read directly. Its values
+    are always ``sdpa_mask``'s; two padding cases get a layout the kernels read faster:
 
-    One difference in layout, none in values: an encoder's padding-only mask (the plain bidirectional
-    mask function and a 2-D padding mask, ``q_offset >= 0``) is the same row for every query, so it is
-    built for one query and expanded to ``(B, 1, q_length, kv_length)`` with query stride 0. The kernels
-    then read one mask row per key tile (their ``MASK_N1`` path) instead of a materialised
-    ``B x N x M`` tensor. Every other mask is ``sdpa_mask``'s own.
+    * an encoder's padding-only mask (the plain bidirectional mask function and a 2-D padding mask) is
+      the same row for every query: it is built for one query and expanded to ``(B, 1, q_length,
+      kv_length)`` with query stride 0, so the kernels read one mask row per key tile (``MASK_N1``)
+      instead of a materialised ``B x N x M`` tensor;
+    * a decoder's causal-and-padding mask (the plain causal mask function, with the query block ending
+      at the last key, as in training and in a cache-free or dynamic-cache prefill) is ``sdpa_mask``'s
+      materialised tensor carrying ``apt_causal_rows``, its padding row expanded the same way.
+      :func:`apt_attention_forward` then runs causal attention with that row, which skips the key
+      tiles above the diagonal instead of reading them all through the full mask.
     """
-    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    def build(q_len, fn, **kw):
+        return sdpa_mask(batch_size, q_len, kv_length, q_offset, kv_offset, mask_function=fn,
+                         attention_mask=attention_mask, **{**kwargs, **kw})
 
     if mask_function is None:
-        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
-                         **kwargs)
-    row_only = (mask_function is bidirectional_mask_function and attention_mask is not None
-                and attention_mask.dim() == 2 and q_offset >= 0 and q_length > 1 and not kwargs.get("use_vmap"))
-    mask = sdpa_mask(batch_size, 1 if row_only else q_length, kv_length, q_offset, kv_offset,
-                     mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    if row_only and mask is not None:
-        mask = mask.expand(batch_size, mask.shape[1], q_length, kv_length)
+        mask_function = causal_mask_function
+    plain_padding = (attention_mask is not None and attention_mask.dim() == 2 and q_offset >= 0 and q_length > 1
+                     and not kwargs.get("use_vmap") and kwargs.get("local_size") is None
+                     and not torch.compiler.is_compiling())
+    if plain_padding and mask_function is bidirectional_mask_function:
+        mask = build(1, mask_function)
+        return None if mask is None else mask.expand(batch_size, mask.shape[1], q_length, kv_length)
+    mask = build(q_length, mask_function)
+    if (mask is not None and plain_padding and mask_function is causal_mask_function
+            and q_offset - kv_offset == kv_length - q_length):  # HF's causal alignment is the kernels' bottom-right one
+        rows = build(1, bidirectional_mask_function, allow_is_bidirectional_skip=False)
+        mask.apt_causal_rows = rows.expand(batch_size, rows.shape[1], q_length, kv_length)
     return mask
 
 
