@@ -6,13 +6,16 @@ Design (docs/attention.md has the long form):
   It streams the prefix tiles (read straight from prefix_k/prefix_v; a shared prefix has batch
   stride 0, so it is never expanded) and then the token tiles through one online softmax. Prefix
   scores are multiplied by the gate tile, and so are the prefix probabilities before they meet
-  the prefix values (the gate scales keys *and* values). ``_attend`` is that loop body, compiled
-  twice (IS_PREFIX constexpr): once for prefix tiles, once for token tiles (masks, causal).
+  the prefix values (the gate scales keys *and* values). ``_fwd_tiles`` is that loop, compiled
+  for the prefix tiles and for the token tiles (PART constexpr: gates there, masks and causality
+  here), the latter twice: interior tiles, then EDGE tiles (the last, partial tile and those the
+  causal diagonal crosses), so only the few edge tiles pay for the range and causal selects.
 * Backward: delta = rowsum(dO * O) - dlse; then a key-side kernel (one program per key tile and
   (batch, kv head), looping over the query heads of its group and all query tiles: dk, dv; for
-  prefix tiles also dgate, written once per element, no atomics) launched once for the prefix
-  and once for the tokens, and a query-side kernel for dq. A shared prefix's gradient is summed
-  over the batch, and the gate's over its broadcast dims, from small float32 buffers.
+  prefix tiles also dgate, added into the program's own slice of a float32 buffer) launched once
+  for the prefix and once for the tokens, and a query-side kernel for dq, whose token loop is
+  split into interior and edge tiles as the forward's is. A shared prefix's gradient is summed over
+  the batch, and the gate's over its broadcast dims, from small float32 buffers.
 * Dropout: 16-bit uniforms from Philox4x32-10 keyed on (seed), one draw per 8 key columns of a row,
   counter (column // 8, row, batch * Hq + head, 0x41505400 + part); forward and backward regenerate the
   same bits (``_dropout_keep``).
@@ -69,11 +72,14 @@ def _load_rows(base, rows, offs_d, s_row, s_d, row_ok, d_ok):
 @triton.jit
 def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m, mask_min,
             N, M, scale, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
-            MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+            MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr,
+            PREC: tl.constexpr):
     """Natural-log scores of a (BLOCK_M, BLOCK_N) tile, -inf where hidden; also the raw scaled dot and gate.
     A gate or mask that is the same for every query row (GATE_N1 / MASK_N1: row stride 0, e.g. a (B, M)
     padding mask or a (B, 1, 1, P) gate) is loaded as one row and broadcast: a (BLOCK_M, BLOCK_N) tile of
-    addresses would cost registers the dots need (ptxas spills otherwise)."""
+    addresses would cost registers the dots need (ptxas spills otherwise). Only EDGE tiles (crossing the
+    end of the keys or the causal diagonal) pay for the key-range and causal selects; an interior tile
+    has every key in range and visible to every row of its query tile."""
     raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * scale
     s = raw
     g = 1.0
@@ -97,31 +103,38 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
             else:
                 add = mk.to(tl.float32)
                 s = s + tl.where(add <= mask_min, float("-inf"), add)
-        if CAUSAL:
+        if CAUSAL and EDGE:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
-    s = tl.where(n_ok[None, :], s, float("-inf"))
+    if EDGE:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
     return s, raw, g
 
 
 @triton.jit
 def _kv_tiles(IS_PREFIX: tl.constexpr, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
               spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M: tl.constexpr,
-              CAUSAL: tl.constexpr):
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Where query tile ``pid_m``'s key/value tiles come from: the prefix of kv head ``kvh`` (batch stride 0
-    when shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows
-    and where the loop over them ends (all P prefix rows; with causal masking, the last token some row of
-    the tile can see)."""
+    when shared) or its tokens. Returns the K and V bases, their row/column strides, the number of rows,
+    where the interior token tiles end (``mid``: before it every tile is whole and, with causal masking,
+    seen entirely by every row of the query tile) and where the loop ends (``hi``: all P prefix rows; with
+    causal masking, the last token some row of the tile can see). Tiles from ``mid`` to ``hi`` are EDGE
+    tiles; all prefix tiles are (``mid`` = 0): a prefix is a tile or two, not worth a second loop."""
     if IS_PREFIX:
         Kp = PK + b * spk_b + kvh * spk_h
         Vp = PV + b * spv_b + kvh * spv_h
         skn, skd, svn, svd, L, hi = spk_n, spk_d, spv_n, spv_d, P, P
+        mid = 0
     else:
         Kp = K + b * sk_b + kvh * sk_h
         Vp = V + b * sv_b + kvh * sv_h
         skn, skd, svn, svd, L, hi = sk_n, sk_d, sv_n, sv_d, M, M
+        mid = M // BLOCK_N * BLOCK_N
         if CAUSAL:
             hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0), M)
-    return Kp, Vp, skn, skd, svn, svd, L, hi
+            # the tile's first row sees keys up to pid_m * BLOCK_M + (M - N)
+            mid = tl.minimum(M, tl.maximum(pid_m * BLOCK_M + (M - N) + 1, 0)) // BLOCK_N * BLOCK_N
+    return Kp, Vp, skn, skd, svn, svd, L, mid, hi
 
 
 @triton.jit
@@ -136,6 +149,38 @@ def _query_tile(Hq, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     return pid_m, bh, bh // Hq, bh % Hq, offs_m, offs_d, offs_m < N, offs_d < D
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
+               gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, scale, seed_lo, seed_hi, keep_thr, inv_keep,
+               bh, row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, EDGE: tl.constexpr,
+               HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
+               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """The forward's online softmax over key tiles lo, lo + BLOCK_N, .. < hi of one part (0 prefix, 1 tokens)."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
+        s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
+                            sm_m, mask_min, N, M, scale, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1,
+                            CAUSAL, EDGE, PREC)
+        s = s * 1.4426950408889634  # base-2 domain for exp2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed_lo, seed_hi, bh, row0, start, PART, keep_thr, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        if PART == 0:
+            if HAS_GATE:
+                p = p * g
+        vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -159,31 +204,15 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
     mb = b * sm_b
     mh = h * sm_h
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, hi = _kv_tiles(
+        Kp, Vp, skn, skd, svn, svd, L, mid, hi = _kv_tiles(
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, CAUSAL)
-        for start in range(0, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < L
-            kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
-            s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
-                                sm_m, mask_min, N, M, scale, part == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1,
-                                CAUSAL, PREC)
-            s = s * 1.4426950408889634  # base-2 domain for exp2
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, pid_m * BLOCK_M, start, part, keep_thr, BLOCK_M, BLOCK_N)
-                p = tl.where(keep, p * inv_keep, 0.0)
-            if part == 0:
-                if HAS_GATE:
-                    p = p * g
-            vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-            m_i = m_new
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, BLOCK_N, CAUSAL)
+        for edge in tl.static_range(1 - part, 2):  # interior token tiles (no selects), then the edge tiles
+            acc, m_i, l_i = _fwd_tiles(
+                acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0, hi if edge else mid,
+                G, Mk, offs_m, offs_d, m_ok, d_ok, gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, scale,
+                seed_lo, seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1,
+                HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -213,6 +242,56 @@ def _delta_kernel(DO, Out, DLse, Delta, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, 
 
 
 @triton.jit
+def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sdo_d, gb, gh, sg_n, sg_p, mb, mh,
+               sm_n, sm_m, dg_base, sdg_n, sdg_p, Lse, Delta, bh, offs_n, offs_d, n_ok, d_ok, col0, N, M, scale,
+               mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_PREFIX: tl.constexpr, EDGE: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
+               MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+               PREC: tl.constexpr):
+    """dk (unscaled), dv of one key tile accumulated over query tiles lo, lo + BLOCK_M, .. < hi of one query
+    head (bases Qh, DOh; row bh of Lse/Delta); for a gated prefix also its dgate, added at ``dg_base``.
+    EDGE: apply the causal select (see ``_scores``)."""
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N
+        q = _load_rows(Qh, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
+        do = _load_rows(DOh, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
+        lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
+        delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+        s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
+                            mask_min, N, M, scale, IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
+                            PREC)
+        p = _probs(s, lse)
+        u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
+        z = tl.zeros_like(p) + 1.0
+        if DROPOUT:
+            keep = _dropout_keep(seed_lo, seed_hi, bh, start, col0, 0 if IS_PREFIX else 1, keep_thr, BLOCK_M, BLOCK_N)
+            z = tl.where(keep, inv_keep, 0.0)
+        pz = p * z
+        dp = z * u
+        if IS_PREFIX:
+            if HAS_GATE:
+                pz = pz * g
+                dp = dp * g
+        dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if IS_PREFIX:
+            if HAS_GATE:
+                # d out / d G_ij through the score (ds * raw) and through the value (p z <dO, pv>).
+                # Each program owns its (batch, kv head, key tile) slice of the buffer: the
+                # atomics never contend; they only make the read-add-write safe across loops.
+                dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * raw + p * z * u, 0.0)
+                ds = ds * g
+                if GATE_N1:
+                    tl.atomic_add(DG + dg_base + offs_n * sdg_p, tl.sum(dgt, 0), mask=n_ok)
+                else:
+                    tl.atomic_add(DG + dg_base + offs_m[:, None] * sdg_n + offs_n[None, :] * sdg_p,
+                                  dgt, mask=m_ok[:, None] & n_ok[None, :])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)  # accumulates in place
+    return dk, dv
+
+
+@triton.jit
 def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
@@ -237,59 +316,59 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
     vt = _load_rows(V + b * sv_b + kvh * sv_h, offs_n, offs_d, sv_n, sv_d, n_ok, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Only the causal token tiles need the selects (EDGE): key columns past L load as 0 and only feed
+    # dk/dv rows (and dgate entries, masked) that are never stored. Unlike the forward, the loop is not
+    # split into interior and edge query tiles: by the sm_90 ptxas reports, a second loop here costs up
+    # to ~500 B of spills per thread in the causal configurations. The loop starts at a literal 0 or a
+    # visible multiple of BLOCK_M (Triton's alignment analysis then keeps the row loads vectorised).
     lo = 0
     if CAUSAL:
-        if not IS_PREFIX:  # rows i with i + (M - N) >= first key of this tile
+        if not IS_PREFIX:  # row i sees key t iff t <= i + (M - N)
             lo = tl.maximum(pid_n * BLOCK_N - (M - N), 0) // BLOCK_M * BLOCK_M
     for hh in range(0, REP):
         h = kvh * REP + hh
-        bh = b * Hq + h
-        for start in range(lo, N, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < N
-            q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
-            do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
-            lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
-            delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
-            s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
-                                b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, IS_PREFIX, HAS_GATE,
-                                GATE_N1, MASK_KIND, MASK_N1, CAUSAL, PREC)
-            p = _probs(s, lse)
-            u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
-            z = tl.zeros_like(p) + 1.0
-            if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, start, pid_n * BLOCK_N, 0 if IS_PREFIX else 1, keep_thr,
-                                     BLOCK_M, BLOCK_N)
-                z = tl.where(keep, inv_keep, 0.0)
-            pz = p * z
-            dp = z * u
-            if IS_PREFIX:
-                if HAS_GATE:
-                    pz = pz * g
-                    dp = dp * g
-            dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            if IS_PREFIX:
-                if HAS_GATE:
-                    # d out / d G_ij through the score (ds * raw) and through the value (p z <dO, pv>).
-                    # Each program owns its (batch, kv head, key tile) slice of the buffer: the
-                    # atomics never contend; they only make the read-add-write safe across loops.
-                    dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * raw + p * z * u, 0.0)
-                    ds = ds * g
-                    gh_idx = h
-                    if GATE_H1:
-                        gh_idx = kvh
-                    if GATE_N1:
-                        tl.atomic_add(DG + b * sdg_b + gh_idx * sdg_h + offs_n * sdg_p, tl.sum(dgt, 0), mask=n_ok)
-                    else:
-                        tl.atomic_add(DG + b * sdg_b + gh_idx * sdg_h + offs_m[:, None] * sdg_n + offs_n[None, :] * sdg_p,
-                                      dgt, mask=m_ok[:, None] & n_ok[None, :])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)  # accumulates in place
+        dk, dv = _dkv_tiles(
+            dk, dv, kt, vt, lo, N, Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, G, Mk, DG, sq_n, sq_d,
+            sdo_n, sdo_d, b * sg_b, h * sg_h, sg_n, sg_p, b * sm_b, h * sm_h, sm_n, sm_m,
+            b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Lse, Delta, b * Hq + h, offs_n, offs_d, n_ok,
+            d_ok, pid_n * BLOCK_N, N, M, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M, BLOCK_N,
+            IS_PREFIX, CAUSAL and not IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dk = dk * scale  # once, not per tile: the dot then adds into its accumulator (no extra tile)
     tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     tl.store(DV + b * sdv_b + kvh * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
              dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
+              gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, scale, seed_lo, seed_hi, keep_thr, inv_keep,
+              bh, row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, EDGE: tl.constexpr,
+              HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
+              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """dq (unscaled) accumulated over key tiles lo, lo + BLOCK_N, .. < hi of one part (0 prefix, 1 tokens)."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
+        vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
+        s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
+                            mask_min, N, M, scale, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
+                            PREC)
+        p = _probs(s, lse)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        if DROPOUT:
+            keep = _dropout_keep(seed_lo, seed_hi, bh, row0, start, PART, keep_thr, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        if PART == 0:
+            if HAS_GATE:
+                dp = dp * g
+        ds = p * (dp - delta[:, None])
+        if PART == 0:
+            if HAS_GATE:
+                ds = ds * g
+        dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
+    return dq
 
 
 @triton.jit
@@ -310,30 +389,15 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
-        Kp, Vp, skn, skd, svn, svd, L, hi = _kv_tiles(
+        Kp, Vp, skn, skd, svn, svd, L, mid, hi = _kv_tiles(
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, CAUSAL)
-        for start in range(0, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < L
-            kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
-            vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
-            s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, b * sg_b, h * sg_h, sg_n, sg_p, Mk,
-                                b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, part == 0, HAS_GATE,
-                                GATE_N1, MASK_KIND, MASK_N1, CAUSAL, PREC)
-            p = _probs(s, lse)
-            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-            if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, pid_m * BLOCK_M, start, part, keep_thr, BLOCK_M, BLOCK_N)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            if part == 0:
-                if HAS_GATE:
-                    dp = dp * g
-            ds = p * (dp - delta[:, None])
-            if part == 0:
-                if HAS_GATE:
-                    ds = ds * g
-            dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
+            spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, BLOCK_N, CAUSAL)
+        for edge in tl.static_range(1 - part, 2):  # interior token tiles, then the edge tiles
+            dq = _dq_tiles(dq, q, do, lse, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
+                           hi if edge else mid, G, Mk, offs_m, offs_d, m_ok, d_ok, b * sg_b, h * sg_h, sg_n, sg_p,
+                           b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, seed_lo, seed_hi, keep_thr,
+                           inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1,
+                           MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dq = dq * scale  # once, as dk
     tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
