@@ -114,6 +114,40 @@ def test_masks_reach_the_kernels_as_sdpa_mask_builds_them(family, monkeypatch):
     assert [got for _, got in built] == [None] * len(built)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_apt_mask_values_equal_sdpa_mask(bidirectional):
+    """apt_mask directly, over query/key lengths and offsets (training, prefill, chunked prefill with a
+    cache, decoding) and padding patterns (none, all ones, left, right, holes): sdpa_mask's values, and
+    a carried padding row that reproduces the mask with the kernels' bottom-right causal rule."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    from apt_kernels.hf.apt import apt_mask
+
+    fn = bidirectional_mask_function if bidirectional else causal_mask_function
+    torch.manual_seed(0)
+    split = 0
+    for q_len, kv_len, q_off, kv_off in [(5, 5, 0, 0), (3, 7, 4, 0), (1, 7, 6, 0), (4, 4, 0, 0), (2, 6, 1, 0)]:
+        pads = [None, torch.ones(3, kv_len + kv_off, dtype=torch.long)]
+        for _ in range(3):
+            pads.append((torch.rand(3, kv_len + kv_off) > 0.3).long())
+        pads[-1][0, :2] = 0  # left padding
+        for pad in pads:
+            kw = dict(mask_function=fn, attention_mask=pad, allow_is_bidirectional_skip=bidirectional)
+            want = sdpa_mask(3, q_len, kv_len, q_off, kv_off, **kw)
+            got = apt_mask(3, q_len, kv_len, q_off, kv_off, **kw)
+            assert (got is None) == (want is None), (q_len, kv_len, q_off, pad)
+            if want is None:
+                continue
+            assert got.shape == want.shape and torch.equal(got, want)
+            rows = getattr(got, "apt_causal_rows", None)
+            if rows is not None:
+                split += 1
+                assert not bidirectional and rows.stride(2) == 0
+                causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+                assert torch.equal(rows & causal, want)
+    assert bidirectional or split >= 8
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_causal_decoders_do_not_see_the_future(family):
     model = build(family)

@@ -203,7 +203,7 @@ def apt_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, 
     mask = build(q_length, mask_function)
     if (mask is not None and plain_padding and mask_function is causal_mask_function
             and q_offset - kv_offset == kv_length - q_length):  # HF's causal alignment is the kernels' bottom-right one
-        rows = build(1, bidirectional_mask_function, allow_is_bidirectional_skip=False)
+        rows = build(1, bidirectional_mask_function, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         mask.apt_causal_rows = rows.expand(batch_size, rows.shape[1], q_length, kv_length)
     return mask
 
