@@ -359,7 +359,8 @@ count += 3
 # every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
 dims = {64: 64, 128: 128, 256: 256}
 for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, {}),
-                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True))):
+                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True)),
+                           (f._prefix_table(16), f._bwd_kv_kernel, dict(IS_PREFIX=True, GATE_H1=True))):
     for cls, cfgs in table.items():
         for m, n, w, st in cfgs:
             build(kern, "bf16", dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1, MASK_N1=False,
@@ -373,13 +374,39 @@ print("compiled", count, "max shared", worst)
 def test_autotuning_configs_are_pruned_by_head_dim():
     from apt_kernels.attention import fused
 
-    for table, kernel in ((fused._FWD_TABLE, fused._fwd_kernel), (fused._BWD_TABLE, fused._bwd_kv_kernel)):
+    for table, kernel in ((fused._FWD_TABLE, fused._fwd_kernel), (fused._BWD_TABLE, fused._bwd_kv_kernel),
+                          (fused._prefix_table(16), fused._bwd_kv_kernel)):
         tuned = fused._autotuned(kernel, table)
         tuned.nargs = {}
         for D, cls in ((16, 64), (64, 64), (80, 128), (128, 128), (192, 256), (256, 256)):
             kept = tuned.prune_configs({"D": D})
             assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] != []
             assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(table[cls])
+
+
+def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch):
+    """The prefix launch of the key-side backward autotunes over _BWD_TABLE with key tiles clipped to the
+    prefix length's next power of two (at least 16), under its own tag; the token launch over _BWD_TABLE."""
+    from apt_kernels.attention import fused
+
+    for width in (16, 32, 64):
+        clipped = fused._prefix_table(width)
+        for cls, cfgs in fused._BWD_TABLE.items():
+            assert all(n <= width for _, n, _, _ in clipped[cls])
+            assert {(m, w, st) for m, _, w, st in clipped[cls]} == {(m, w, st) for m, _, w, st in cfgs}
+            assert {(m, min(n, width), w, st) for m, n, w, st in cfgs} == set(clipped[cls])
+    launches = []
+    real = fused._launch
+    monkeypatch.setattr(fused, "_launch", lambda kernel, table, *a, tag="", **k: launches.append(
+        (kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), table, tag)) or real(kernel, table, *a, tag=tag, **k))
+    for P, width in ((5, 16), (20, 32)):
+        launches.clear()
+        tensors, keep = make_inputs(B=1, Hq=2, Hkv=1, N=9, M=7, D=16, P=P, gate="example", dtype=torch.float32)
+        tensors = [t.to(DEVICE).requires_grad_(True) for t in tensors]
+        out = ak.gated_prefix_attention(*tensors, attn_mask=keep.to(DEVICE), backend="triton")
+        out.sum().backward()
+        kv = [(table, tag) for name, table, tag in launches if "bwd_kv" in name]
+        assert kv == [(fused._prefix_table(width), f"prefix<={width}"), (fused._BWD_TABLE, "")]
 
 
 def test_kernels_compile_for_sm90():
@@ -395,4 +422,4 @@ def test_kernels_compile_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 47" in res.stdout, res.stdout
+    assert "compiled 56" in res.stdout, res.stdout

@@ -206,7 +206,9 @@ def test_autotune_choices_are_reported(monkeypatch):
 
     kernel = _attn_fwd
     tuner = SimpleNamespace(cache={(64, 128, False): "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"})
-    monkeypatch.setitem(fused._TUNED, kernel, tuner)
+    monkeypatch.setitem(fused._TUNED, (kernel, ""), tuner)
+    monkeypatch.setitem(fused._TUNED, (kernel, "prefix<=16"), tuner)
     choices = run.autotune_choices()
     assert choices["_attn_fwd"] == {"(64, 128, False)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"}
+    assert choices["_attn_fwd[prefix<=16]"] == choices["_attn_fwd"]
     assert "_attn_fwd: (64, 128, False) -> BLOCK_M: 128" in run.format_autotune(choices)

@@ -23,6 +23,7 @@ Design (docs/attention.md has the long form):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -428,6 +429,15 @@ _TUNE_KEY = ["D", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "D
              "GATE_H1"]
 
 
+@functools.lru_cache(maxsize=None)
+def _prefix_table(width: int) -> dict:
+    """The key-side backward's table for prefix tiles: _BWD_TABLE with key tiles no wider than ``width``,
+    the prefix length's next power of two (at least 16). A P = 16 prefix in 64-wide tiles would spend 3/4
+    of that launch on empty columns."""
+    return {cls: list(dict.fromkeys((m, min(n, width), w, st) for m, n, w, st in cfgs))
+            for cls, cfgs in _BWD_TABLE.items()}
+
+
 def _dclass(D: int) -> int:
     block_d = max(16, triton.next_power_of_2(D))
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
@@ -464,27 +474,31 @@ def _autotuned(kernel, table, reset=()):
                            reset_to_zero=list(reset))(kernel)
 
 
-_TUNED = {}
+_TUNED = {}  # (kernel, tag) -> its autotuner; tag names a table other than the kernel's default ("")
 
 
 def autotune_choices() -> dict[str, dict[str, str]]:
     """{kernel name: {autotuning key: picked configuration}} of the kernels autotuned so far in this process
     (for the benchmark reports: which tiles won on this GPU)."""
-    return {getattr(kernel, "__name__", str(kernel)): {str(key): str(cfg) for key, cfg in tuner.cache.items()}
-            for kernel, tuner in _TUNED.items() if getattr(tuner, "cache", None)}
+    def name(kernel, tag):
+        return getattr(kernel, "__name__", str(kernel)) + (f"[{tag}]" if tag else "")
+
+    return {name(*key): {str(k): str(cfg) for k, cfg in tuner.cache.items()}
+            for key, tuner in _TUNED.items() if getattr(tuner, "cache", None)}
 
 
-def _launch(kernel, table, grid_of, args, consts, device, reset=()):
-    """Launch ``kernel`` on the grid ``grid_of(BLOCK_M, BLOCK_N)``: autotuned over ``table`` on a GPU,
-    else with the fixed blocks. ``reset`` names buffers the kernel accumulates into (zeroed between
-    autotuning trials)."""
+def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
+    """Launch ``kernel`` on the grid ``grid_of(BLOCK_M, BLOCK_N)``: autotuned over ``table`` on a GPU
+    (one autotuner per kernel and ``tag``, the name of a table other than the kernel's usual one), else
+    with the fixed blocks. ``reset`` names buffers the kernel accumulates into (zeroed between autotuning
+    trials)."""
     D = consts["D"]
     seq_bucket = min(triton.next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
     args = args[:-1] + (seq_bucket,)
     if _compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
-        if kernel not in _TUNED:
-            _TUNED[kernel] = _autotuned(kernel, table, reset)
-        _TUNED[kernel][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
+        if (kernel, tag) not in _TUNED:
+            _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
+        _TUNED[kernel, tag][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
             *args, BLOCK_D=max(16, triton.next_power_of_2(D)), **consts)
         return
     blocks, launch = _blocks(D, device, table)
@@ -609,13 +623,15 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         DGt = dg_buf if is_prefix else dg_dummy
         k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
         DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
-        _launch(_bwd_kv_kernel, _BWD_TABLE, lambda bm, bn, L=L: (triton.cdiv(L, bn) * B * Hkv,),
+        width = max(16, triton.next_power_of_2(P))
+        table, tag = (_prefix_table(width), f"prefix<={width}") if is_prefix else (_BWD_TABLE, "")
+        _launch(_bwd_kv_kernel, table, lambda bm, bn, L=L: (triton.cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
                  *DKt.stride(), *DVt.stride(), *_strides(DGt),
                  Hq, Hkv, N, M, L, a.REP, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
-                     GATE_H1=gate_h1), q.device, reset=("DG",))
+                     GATE_H1=gate_h1), q.device, reset=("DG",), tag=tag)
     _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
