@@ -72,6 +72,13 @@ def format_autotune(choices: dict) -> str:
     return "\n".join(lines)
 
 
+def report(rows: list[dict], autotune: dict, results) -> str:
+    """What a run prints last (and its -summary.txt holds), also for ``--table``: the kernel breakdown,
+    the autotuner's picks, the summary table and the targets, blank lines between."""
+    return "\n\n".join(x for x in (harness.format_kernel_table(rows), format_autotune(autotune),
+                                   harness.format_summary(rows), targets.format_targets(results)) if x)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
@@ -93,13 +100,7 @@ def main(argv=None) -> int:
     if args.table:
         doc = json.loads(Path(args.table).read_text())
         print(f"{doc.get('name')}: {doc.get('device')} ({doc.get('date')})")
-        kernels = harness.format_kernel_table(doc["rows"])
-        if kernels:
-            print(kernels + "\n")
-        if doc.get("autotune"):
-            print(format_autotune(doc["autotune"]) + "\n")
-        print(harness.format_summary(doc["rows"]))
-        print(targets.format_targets(targets.evaluate(doc["rows"])))
+        print(report(doc["rows"], doc.get("autotune") or {}, targets.evaluate(doc["rows"])))
         if not args.no_plots:  # the GPU script leaves plots out (files that come back are few): draw them here
             harness.write_plots(doc["rows"], args.out_dir, doc["name"], doc.get("device", ""))
         return 0
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
     results = targets.evaluate(rows)
     meta["targets"] = results
     save([], plots=not args.no_plots)
-    table = "\n\n".join(x for x in (harness.format_kernel_table(rows), format_autotune(autotune_choices()),
-                                     harness.format_summary(rows), targets.format_targets(results)) if x)
+    table = report(rows, autotune_choices(), results)
     (out_dir / f"{name}-summary.txt").write_text(table + "\n")
     elapsed = time.monotonic() - t0
     print(f"\nwrote {out_dir / name}.json/.csv/-*.png in {elapsed:.1f} s\n", flush=True)
