@@ -613,6 +613,8 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
                   PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
+    width = max(16, triton.next_power_of_2(P))  # the prefix launch's key tiles: no wider than the prefix
+    prefix_table = (_prefix_table(width), f"prefix<={width}")
     for is_prefix in (True, False):
         L = P if is_prefix else M
         if L == 0:
@@ -623,8 +625,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         DGt = dg_buf if is_prefix else dg_dummy
         k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
         DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
-        width = max(16, triton.next_power_of_2(P))
-        table, tag = (_prefix_table(width), f"prefix<={width}") if is_prefix else (_BWD_TABLE, "")
+        table, tag = prefix_table if is_prefix else (_BWD_TABLE, "")
         _launch(_bwd_kv_kernel, table, lambda bm, bn, L=L: (triton.cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
