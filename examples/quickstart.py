@@ -33,7 +33,6 @@ from apt_kernels import ChildTuningAdamW, fisher_mask, gated_prefix_attention, p
 from marker_task import MARKER, batches, evaluate, make_dataset, tiny_bert  # examples/marker_task.py
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100, help="training steps per Child-Tuning mode (default 100)")

@@ -39,7 +39,6 @@ from apt_kernels.child_tuning import load_masks, save_masks
 from marker_task import MARKER, batches, evaluate, make_dataset, tiny_bert  # examples/marker_task.py
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
