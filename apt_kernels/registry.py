@@ -107,7 +107,8 @@ class Registry:
             order = self.auto_order(probe.device.type)
             for name in order:
                 if self.reason(name, probe) is None:
-                    log.debug("%s: auto picked %s for %s", self.op, name, probe)
+                    if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+                        log.debug("%s: auto picked %s for %s", self.op, name, probe)
                     return name, self._entries[name].fn
             # Nothing preferred can run (e.g. an unusual device): the reference runs anywhere.
             return "reference", self._entries["reference"].fn

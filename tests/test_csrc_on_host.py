@@ -210,6 +210,16 @@ def test_pst_gradients_through_the_cuda_backend(cuda_on_host):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"d{name}")
 
 
+def test_pst_under_torch_compile(cuda_on_host):
+    """The cuda backend as the custom ops torch.compile sees: one graph for every sparsity, eager's masks
+    and gradients, fake implementations checked by opcheck."""
+    from test_pst import check_compiled_layer, opcheck_pst_ops
+
+    check_compiled_layer("cuda")
+    opcheck_pst_ops("cuda")
+    opcheck_pst_ops("cuda", dtype=torch.bfloat16)
+
+
 def test_pst_rejects_what_the_c_api_rejects(cuda_on_host, host_lib):
     """The C API's own argument checks (the binding checks first; these guard other callers)."""
     w = torch.zeros(4, 8)

@@ -180,6 +180,38 @@ def test_backends_agree_in_outputs_and_gradients(family):
             torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=f"{backend} {n}")
 
 
+def check_compiled_equals_eager(family, backend, device="cpu"):
+    """torch.compile(model, fullgraph=True): no graph break anywhere in the model (the attention runs as
+    apt_kernels' custom op or traced torch code), eager's outputs and APT gradients."""
+    torch._dynamo.reset()
+    model = build(family, backend=backend).to(device)
+    ids = torch.randint(3, 64, (2, 7), device=device)
+    mask = torch.ones(2, 7, dtype=torch.long, device=device)
+    mask[1, :2] = 0  # left padding
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")):
+        model.zero_grad(set_to_none=True)
+        out = hidden(fn, ids, mask)
+        (out * mask[..., None]).square().sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.apt_adapter.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_fullgraph(family):
+    check_compiled_equals_eager(family, "torch")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_torch_compile_fullgraph_triton(family):
+    check_compiled_equals_eager(family, "triton", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def enable_checkpointing(model):
     """transformers >= 5.2x names it activation checkpointing (the old name warns); older 5.x do not."""
     if hasattr(model, "activation_checkpointing_enable"):

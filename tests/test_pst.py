@@ -211,3 +211,84 @@ def test_fma32_rounds_once():
     # plain float64 evaluation is wrong on some of these: the test can fail
     naive = (a.astype(np.float64) * b + c).astype(np.float32)
     assert (naive.view(np.int32) != got.view(np.int32)).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile: every backend runs as the custom ops apt_kernels::pst_forward / pst_backward. The
+# helpers below are shared with the triton lane (tests/test_pst_kernels.py) and the cuda-on-host lane
+# (tests/test_csrc_on_host.py).
+# --------------------------------------------------------------------------------------------------
+
+def check_compiled_layer(backend, device="cpu", dtype=torch.float32):
+    """torch.compile(fullgraph=True) of a PSTLinear: one graph for every sparsity the scheduler sets (the
+    pruned count is a graph input), and at each the same mask, output and factor gradients as eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    layer = ak.PSTLinear(53, 37, sparsity=0.9, rank_w=3, rank_s=2, backend=backend, device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in (layer.pst_v, layer.pst_b, layer.pst_r, layer.pst_c):
+            p.normal_(0, 0.05)
+    counter = CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    x = torch.randn(5, 53, device=device, dtype=dtype)
+    for sparsity in (0.2, 0.5, 0.9, 0.35, 0.0):
+        layer.sparsity = sparsity
+        got = compiled(x)
+        words = layer._words  # set by the compiled forward
+        want = layer(x)
+        assert torch.equal(words, layer._words), sparsity
+        assert layer.realised_sparsity == math.floor(53 * 37 * sparsity) / (53 * 37)
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(got)
+        params = layer.factors()
+        for name, a, b in zip("uvabrc", torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+            torch.testing.assert_close(a, b, msg=f"d{name} at sparsity {sparsity}")
+    assert counter.frame_count == 1  # a moving sparsity does not recompile
+
+
+def opcheck_pst_ops(backend, device="cpu", dtype=torch.float32):
+    """torch.library.opcheck of both custom ops: schema, fake implementations against the real outputs
+    (shapes, dtypes, strides), and AOT dispatch with dynamic shapes."""
+    torch.manual_seed(3)
+    n, k = 21, 36
+    w0 = torch.randn(n, k, device=device).to(dtype)
+    factors = [torch.randn(shape, device=device) * 0.1 for shape in ((n, 3), (3, k), (n, 2), (2, k), (n,), (k,))]
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    fwd = (backend, w0, *factors, 0.7, 1.3, 0.4, torch.tensor(300), 0, 0)
+    torch.library.opcheck(torch.ops.apt_kernels.pst_forward.default, fwd, test_utils=utils)
+    torch.library.opcheck(torch.ops.apt_kernels.pst_forward.default, fwd[:-3] + (torch.tensor(0), 2, 4),
+                          test_utils=utils)  # N:M
+    _, words = torch.ops.apt_kernels.pst_forward(*fwd)
+    grad = torch.randn(n, k, device=device).to(dtype)
+    for needs in ([False] + [True] * 6, [True, False, True, True, False, True, False]):
+        torch.library.opcheck(torch.ops.apt_kernels.pst_backward.default,
+                              (backend, grad, words, w0, *factors[:4], 0.7, 1.3, 0.4, needs), test_utils=utils)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_layer_follows_the_sparsity_without_recompiling(backend):
+    check_compiled_layer(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_opcheck(backend):
+    opcheck_pst_ops(backend)
+    opcheck_pst_ops(backend, dtype=torch.float64)
+
+
+def test_compiled_function_equals_eager():
+    """The functional op under torch.compile: float64 factors with a float32 weight (mixed compute dtype)."""
+    ts = make(dtype=torch.float32, requires_grad=True)
+    ts[5] = ts[5].detach().double().requires_grad_(True)
+
+    def f(*ts):
+        return ak.pst_masked_weight(*ts, sparsity=0.6, beta=0.7, backend="torch")
+
+    torch._dynamo.reset()
+    got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(*ts), f(*ts)
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, ts[1:], g), torch.autograd.grad(want, ts[1:], g)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)

@@ -75,11 +75,20 @@ def test_pstlinear_constructor_state_dict_and_repr():
         ak.PSTLinear(6, 4, nm=(2, 4))
     with pytest.raises(TypeError, match="unexpected PSTLinear options"):
         ak.PSTLinear.from_linear(nn.Linear(4, 4), spasity=0.5)
+    for bad in (1.0, -0.1, float("nan")):  # the scheduler's setter validates too
+        with pytest.raises(ValueError, match="sparsity must"):
+            layer.sparsity = bad
+    assert layer.sparsity == 0.75 and int((layer.masked_weight() == 0).sum()) == 96
+    layer.sparsity = 0.5
+    assert int((layer.masked_weight() == 0).sum()) == 64
 
 
 def test_pstlinear_nm_and_to_linear():
     layer = ak.PSTLinear.from_linear(nn.Linear(32, 6), nm=(2, 4))
     assert layer.final_sparsity == 0.5 and layer.n_pruned == 96
+    layer.sparsity = 0.5  # N:M fixes the sparsity
+    with pytest.raises(ValueError, match="fixed at 1 - N/M = 0.5"):
+        layer.sparsity = 0.6
     lin = layer.to_linear()
     assert type(lin) is nn.Linear and lin.bias is layer.bias
     groups = (lin.weight != 0).view(6, 8, 4)

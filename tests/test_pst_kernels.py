@@ -571,3 +571,15 @@ def test_kth_smallest_by_the_radix_passes():
     assert kth_smallest([vals[:1234], vals[1234:].view(-1, 2)], ks) == [float(srt[k - 1]) for k in ks]
     with pytest.raises(ValueError, match="outside"):
         kth_smallest(vals, [0])
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_under_torch_compile(small_tiles, dtype):
+    """fullgraph compile (aot_eager on CPU, inductor on GPU) runs the kernels as custom ops: one graph for
+    every sparsity, the eager masks and gradients; opcheck of both ops' fake implementations."""
+    from test_pst import check_compiled_layer, opcheck_pst_ops
+
+    check_compiled_layer("triton", DEVICE, dtype)
+    opcheck_pst_ops("triton", DEVICE, dtype)

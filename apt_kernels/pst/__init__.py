@@ -92,10 +92,17 @@ def _cuda_groups(probe: Probe) -> str | None:
     return None
 
 
-REGISTRY.register("reference")(PSTImpl("reference", _dense_forward(reference_forward, "torch"), _dense_backward))
-REGISTRY.register("torch")(PSTImpl("torch", _dense_forward(torch_forward, "auto"), _dense_backward))
-REGISTRY.register("triton", _float32_only, _triton_limits)(PSTImpl("triton", _triton_forward, _triton_backward))
-REGISTRY.register("cuda", _float32_only, _cuda_groups)(PSTImpl("cuda", _cuda_forward, _cuda_backward))
+_IMPLS: dict[str, PSTImpl] = {}  # by name, for the custom ops below
+
+
+def _register(impl: PSTImpl, *checks) -> None:
+    _IMPLS[impl.name] = REGISTRY.register(impl.name, *checks)(impl)
+
+
+_register(PSTImpl("reference", _dense_forward(reference_forward, "torch"), _dense_backward))
+_register(PSTImpl("torch", _dense_forward(torch_forward, "auto"), _dense_backward))
+_register(PSTImpl("triton", _triton_forward, _triton_backward), _float32_only, _triton_limits)
+_register(PSTImpl("cuda", _cuda_forward, _cuda_backward), _float32_only, _cuda_groups)
 REGISTRY.prefer("cuda", ("triton", "cuda", "torch"),
                 "Triton first: by the counted costs (docs/pst.md) its score passes issue fewer instructions "
                 "per entry than the CUDA C++ kernels' (per-entry 64-bit division and factor loads), "
@@ -137,10 +144,60 @@ def _check(w0, u, v, a, b, r, c, sparsity, beta, alpha1, alpha2, nm=None):
     return (sparsity, V.number("beta", beta), V.number("alpha1", alpha1), V.number("alpha2", alpha2), nm)
 
 
+# Under torch.compile every backend runs as these two custom ops: opaque nodes with fake implementations, so
+# that the compiler neither traces the kernel launchers nor turns the pruned count into a constant of the
+# graph. The count travels as a 0-dim CPU tensor (a graph input: a layer whose sparsity the scheduler moves
+# every step is compiled once). Eager calls skip the ops' dispatch.
+
+@torch.library.custom_op("apt_kernels::pst_forward", mutates_args=())
+def _forward_op(backend: str, w0: torch.Tensor, u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                r: torch.Tensor, c: torch.Tensor, beta: float, alpha1: float, alpha2: float, n_pruned: torch.Tensor,
+                nm_n: int, nm_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w_prime, words = _IMPLS[backend].forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, int(n_pruned),
+                                             (nm_n, nm_m) if nm_m else None)
+    return w_prime, words
+
+
+@_forward_op.register_fake
+def _(backend, w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm_n, nm_m):
+    return w0.new_empty(w0.shape), w0.new_empty(((w0.numel() + 31) // 32,), dtype=torch.int32)
+
+
+def _grad_dtypes(w0, u, v, a, b):
+    """The backward op's output dtypes: dW0 in w0's, the factors' gradients in the compute dtype."""
+    return (w0.dtype,) + (compute_dtype(w0, u, v, a, b),) * 6
+
+
+@torch.library.custom_op("apt_kernels::pst_backward", mutates_args=())
+def _backward_op(backend: str, grad: torch.Tensor, words: torch.Tensor, w0: torch.Tensor, u: torch.Tensor,
+                 v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha1: float, alpha2: float,
+                 needs: list[bool]) -> list[torch.Tensor]:
+    grads = _IMPLS[backend].backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs)
+    # Custom ops return tensors, none a view of another or of an input: a gradient not asked for travels as
+    # an empty tensor, the factors' gradients (views of one buffer in the triton backend) are copied.
+    return [w0.new_empty((0,)) if g is None else g.to(dt, copy=i > 0)
+            for i, (g, dt) in enumerate(zip(grads, _grad_dtypes(w0, u, v, a, b)))]
+
+
+@_backward_op.register_fake
+def _(backend, grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
+    n, k = w0.shape
+    rw, rs = u.shape[1], a.shape[1]
+    shapes = ((n, k), (n, rw), (rw, k), (n, rs), (rs, k), (n,), (k,))
+    return [w0.new_empty(shape, dtype=dt) if need else w0.new_empty((0,))
+            for shape, dt, need in zip(shapes, _grad_dtypes(w0, u, v, a, b), needs)]
+
+
 class _PSTMaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, beta, alpha1, alpha2, k, nm, w0, u, v, a, b, r, c):
-        w_prime, words = impl.forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, k, nm)
+        if torch.compiler.is_compiling():
+            count = k if isinstance(k, torch.Tensor) else torch.tensor(k, dtype=torch.int64)
+            nm_n, nm_m = nm or (0, 0)
+            w_prime, words = torch.ops.apt_kernels.pst_forward(impl.name, w0, u, v, a, b, r, c, beta, alpha1, alpha2,
+                                                               count, nm_n, nm_m)
+        else:
+            w_prime, words = impl.forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, int(k), nm)
         ctx.save_for_backward(words, w0, u, v, a, b, r, c)
         ctx.impl = impl
         ctx.consts = (beta, alpha1, alpha2)
@@ -154,7 +211,12 @@ class _PSTMaskedWeight(torch.autograd.Function):
         # The backward sees w0..b only: if just r or c is float64, upcast w0 so that it computes in the
         # forward's dtype too (gradients are cast back to each input's dtype below).
         w0_b = w0.double() if compute_dtype(w0, u, v, a, b, r, c) != compute_dtype(w0, u, v, a, b) else w0
-        grads = ctx.impl.backward(grad, words, w0_b, u, v, a, b, *ctx.consts, needs)
+        if torch.compiler.is_compiling():
+            grads = torch.ops.apt_kernels.pst_backward(ctx.impl.name, grad, words, w0_b, u, v, a, b, *ctx.consts,
+                                                       list(needs))
+            grads = [g if need else None for g, need in zip(grads, needs)]
+        else:
+            grads = ctx.impl.backward(grad, words, w0_b, u, v, a, b, *ctx.consts, needs)
         return (None,) * 6 + tuple(None if g is None else g.to(t.dtype)
                                    for g, t in zip(grads, (w0, u, v, a, b, r, c)))
 
@@ -173,11 +235,14 @@ def _probe(w0, u, v, a, b, r, c, nm) -> Probe:
     return Probe.of(w0, *feats)
 
 
-def _run(w0, u, v, a, b, r, c, sparsity, beta, alpha1, alpha2, backend, nm=None):
-    """(W', packed keep bits, backend name)."""
+def _run(w0, u, v, a, b, r, c, sparsity, beta, alpha1, alpha2, backend, nm=None, count=None):
+    """(W', packed keep bits, backend name). ``count``: instead of ``sparsity``, the number of weights to
+    prune as a 0-dim int64 CPU tensor (PSTLinear's, under torch.compile: a graph input, not a constant)."""
+    if count is not None:
+        sparsity = 0.0  # validated by whoever keeps the count
     sparsity, beta, alpha1, alpha2, nm = _check(w0, u, v, a, b, r, c, sparsity, beta, alpha1, alpha2, nm)
     name, impl = REGISTRY.select(backend, _probe(w0, u, v, a, b, r, c, nm))
-    k = n_pruned(w0.numel(), sparsity) if nm is None else 0
+    k = count if count is not None else n_pruned(w0.numel(), sparsity) if nm is None else 0
     w_prime, words = _PSTMaskedWeight.apply(impl, beta, alpha1, alpha2, k, nm, w0, u, v, a, b, r, c)
     return w_prime, words, name
 

@@ -129,9 +129,35 @@ class PSTLinear(nn.Module):
     def factors(self):
         return tuple(getattr(self, name) for name in FACTOR_NAMES)
 
+    @property
+    def sparsity(self) -> float:
+        """The fraction of weights the next forward prunes (set by :class:`SparsityScheduler`)."""
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        if self.nm is not None:
+            if value != self.final_sparsity:
+                raise ValueError(f"an N:M layer's sparsity is fixed at 1 - N/M = {self.final_sparsity:g}")
+            self._sparsity = self.final_sparsity
+            return
+        self._sparsity = V.number("sparsity", value, lo=0.0, hi=1.0, hi_open=True)
+        # The pruned count as a 0-dim CPU tensor, updated in place: under torch.compile the forward reads
+        # this (a graph input) and not the float (which the graph would hold as a constant, recompiling at
+        # every scheduler step).
+        count = n_pruned(self.weight.numel(), self._sparsity)
+        if getattr(self, "_count", None) is None:
+            self._count = torch.tensor(count, dtype=torch.int64, device="cpu")
+        else:
+            self._count.fill_(count)
+
     def _masked(self, backend=None):
-        w, words, name = _run(self.weight, *self.factors(), None if self.nm else self.sparsity, self.beta,
-                              self.alpha1, self.alpha2, backend or self.backend, self.nm)
+        if self.nm is None and torch.compiler.is_compiling():
+            sparsity, count = None, self._count
+        else:
+            sparsity, count = None if self.nm else self._sparsity, None
+        w, words, name = _run(self.weight, *self.factors(), sparsity, self.beta, self.alpha1, self.alpha2,
+                              backend or self.backend, self.nm, count=count)
         self._words = words.detach()
         self.last_backend = name
         return w
