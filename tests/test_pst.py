@@ -243,7 +243,8 @@ def check_compiled_layer(backend, device="cpu", dtype=torch.float32):
         g = torch.randn_like(got)
         params = layer.factors()
         for name, a, b in zip("uvabrc", torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
-            torch.testing.assert_close(a, b, msg=f"d{name} at sparsity {sparsity}")
+            # the same kernels; on a GPU the fused backward's float atomics add in a run-dependent order
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"d{name} at sparsity {sparsity}")
     assert counter.frame_count == 1  # a moving sparsity does not recompile
 
 
