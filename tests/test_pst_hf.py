@@ -113,17 +113,24 @@ def test_cubic_schedule_values():
     assert cubic_sparsity(50, 100, 0.2, 0.8, 0.5, 0.5) == 0.8  # no ramp left: jump at the end of the hold
 
 
-def test_scheduler_plain_loop_and_realised_sparsity():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_scheduler_plain_loop_and_realised_sparsity(compiled):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     model = apply_pst(tiny_bert(), sparsity=0.8)
     sched = ak.SparsityScheduler(model, total_steps=20, initial_fraction=0.1, final_fraction=0.3)
     layers = [m for _, m in pst_layers(model)]
     assert len(sched.layers) == 12 and all(m.sparsity == 0.0 for m in layers)
     seen = []
     x = ids()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    forward = torch.compile(model, fullgraph=True, backend=counter) if compiled else model
     for step in range(20):
-        model(input_ids=x).logits.sum().backward()
+        forward(input_ids=x).logits.sum().backward()
         seen.append((sched.current_sparsity, sched.realised_sparsity()))
         sched.step()
+    assert counter.frame_count == int(compiled)  # compiled once for the whole ramp
     targets = [t for t, _ in seen]
     assert targets[0] == targets[1] == 0.0 and all(b >= a for a, b in zip(targets, targets[1:]))
     assert all(t == r for t, r in seen)  # exact selection: realised == target at every step
