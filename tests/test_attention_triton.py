@@ -265,6 +265,18 @@ def test_custom_op_opcheck_and_compile():
     for name, a, b in zip(NAMES[1:], got, want):
         torch.testing.assert_close(a, b, msg=name)
 
+    # dropout under compilation: the seed is drawn per call (not baked into the graph), from torch's generator
+    def dropped(q):
+        return ak.gated_prefix_attention(q, k, v, pk, pv, g, dropout_p=0.5, backend="triton")
+
+    compiled = torch.compile(dropped, fullgraph=True, backend="aot_eager" if not GPU else "inductor")
+    with torch.no_grad():
+        assert not torch.equal(compiled(q), compiled(q))
+        torch.manual_seed(11)
+        a = compiled(q)
+        torch.manual_seed(11)
+        assert torch.equal(compiled(q), a)
+
 
 @pytest.mark.gpu
 def test_more_than_65535_heads_times_batch():
