@@ -53,14 +53,10 @@ def train(model, forward, mode: str, rank: int | None) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def _cuda_device(rank: int) -> torch.device:
-    return torch.device("cuda", rank % torch.cuda.device_count())
-
-
 def _worker(rank: int, init_file: str, out_dir: str, device_type: str) -> None:
     torch.set_num_threads(1)
     if device_type == "cuda":  # NCCL needs a device per rank; with one GPU both ranks share it through gloo
-        device = _cuda_device(rank)
+        device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
     else:

@@ -93,6 +93,7 @@ class PSTLinear(nn.Module):
             self.final_sparsity = V.number("sparsity", sparsity, lo=0.0, hi=1.0, hi_open=True)
         else:
             self.final_sparsity = 1.0 - self.nm[0] / self.nm[1]
+        self._count = torch.zeros((), dtype=torch.int64, device="cpu")  # kept by the sparsity setter
         self.sparsity = self.final_sparsity
         self.backend = backend
         self.last_backend: str | None = None
@@ -145,11 +146,7 @@ class PSTLinear(nn.Module):
         # The pruned count as a 0-dim CPU tensor, updated in place: under torch.compile the forward reads
         # this (a graph input) and not the float (which the graph would hold as a constant, recompiling at
         # every scheduler step).
-        count = n_pruned(self.weight.numel(), self._sparsity)
-        if getattr(self, "_count", None) is None:
-            self._count = torch.tensor(count, dtype=torch.int64, device="cpu")
-        else:
-            self._count.fill_(count)
+        self._count.fill_(n_pruned(self.weight.numel(), self._sparsity))
 
     def _masked(self, backend=None):
         if self.nm is None and torch.compiler.is_compiling():
