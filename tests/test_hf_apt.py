@@ -114,6 +114,29 @@ def test_masks_reach_the_kernels_as_sdpa_mask_builds_them(family, monkeypatch):
     assert [got for _, got in built] == [None] * len(built)
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_compiled_models_keep_the_fast_mask_layout(family, monkeypatch):
+    """Under torch.compile(fullgraph=True) the kernels get the same layout as in eager: the padding row
+    with query stride 0, and causal=True for a decoder (the row travels as a tensor attribute)."""
+    import apt_kernels.hf.apt as hf_apt
+
+    torch._dynamo.reset()
+    model = build(family)
+    calls = []
+    real_attention = hf_apt.gated_prefix_attention
+
+    def attention(*a, attn_mask=None, causal=False, **k):
+        calls.append((causal, None if attn_mask is None else attn_mask.stride(2)))
+        return real_attention(*a, attn_mask=attn_mask, causal=causal, **k)
+
+    monkeypatch.setattr(hf_apt, "gated_prefix_attention", attention)
+    ids = torch.randint(3, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    hidden(torch.compile(model, fullgraph=True, backend="aot_eager"), ids, mask)
+    assert calls == [(family in DECODERS, 0)] * model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_apt_mask_values_equal_sdpa_mask(bidirectional):
     """apt_mask directly, over query/key lengths and offsets (training, prefill, chunked prefill with a

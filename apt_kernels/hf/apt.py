@@ -195,8 +195,7 @@ def apt_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, 
     if mask_function is None:
         mask_function = causal_mask_function
     plain_padding = (attention_mask is not None and attention_mask.dim() == 2 and q_offset >= 0 and q_length > 1
-                     and not kwargs.get("use_vmap") and kwargs.get("local_size") is None
-                     and not torch.compiler.is_compiling())
+                     and not kwargs.get("use_vmap") and kwargs.get("local_size") is None)
     if plain_padding and mask_function is bidirectional_mask_function:
         mask = build(1, mask_function)
         return None if mask is None else mask.expand(batch_size, mask.shape[1], q_length, kv_length)
