@@ -280,6 +280,29 @@ def test_triton_state_dict_resume_is_bit_exact(small_chunks):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton),
+                                     pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_step_equals_eager(small_chunks, backend):
+    """torch.compile(opt.step), PyTorch's pattern for compiled optimizers: the torch backend is traced, the
+    fused launchers run eagerly behind a graph break; same parameters and states as eager steps."""
+    device = "cuda" if backend == "cuda" else DEVICE
+    torch._dynamo.reset()
+    kw = dict(lr=1e-2, reserve_p=0.4, seed=5, weight_decay=0.01, backend=backend)
+    sizes = ((37, 29), (29,), (300,))
+    eager, compiled = make_params(torch.float32, device, sizes), make_params(torch.float32, device, sizes)
+    opt_e, opt_c = ak.ChildTuningAdamW(eager, **kw), ak.ChildTuningAdamW(compiled, **kw)
+    step = torch.compile(opt_c.step, backend="inductor" if device == "cuda" else "aot_eager")
+    for i in range(3):
+        set_grads(eager, i)
+        set_grads(compiled, i)
+        opt_e.step()
+        step()
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
+        assert opt_c.state[b]["step"] == opt_e.state[a]["step"] == 3
+        torch.testing.assert_close(opt_c.state[b]["exp_avg_sq"], opt_e.state[a]["exp_avg_sq"], rtol=2e-6, atol=0)
+
+
 TRITON_COMPILE = r"""
 import itertools, re, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget

@@ -33,7 +33,10 @@ def _fused_dtypes(probe: Probe) -> str | None:
     return None
 
 
+# The fused launchers are left out of torch.compile's graphs (a graph break around one launch that is
+# already the whole update): ``torch.compile(opt.step)`` traces the rest and runs the kernel eagerly.
 @REGISTRY.register("triton", _fused_dtypes)
+@torch.compiler.disable
 def triton_update(*args, **kwargs):
     """The fused Triton kernel (``triton_update.py``): F bits drawn in-kernel, D bits read packed."""
     from . import triton_update as _t
@@ -50,6 +53,7 @@ def _cuda_launch(launch: fused.Launch, h: fused.Hyper) -> None:
 
 
 @REGISTRY.register("cuda", _fused_dtypes)
+@torch.compiler.disable
 def cuda_update(*args, **kwargs):
     """The CUDA C++ multi-tensor kernel (``csrc/child_tuning.cu``), one launch per dtype group and mode."""
     fused.run(_cuda_launch, *args, **kwargs)
