@@ -280,10 +280,10 @@ def test_triton_state_dict_resume_is_bit_exact(small_chunks):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton),
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton),
                                      pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_step_equals_eager(small_chunks, backend):
-    """torch.compile(opt.step), PyTorch's pattern for compiled optimizers: the torch backend is traced, the
+    """torch.compile(opt.step), PyTorch's pattern for compiled optimizers: torch and reference are traced, the
     fused launchers run eagerly behind a graph break; same parameters and states as eager steps."""
     device = "cuda" if backend == "cuda" else DEVICE
     torch._dynamo.reset()
