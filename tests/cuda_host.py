@@ -64,7 +64,10 @@ def build_host_kernels(out_dir: pathlib.Path, sources: list[str], harness: str =
             raise RuntimeError(f"host build of {stem} failed:\n{res.stderr[-4000:]}")
         objects.append(str(obj))
     lib = out_dir / "libcsrc_host.so"
-    res = subprocess.run([cxx, "-shared", "-pthread", "-o", str(lib), *objects], capture_output=True, text=True)
+    # -Bsymbolic: the simulated runtime (cudaMemsetAsync, cudaGetLastError, ..) binds to its own definitions,
+    # not to a real libcudart that a CUDA build of torch has already loaded with global symbols
+    res = subprocess.run([cxx, "-shared", "-pthread", "-Wl,-Bsymbolic", "-o", str(lib), *objects], capture_output=True,
+                         text=True)
     if res.returncode:
         raise RuntimeError(f"linking the host kernels failed:\n{res.stderr[-4000:]}")
     return ctypes.CDLL(str(lib))
