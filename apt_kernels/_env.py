@@ -95,6 +95,8 @@ def cuda_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the CUDA C++ kernels need CUDA tensors (got {device.type})"
     why = _load_extension()[1]
+    if why is None and not torch.cuda.is_available():  # built and loaded, e.g. a CUDA torch on a GPU-less host
+        return "the CUDA extension apt_kernels._C is built, but torch sees no CUDA device"
     if why is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # the default build targets compute capability 9.0 (sm_90 code + compute_90 PTX)
         major, minor = torch.cuda.get_device_capability(device)

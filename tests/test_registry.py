@@ -83,6 +83,18 @@ def test_environment_report_runs_and_tells_the_truth():
         assert "set TRITON_INTERPRET=1" in out
 
 
+def test_built_extension_without_a_device_is_reported_not_raised(monkeypatch):
+    """A CUDA build of torch with the extension built, on a machine without a GPU: the report says so
+    (it used to raise from torch.cuda.get_device_capability)."""
+    from apt_kernels import __main__ as main, _env
+
+    monkeypatch.setattr(_env, "_load_extension", lambda: (object(), None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert "built, but torch sees no CUDA device" in _env.cuda_reason(torch.device("cuda"))
+    assert "built, but torch sees no CUDA device" in main.report()
+
+
 @pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 1000])
 def test_pack_bits_round_trip(n):
     mask = torch.rand(n) > 0.5
