@@ -50,9 +50,15 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA 
 
 echo "== install (builds apt_kernels._C from csrc/; log: ${RESULTS}/${NAME}-pip.log)"
 if ! python3 -m pip install --no-build-isolation --no-deps -e . >"${RESULTS}/${NAME}-pip.log" 2>&1; then
-    tail -n 60 "${RESULTS}/${NAME}-pip.log"
-    echo "gpu_check: pip install failed" >&2
-    exit 1
+    # e.g. setuptools < 70.1 without the wheel package ("invalid command 'bdist_wheel'"): build in place
+    tail -n 5 "${RESULTS}/${NAME}-pip.log"
+    echo "   pip install failed; building in place with setup.py build_ext --inplace instead"
+    if ! python3 setup.py build_ext --inplace >>"${RESULTS}/${NAME}-pip.log" 2>&1; then
+        tail -n 60 "${RESULTS}/${NAME}-pip.log"
+        echo "gpu_check: the CUDA extension build failed" >&2
+        exit 1
+    fi
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 grep -E "apt-kernels setup:|Successfully" "${RESULTS}/${NAME}-pip.log" || tail -n 5 "${RESULTS}/${NAME}-pip.log"
 echo "   install took ${SECONDS} s"
