@@ -21,7 +21,7 @@ Design (details and the reasons in docs/pst.md):
 * **Mask pass**: W' = W * keep in W0's dtype and the packed bitmask (int32 words, LSB first, bit j of
   word w = element 32 w + j), stored directly when ``k % 32 == 0`` and by two atomic ORs per group of
   32 columns otherwise. Extra memory: one zeroed scratch buffer with 2 state words, the histograms and
-  n row counters.
+  n row counters, and U and A transposed (``_columns``: a rank step of a tile is then a few vector loads).
 * **Backward** (straight-through): per row block, a loop over column tiles recomputes W, reads G and
   the bits, forms dS = G W and dW = (M + |W|) G in registers and reduces them with ``tl.dot`` into
   dU, dA, dR (row accumulators, added once) and dV, dB, dC (atomically added per tile). Neither dS
@@ -50,30 +50,31 @@ NPASS = 32 // RADIX_BITS
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta,
+def _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta,
                  BN: tl.constexpr, BK: tl.constexpr):
     """W = fma(beta, uv, W0) with uv = fma(U[:, j], V[j, :], uv) over j in order, on a (BN, BK) tile,
-    float32 (the order of reference.fused_order_scores)."""
+    float32 (the order of reference.fused_order_scores). ``u_ptr`` is U transposed, (RW, ldu), its rows
+    zero-padded past every row a tile touches: U's column j is a contiguous, unmasked (vector) load."""
     rows64 = rows.to(tl.int64)
     m2 = rmask[:, None] & cmask[None, :]
     w = tl.load(w0_ptr + rows64[:, None] * k + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     uv = tl.zeros([BN, BK], dtype=tl.float32)
     for j in range(RW):
-        uj = tl.load(u_ptr + rows64 * RW + j, mask=rmask, other=0.0).to(tl.float32)
+        uj = tl.load(u_ptr + j * ldu + rows64).to(tl.float32)
         vj = tl.load(v_ptr + j * k + cols, mask=cmask, other=0.0).to(tl.float32)
         uv = tl.fma(uj[:, None], vj[None, :], uv)
     return tl.fma(beta, uv, w)
 
 
 @triton.jit
-def _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2,
+def _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2,
                 BN: tl.constexpr, BK: tl.constexpr):
     """S = fma(alpha2, R + C, fma(alpha1, ab, |W|)) with ab = fma(A[:, j], B[j, :], ab) over j in order,
-    float32 (the order of reference.fused_order_scores)."""
+    float32 (the order of reference.fused_order_scores); ``a_ptr`` is A transposed and padded as U."""
     rows64 = rows.to(tl.int64)
     ab = tl.zeros([BN, BK], dtype=tl.float32)
     for j in range(RS):
-        aj = tl.load(a_ptr + rows64 * RS + j, mask=rmask, other=0.0).to(tl.float32)
+        aj = tl.load(a_ptr + j * ldu + rows64).to(tl.float32)
         bj = tl.load(b_ptr + j * k + cols, mask=cmask, other=0.0).to(tl.float32)
         ab = tl.fma(aj[:, None], bj[None, :], ab)
     rr = tl.load(r_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
@@ -140,7 +141,7 @@ def _tile_setup(n, k, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cache_ptr, n, k, RW, RS,
+def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cache_ptr, n, k, ldu, RW, RS,
                  beta, alpha1, alpha2, k_target,
                  PASS: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  CACHE_BITS: tl.constexpr):
@@ -155,8 +156,8 @@ def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cac
         top = tl.load(cache_ptr + f, mask=valid, other=0).to(tl.int64) & ((1 << CACHE_BITS) - 1)
         ukey = top << (32 - CACHE_BITS)
     else:
-        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, BN, BK)
-        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2, BN, BK)
+        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
+        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, BN, BK)
         ukey = _ukey(s)
         if PASS == 0 and CACHE_BITS > 0:
             tl.store(cache_ptr + f, (ukey >> (32 - CACHE_BITS)).to(cache_ptr.dtype.element_ty), mask=valid)
@@ -171,7 +172,7 @@ def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cac
 
 
 @triton.jit
-def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, n, k, RW, RS,
+def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, n, k, ldu, RW, RS,
                      beta, alpha1, alpha2, k_target,
                      NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr):
@@ -179,15 +180,15 @@ def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr,
     thr, need, count = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
     if need < count:
         rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
-        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, BN, BK)
-        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2, BN, BK)
+        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
+        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, BN, BK)
         tie = rmask[:, None] & cmask[None, :] & (_ukey(s) == thr)
         per_row = tl.sum(tie.to(tl.int32), axis=1)
         tl.atomic_add(rowcnt_ptr + rows, per_row, mask=rmask & (per_row > 0))
 
 
 @triton.jit
-def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, state_ptr, n, k, RW, RS,
+def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, state_ptr, n, k, ldu, RW, RS,
                 beta, alpha1, alpha2, k_target,
                 NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, ROWB: tl.constexpr,
                 BK: tl.constexpr):
@@ -215,8 +216,8 @@ def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowc
         for start in range(0, k, BK):
             cols = start + tl.arange(0, BK)
             cmask = cols < k
-            w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, 2, BK)
-            s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2, 2, BK)
+            w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, 2, BK)
+            s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, 2, BK)
             tie = rmask[:, None] & cmask[None, :] & (_ukey(s) == thr)
             t1 = tl.sum(tie.to(tl.int64), axis=0)
             cs = run + tl.cumsum(t1, axis=0)
@@ -228,12 +229,12 @@ def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowc
 
 
 @triton.jit
-def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, words_ptr, state_ptr, n, k, RW, RS,
+def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, words_ptr, state_ptr, n, k, ldu, RW, RS,
                  beta, alpha1, alpha2,
                  NM_N: tl.constexpr, NM_M: tl.constexpr, ALIGNED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
-    w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, BN, BK)
-    s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, RS, alpha1, alpha2, BN, BK)
+    w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
+    s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, BN, BK)
     ukey = _ukey(s)
     valid = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
@@ -285,7 +286,7 @@ def _threshold_kernel(hist_ptr, state_ptr, k_target, NDONE: tl.constexpr, BITS: 
 @triton.jit
 def _bwd_kernel(g_ptr, words_ptr, w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr,
                 du_ptr, dv_ptr, da_ptr, db_ptr, dr_ptr, dc_ptr, dw0_ptr,
-                n, k, RW, RS, beta, alpha1, alpha2, SPLIT,
+                n, k, ldu, RW, RS, beta, alpha1, alpha2, SPLIT,
                 RWP: tl.constexpr, RSP: tl.constexpr, NEED_W0: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -294,10 +295,8 @@ def _bwd_kernel(g_ptr, words_ptr, w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr,
     rows64 = rows.to(tl.int64)
     jw = tl.arange(0, RWP)
     js = tl.arange(0, RSP)
-    u_t = tl.load(u_ptr + rows64[:, None] * RW + jw[None, :], mask=rmask[:, None] & (jw < RW)[None, :],
-                  other=0.0).to(tl.float32)
-    a_t = tl.load(a_ptr + rows64[:, None] * RS + js[None, :], mask=rmask[:, None] & (js < RS)[None, :],
-                  other=0.0).to(tl.float32)
+    u_t = tl.load(u_ptr + jw[None, :] * ldu + rows64[:, None], mask=(jw < RW)[None, :], other=0.0).to(tl.float32)
+    a_t = tl.load(a_ptr + js[None, :] * ldu + rows64[:, None], mask=(js < RS)[None, :], other=0.0).to(tl.float32)
     du_acc = tl.zeros([BN, RWP], dtype=tl.float32)
     da_acc = tl.zeros([BN, RSP], dtype=tl.float32)
     dr_acc = tl.zeros([BN], dtype=tl.float32)
@@ -306,7 +305,7 @@ def _bwd_kernel(g_ptr, words_ptr, w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr,
         cmask = cols < k
         m2 = rmask[:, None] & cmask[None, :]
         f = rows64[:, None] * k + cols[None, :]
-        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, RW, beta, BN, BK)
+        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
         g = tl.load(g_ptr + f, mask=m2, other=0.0).to(tl.float32)
         word = tl.load(words_ptr + (f >> 5), mask=m2, other=0)
         keep = ((word >> (f & 31).to(tl.int32)) & 1).to(tl.float32)
@@ -365,6 +364,26 @@ def _factor(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else _alloc("dummy", torch.zeros(1, dtype=torch.float32, device=t.device))
 
 
+def _columns(t: torch.Tensor, ldu: int) -> torch.Tensor:
+    """An (n, r) factor (U or A) as its transpose (r, ldu), zero past row n: the rank loops of the tiles
+    read column j as one contiguous, unmasked run of rows (vector loads; ldu a multiple of 32). Loading
+    U[rows, j] from the (n, r) layout instead cost about three times the instructions of the multiply-adds
+    (sm_90 SASS of the score passes: 160 against 55 per thread and rank step). A dummy when r == 0."""
+    n, r = t.shape
+    if r == 0:
+        return _factor(t)
+    out = _alloc("columns", torch.zeros(r, ldu, dtype=t.dtype, device=t.device))
+    out[:, :n] = t.t()
+    return out
+
+
+def _ldu(n: int, bn: int) -> int:
+    """Row stride of the transposed factors: past every row a tile of bn rows reaches (and n + 1, the
+    tie cut's two-row tile), a multiple of 32."""
+    m = max(32, bn)
+    return (n + 1 + m - 1) // m * m
+
+
 def _fwd_block(k: int, nm) -> tuple[int, int]:
     bn, bk = FWD_BLOCK
     bk = min(bk, _pow2_at_least(k, 32))
@@ -393,7 +412,6 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
         raise ValueError(f"the triton PST kernels count with int32 histograms: w0 of {numel} entries is too large")
     rw, rs = u.shape[1], a.shape[1]
     w0 = w0.contiguous()
-    args = [w0] + [_factor(t) for t in (u, v, a, b, r, c)]
     aligned = k % 32 == 0
     out = _alloc("out", torch.empty_like(w0))
     nwords = (numel + 31) // 32
@@ -408,8 +426,10 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     scratch = _alloc("scratch", torch.zeros(2 + (n_int32 + 1) // 2, dtype=torch.int64, device=w0.device))
     state = scratch[:2]
     bn, bk = _fwd_block(k, nm)
+    ldu = _ldu(n, bn)
+    args = [w0, _columns(u, ldu), _factor(v), _columns(a, ldu), _factor(b), _factor(r), _factor(c)]
     grid = (triton.cdiv(n, bn) * triton.cdiv(k, bk),)
-    scal = (n, k, rw, rs, float(beta), float(alpha1), float(alpha2))
+    scal = (n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2))
     if select:
         ints = scratch[2:].view(torch.int32)
         hist, rowcnt = ints[:NPASS * BINS], ints[NPASS * BINS:NPASS * BINS + n]
@@ -451,7 +471,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
     zeros_cols = torch.zeros(width, dtype=torch.float32, device=device)
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
     args = [w0, dummy, dummy, dummy, dummy, zeros_rows, zeros_cols]
-    scal = (rows, width, 0, 0, 0.0, 0.0, 0.0)
+    scal = (rows, width, 0, 0, 0, 0.0, 0.0, 0.0)  # rank 0: no factor is read
     bn, bk = FWD_BLOCK
     grid = (triton.cdiv(rows, bn) * triton.cdiv(width, bk),)
     out = []
@@ -495,12 +515,13 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
     if n * k:
         bn, bk = BWD_BLOCK
         grad = grad.contiguous()
-        ins = [w0.contiguous()] + [_factor(t) for t in (u, v, a, b)]
+        ldu = _ldu(n, bn)
+        ins = [w0.contiguous(), _columns(u, ldu), _factor(v), _columns(a, ldu), _factor(b)]
         outs = [t if t.numel() else _factor(t) for t in (du, dv, da, db, dr, dc)]
         split = _split(triton.cdiv(n, bn), triton.cdiv(k, bk), dev)
         _bwd_kernel[(triton.cdiv(n, bn), split)](
             grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
-            n, k, rw, rs, float(beta), float(alpha1), float(alpha2), split,
+            n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2), split,
             RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
             num_warps=BWD_WARPS)
     grads = [dw0, du, dv, da, db, dr, dc]
