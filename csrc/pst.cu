@@ -6,10 +6,16 @@
 //   counts their digit in a shared-memory histogram and adds it to a global one. A one-block "pick"
 //   kernel then finds the bucket holding the need-th smallest candidate and narrows the prefix.
 //   After the last pass the prefix is the threshold key T, need = how many entries equal to T must be
-//   pruned, count = how many there are. If need < count the ties are split in row-major order: one
-//   block per row counts its ties, and a one-block "cut" kernel scans the row counts and then the one
-//   row where the cumulative count reaches need, giving the flat index F of the need-th tie.
+//   pruned, count = how many there are. If need < count the ties are split in row-major order: a
+//   pass counts the ties of every row, and a one-block "cut" kernel scans the row counts and then the
+//   one row where the cumulative count reaches need, giving the flat index F of the need-th tie.
 //   Mask pass: keep iff key > T, or key == T and flat index > F (F = n k - 1 when every tie goes).
+// Scores in tiles (the histogram, tie-count and mask passes): a block of 256 threads walks tiles of
+//   16 rows x 256 * 32 / R columns, R = the rank rounded up to 8, 16 or 32. A thread keeps V and B of
+//   its 32 / R columns in registers, reloaded only when the tile's columns change, and reads the rows'
+//   U and A from shared memory (broadcasts): per entry the rank loops are R + R FMAs and no loads.
+//   Both factor runs are padded with zeros in front (fma(0, 0, +0) = +0: the sums are unchanged, bit
+//   for bit). Ranks above 32 evaluate every entry from global memory instead (R = 0 below).
 // Workspace: a State, 3 histograms of 2048 64-bit counters, n 64-bit row counters.
 #include "pst.cuh"
 
@@ -141,20 +147,118 @@ __device__ long long block_inclusive_scan(long long x, long long* total) {
 
 // ---- kernels ------------------------------------------------------------------------------------
 
-__global__ void hist_kernel(AptPstProblem p, int pass, const State* st, unsigned long long* hist) {
+// ---- score tiles ---------------------------------------------------------------------------------
+
+constexpr int kTileRows = 16;
+constexpr int kMaxTileBlocks = 1024;
+
+// Columns per thread of a tile: the V and B runs of a thread's columns fill 64 registers.
+__host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
+__host__ __device__ constexpr int64_t tile_cols(int R) { return static_cast<int64_t>(kThreads) * cols_per_thread(R); }
+
+// visit(i, c, f, valid, w, key) for every (row, column) slot of the tiles this block owns, by every
+// thread of the block at every step (visit may use warp collectives; the 32 lanes of a warp hold 32
+// consecutive columns of one row, the first a multiple of 32). valid: the slot is an entry of W
+// (then w is its weight and key its ordered score key; both 0 otherwise). Blocks own contiguous runs
+// of tiles, rows fastest, so that the column factors are reloaded only when a run crosses columns.
+template <int R, class Visit>
+__device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& visit) {
+  constexpr int kCpt = cols_per_thread(R), RR = R ? R : 1;
+  __shared__ __align__(16) float su[kTileRows][RR];
+  __shared__ __align__(16) float sa[kTileRows][RR];
+  __shared__ float sr[kTileRows];
+  float v[kCpt][RR], b[kCpt][RR], cc[kCpt];
+  const int64_t row_tiles = (p.n + kTileRows - 1) / kTileRows;
+  const int64_t tiles = row_tiles * ((p.k + tile_cols(R) - 1) / tile_cols(R));
+  const int64_t per = (tiles + gridDim.x - 1) / gridDim.x;
+  const int64_t t_end = (blockIdx.x + 1) * per < tiles ? (blockIdx.x + 1) * per : tiles;
+  int64_t loaded = -1;
+  for (int64_t t = blockIdx.x * per; t < t_end; ++t) {
+    const int64_t ct = t / row_tiles, i0 = (t - ct * row_tiles) * kTileRows;
+    const int64_t c0 = ct * tile_cols(R) + threadIdx.x;
+    if (ct != loaded) {  // block-uniform
+      loaded = ct;
+#pragma unroll
+      for (int q = 0; q < kCpt; ++q) {
+        const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+        cc[q] = c < p.k ? p.c[c] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < RR; ++j) {
+          const int jw = j - (RR - p.rw), js = j - (RR - p.rs);
+          v[q][j] = R && c < p.k && jw >= 0 ? p.v[jw * p.k + c] : 0.0f;
+          b[q][j] = R && c < p.k && js >= 0 ? p.b[js * p.k + c] : 0.0f;
+        }
+      }
+    }
+    __syncthreads();  // the previous tile's reads of su, sa, sr are done
+    for (int e = threadIdx.x; e < kTileRows * RR; e += kThreads) {
+      const int row = e / RR, j = e - row * RR, jw = j - (RR - p.rw), js = j - (RR - p.rs);
+      const int64_t i = i0 + row;
+      su[row][j] = R && i < p.n && jw >= 0 ? p.u[i * p.rw + jw] : 0.0f;
+      sa[row][j] = R && i < p.n && js >= 0 ? p.a[i * p.rs + js] : 0.0f;
+    }
+    if (threadIdx.x < kTileRows) sr[threadIdx.x] = i0 + threadIdx.x < p.n ? p.r[i0 + threadIdx.x] : 0.0f;
+    __syncthreads();
+    const int rows = p.n - i0 < kTileRows ? static_cast<int>(p.n - i0) : kTileRows;
+    for (int row = 0; row < rows; ++row) {
+      const int64_t i = i0 + row;
+      float ur[RR], ar[RR];  // the row's factors, read once for all of the thread's columns
+#pragma unroll
+      for (int j = 0; j < RR; ++j) {
+        ur[j] = su[row][j];
+        ar[j] = sa[row][j];
+      }
+      const float rr = sr[row];
+#pragma unroll
+      for (int q = 0; q < kCpt; ++q) {
+        const int64_t c = c0 + static_cast<int64_t>(q) * kThreads, f = i * p.k + c;
+        const bool valid = c < p.k;
+        float w = 0.0f;
+        unsigned int key = 0u;
+        if (valid) {
+          if (R) {  // the documented order, from registers and shared memory
+            float uv = 0.0f, ab = 0.0f;
+#pragma unroll
+            for (int j = 0; j < RR; ++j) uv = fma_rn(ur[j], v[q][j], uv);
+            w = fma_rn(p.beta, uv, load_w0(p, f));
+#pragma unroll
+            for (int j = 0; j < RR; ++j) ab = fma_rn(ar[j], b[q][j], ab);
+            key = ukey(fma_rn(p.alpha2, add_rn(rr, cc[q]), fma_rn(p.alpha1, ab, abs_bits(w))));
+          } else {
+            key = key_at(p, i, c, &w);
+          }
+        }
+        visit(i, c, f, valid, w, key);
+      }
+    }
+  }
+}
+
+// 8, 16 or 32: the rank bucket of the tiles; 0: ranks above 32 (scores from global memory).
+int rank_bucket(int rw, int rs) {
+  const int r = rw > rs ? rw : rs;
+  return r <= 8 ? 8 : (r <= 16 ? 16 : (r <= 32 ? 32 : 0));
+}
+
+unsigned int tile_grid(const AptPstProblem& p, int R) {
+  const int64_t tiles = (p.n + kTileRows - 1) / kTileRows * ((p.k + tile_cols(R) - 1) / tile_cols(R));
+  return static_cast<unsigned int>(tiles < 1 ? 1 : (tiles > kMaxTileBlocks ? kMaxTileBlocks : tiles));
+}
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+template <int R>
+__global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pass, const State* st,
+                                                        unsigned long long* hist) {
   __shared__ unsigned int sh[kMaxBins];
   const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
   for (int b = threadIdx.x; b < nbins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
   const unsigned int prefix = pass ? static_cast<unsigned int>(st->prefix) : 0u;
   const int hi = shift + bits;  // < 32 whenever pass > 0
-  const int64_t numel = p.n * p.k;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < numel; f += stride) {
-    const int64_t i = f / p.k, c = f - i * p.k;
-    const unsigned int key = key_at(p, i, c, nullptr);
-    if (pass == 0 || (key >> hi) == (prefix >> hi)) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
-  }
+  for_each_score<R>(p, [&](int64_t, int64_t, int64_t, bool valid, float, unsigned int key) {
+    if (valid && (pass == 0 || (key >> hi) == (prefix >> hi))) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
+  });
   __syncthreads();
   for (int b = threadIdx.x; b < nbins; b += blockDim.x)
     if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
@@ -186,17 +290,16 @@ __global__ void pick_kernel(int pass, const unsigned long long* hist, State* st,
   }
 }
 
-// One block per row (grid-stride): the number of entries of the row whose key is T.
-__global__ void tie_rows_kernel(AptPstProblem p, const State* st, unsigned long long* rowcnt) {
+// The number of entries of every row whose key is T, added into the zeroed rowcnt (a ballot per warp).
+template <int R>
+__global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, const State* st,
+                                                            unsigned long long* rowcnt) {
   if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
   const unsigned int thr = static_cast<unsigned int>(st->prefix);
-  for (int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
-    long long cnt = 0;
-    for (int64_t c = threadIdx.x; c < p.k; c += blockDim.x) cnt += key_at(p, i, c, nullptr) == thr;
-    long long total;
-    block_inclusive_scan(cnt, &total);
-    if (threadIdx.x == 0) rowcnt[i] = static_cast<unsigned long long>(total);
-  }
+  for_each_score<R>(p, [&](int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+    const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
+    if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
+  });
 }
 
 // One block of kScanThreads: the flat index bound of the pruned ties.
@@ -239,25 +342,29 @@ __global__ void cut_kernel(AptPstProblem p, State* st, const unsigned long long*
   if (threadIdx.x == 0) st->f_excl = row * p.k + s_col + 1;
 }
 
-// Grid-stride over the flat index; every warp covers 32 consecutive, 32-aligned entries: one word.
-__global__ void mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out, uint32_t* words) {
+// W' and the bitmask. A warp's ballot is 32 consecutive entries of a row from a multiple-of-32
+// column: one whole word when k % 32 == 0 (stored), else the parts of two words (ORed into zeroed words).
+template <int R>
+__global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out,
+                                                        uint32_t* words) {
   const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
   const long long f_excl = any_pruned ? st->f_excl : 0;
-  const int64_t numel = p.n * p.k;
-  const int64_t padded = (numel + 31) & ~static_cast<int64_t>(31);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < padded; f += stride) {
-    bool keep = false;
-    if (f < numel) {
-      const int64_t i = f / p.k, c = f - i * p.k;
-      float w;
-      const unsigned int key = key_at(p, i, c, &w);
-      keep = key > thr || (key == thr && f >= f_excl);
-      store_out(p, out, f, mul_rn(w, keep ? 1.0f : 0.0f));
-    }
+  const bool aligned = p.k % 32 == 0;
+  for_each_score<R>(p, [&](int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
+    const bool keep = valid & ((key > thr) | ((key == thr) & (f >= f_excl)));  // no branches
+    if (valid) store_out(p, out, f, mul_rn(w, keep ? 1.0f : 0.0f));
     const unsigned int word = __ballot_sync(0xffffffffu, keep);
-    if ((threadIdx.x & 31) == 0) words[f >> 5] = word;
-  }
+    const int lane = threadIdx.x & 31;
+    if (lane == 0 && c < p.k) {  // lane 0 holds the warp's first column
+      if (aligned) {
+        words[f >> 5] = word;
+      } else {
+        const int s = static_cast<int>(f & 31);
+        if (word << s) atomicOr(&words[f >> 5], word << s);
+        if (s && (word >> (32 - s))) atomicOr(&words[(f >> 5) + 1], word >> (32 - s));
+      }
+    }
+  });
 }
 
 // N:M: one thread per group of m consecutive entries of a row (k % m == 0, m <= 32).
@@ -289,6 +396,25 @@ unsigned int grid_for(int64_t work, int threads) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
 }
 
+// The selection passes (when n_pruned > 0; the workspace zeroed) and the mask pass, tiles of bucket R.
+template <int R>
+cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st, unsigned long long* hist,
+                            unsigned long long* rowcnt, void* w_out, uint32_t* words, cudaStream_t stream) {
+  const unsigned int grid = tile_grid(p, R);
+  if (n_pruned > 0) {
+    for (int pass = 0; pass < kPasses; ++pass) {
+      hist_kernel<R><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins);
+      pick_kernel<<<1, kThreads, 0, stream>>>(pass, hist + pass * kMaxBins, st, n_pruned);
+    }
+    tie_rows_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, rowcnt);
+    cut_kernel<<<1, kScanThreads, 0, stream>>>(p, st, rowcnt);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  mask_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, n_pruned > 0, w_out, words);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 extern "C" size_t apt_pst_workspace_bytes(int64_t n, int64_t /*k*/) {
@@ -317,20 +443,16 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
   char* ws = static_cast<char*>(workspace);
   State* st = reinterpret_cast<State*>(ws);
   unsigned long long* hist = reinterpret_cast<unsigned long long*>(ws + align256(sizeof(State)));
-  unsigned long long* rowcnt = reinterpret_cast<unsigned long long*>(
-      ws + align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins));
-  const unsigned int grid = grid_for(numel, kThreads);
-  if (n_pruned > 0) {
-    const size_t zero = align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins);
-    if ((err = cudaMemsetAsync(ws, 0, zero, stream)) != cudaSuccess) return err;
-    for (int pass = 0; pass < kPasses; ++pass) {
-      hist_kernel<<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins);
-      pick_kernel<<<1, kThreads, 0, stream>>>(pass, hist + pass * kMaxBins, st, n_pruned);
-    }
-    tie_rows_kernel<<<grid_for(p.n, 1), kThreads, 0, stream>>>(p, st, rowcnt);
-    cut_kernel<<<1, kScanThreads, 0, stream>>>(p, st, rowcnt);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  const size_t rowcnt_at = align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins);
+  unsigned long long* rowcnt = reinterpret_cast<unsigned long long*>(ws + rowcnt_at);
+  const size_t zeroed = rowcnt_at + sizeof(unsigned long long) * static_cast<size_t>(p.n);  // all counters
+  if (n_pruned > 0 && (err = cudaMemsetAsync(ws, 0, zeroed, stream)) != cudaSuccess) return err;
+  if (p.k % 32 && (err = cudaMemsetAsync(words, 0, nwords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
+  switch (rank_bucket(p.rw, p.rs)) {
+    case 8: return select_and_mask<8>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case 16: return select_and_mask<16>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case 32: return select_and_mask<32>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    default: return select_and_mask<0>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
   }
-  mask_kernel<<<grid, kThreads, 0, stream>>>(p, st, n_pruned > 0, w_out, words);
-  return cudaGetLastError();
 }
+

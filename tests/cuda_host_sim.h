@@ -21,6 +21,7 @@
 #define __host__
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) alignas(n)
 #define __builtin_assume(x) ((void)0)
 #define __isGlobal(p) true
 
@@ -203,6 +204,8 @@ T atomicOr(T* address, T value) {
   *address = old | value;
   return old;
 }
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline float __uint_as_float(unsigned x) {
   float f;

@@ -140,6 +140,30 @@ def test_pst_dtypes_equal_fused_order_emulation(cuda_on_host, dtype, ties):
         assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
 
 
+# (n, k, rw, rs): every rank bucket of the score tiles (8, 16, 32; above 32 the per-entry path), rows and
+# columns not multiples of a tile (16 rows x 256 * 32 / R columns), several column tiles, and more tiles
+# than the 1024 blocks of a launch: runs of two tiles per block that stay in one column tile (16400 x 1)
+# or cross into the next one every time (1 x 262200: the column factors are reloaded).
+TILE_CASES = [(37, 53, 0, 0), (20, 1100, 8, 8), (37, 300, 9, 3), (19, 70, 16, 16), (21, 600, 17, 2),
+              (5, 40, 32, 1), (6, 45, 33, 2), (16400, 1, 20, 1), (1, 262200, 20, 1)]
+
+
+@pytest.mark.parametrize("n,k,rw,rs", TILE_CASES)
+def test_pst_score_tiles_equal_fused_order_emulation(cuda_on_host, n, k, rw, rs):
+    ts = make(n, k, rw=rw, rs=rs, dtype=torch.bfloat16, device="cpu")
+    want_keep, want_w = _emulated(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+    wp, keep = _cuda(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+    assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+
+
+@pytest.mark.parametrize("n,k,rw,rs", [(20, 1100, 8, 8), (37, 300, 9, 3), (6, 45, 33, 2)])
+def test_pst_score_tiles_split_ties(cuda_on_host, n, k, rw, rs):
+    """The tie counts of the tiles (a ballot per warp and row) with ties spread over several tiles."""
+    ts = make(n, k, rw=rw, rs=rs, ties=True, device="cpu")
+    for sparsity in (0.37, 0.9):
+        assert torch.equal(_cuda(ts, sparsity)[1], ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+
+
 @pytest.mark.parametrize("shape", [(37, 53), (64, 96)])
 def test_pst_vs_reference_within_rounding(cuda_on_host, shape):
     beta, a1, a2 = 0.7, 1.3, 0.4

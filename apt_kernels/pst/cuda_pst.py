@@ -2,8 +2,10 @@
 
 An implementation independent of the Triton one: same scores (the evaluation order of
 :func:`apt_kernels.pst.reference.fused_order_scores`: float32 FMAs and additions rounded to nearest
-through inline PTX), a three-pass radix select with 11/11/10-bit digits and shared-memory histograms,
-and a warp-ballot mask pass. The factors are passed as float32 (they are small); W0 stays in its dtype.
+through inline PTX), scores evaluated in tiles (V and B of a thread's columns in registers, a row's U
+and A read once from shared memory), a three-pass radix select with 11/11/10-bit digits and
+shared-memory histograms, and a warp-ballot mask pass. The factors are passed as float32 (they are
+small); W0 stays in its dtype.
 """
 
 from __future__ import annotations
