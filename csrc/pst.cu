@@ -156,7 +156,8 @@ constexpr int kMaxTileBlocks = 1024;
 __host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
 __host__ __device__ constexpr int64_t tile_cols(int R) { return static_cast<int64_t>(kThreads) * cols_per_thread(R); }
 
-// visit(i, c, f, valid, w, key) for every (row, column) slot of the tiles this block owns, by every
+// visit(q, i, c, f, valid, w, key) for every (row, column) slot of the tiles this block owns (q: the
+// thread's column slot, 0 .. cols_per_thread(R) - 1, the last one visited last in a row), by every
 // thread of the block at every step (visit may use warp collectives; the 32 lanes of a warp hold 32
 // consecutive columns of one row, the first a multiple of 32). valid: the slot is an entry of W
 // (then w is its weight and key its ordered score key; both 0 otherwise). Blocks own contiguous runs
@@ -228,7 +229,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
             key = key_at(p, i, c, &w);
           }
         }
-        visit(i, c, f, valid, w, key);
+        visit(q, i, c, f, valid, w, key);
       }
     }
   }
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pas
   __syncthreads();
   const unsigned int prefix = pass ? static_cast<unsigned int>(st->prefix) : 0u;
   const int hi = shift + bits;  // < 32 whenever pass > 0
-  for_each_score<R>(p, [&](int64_t, int64_t, int64_t, bool valid, float, unsigned int key) {
+  for_each_score<R>(p, [&](int, int64_t, int64_t, int64_t, bool valid, float, unsigned int key) {
     if (valid && (pass == 0 || (key >> hi) == (prefix >> hi))) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
   });
   __syncthreads();
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, con
                                                             unsigned long long* rowcnt) {
   if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
   const unsigned int thr = static_cast<unsigned int>(st->prefix);
-  for_each_score<R>(p, [&](int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+  for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
     const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
     if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
   });
@@ -344,24 +345,32 @@ __global__ void cut_kernel(AptPstProblem p, State* st, const unsigned long long*
 
 // W' and the bitmask. A warp's ballot is 32 consecutive entries of a row from a multiple-of-32
 // column: one whole word when k % 32 == 0 (stored), else the parts of two words (ORed into zeroed words).
+// Lane q keeps the word of column slot q; after the row's last slot lanes 0 .. cols_per_thread(R) - 1
+// write theirs together (one store per row, not one per slot).
 template <int R>
 __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out,
                                                         uint32_t* words) {
   const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
   const long long f_excl = any_pruned ? st->f_excl : 0;
   const bool aligned = p.k % 32 == 0;
-  for_each_score<R>(p, [&](int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
+  const int lane = threadIdx.x & 31;
+  unsigned int mine = 0u;  // this lane's word, and the flat index of its first entry (-1: none)
+  int64_t mine_f = -1;
+  for_each_score<R>(p, [&](int q, int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
     const bool keep = valid & ((key > thr) | ((key == thr) & (f >= f_excl)));  // no branches
     if (valid) store_out(p, out, f, mul_rn(w, keep ? 1.0f : 0.0f));
     const unsigned int word = __ballot_sync(0xffffffffu, keep);
-    const int lane = threadIdx.x & 31;
-    if (lane == 0 && c < p.k) {  // lane 0 holds the warp's first column
+    if (lane == q) {
+      mine = word;
+      mine_f = c - lane < p.k ? f - lane : -1;  // the warp's first column is in the matrix
+    }
+    if (q == cols_per_thread(R) - 1 && lane < cols_per_thread(R) && mine_f >= 0) {
       if (aligned) {
-        words[f >> 5] = word;
+        words[mine_f >> 5] = mine;
       } else {
-        const int s = static_cast<int>(f & 31);
-        if (word << s) atomicOr(&words[f >> 5], word << s);
-        if (s && (word >> (32 - s))) atomicOr(&words[(f >> 5) + 1], word >> (32 - s));
+        const int s = static_cast<int>(mine_f & 31);
+        if (mine << s) atomicOr(&words[mine_f >> 5], mine << s);
+        if (s && (mine >> (32 - s))) atomicOr(&words[(mine_f >> 5) + 1], mine >> (32 - s));
       }
     }
   });
