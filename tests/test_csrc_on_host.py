@@ -150,16 +150,21 @@ TILE_CASES = [(37, 53, 0, 0), (20, 1100, 8, 8), (37, 300, 9, 3), (19, 70, 16, 16
 
 @pytest.mark.parametrize("n,k,rw,rs", TILE_CASES)
 def test_pst_score_tiles_equal_fused_order_emulation(cuda_on_host, n, k, rw, rs):
-    ts = make(n, k, rw=rw, rs=rs, dtype=torch.bfloat16, device="cpu")
-    want_keep, want_w = _emulated(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
-    wp, keep = _cuda(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
-    assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+    for dtype in (torch.bfloat16, torch.float32):  # the first pass caches 16 or all 32 key bits in W'
+        ts = make(n, k, rw=rw, rs=rs, dtype=dtype, device="cpu")
+        want_keep, want_w = _emulated(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+        wp, keep = _cuda(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+        assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+        assert torch.equal(wp.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           want_w.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # -0.0 too
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,rw,rs", [(20, 1100, 8, 8), (37, 300, 9, 3), (6, 45, 33, 2)])
-def test_pst_score_tiles_split_ties(cuda_on_host, n, k, rw, rs):
-    """The tie counts of the tiles (a ballot per warp and row) with ties spread over several tiles."""
-    ts = make(n, k, rw=rw, rs=rs, ties=True, device="cpu")
+def test_pst_score_tiles_split_ties(cuda_on_host, n, k, rw, rs, dtype):
+    """The tie counts of the tiles (a ballot per warp and row) with ties spread over several tiles, from
+    the whole cached key (float32 W0) and from its top 16 bits (16-bit W0: keys computed where they match)."""
+    ts = make(n, k, rw=rw, rs=rs, ties=True, dtype=dtype, device="cpu")
     for sparsity in (0.37, 0.9):
         assert torch.equal(_cuda(ts, sparsity)[1], ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
 
