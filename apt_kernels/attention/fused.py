@@ -81,16 +81,20 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
     addresses would cost registers the dots need (ptxas spills otherwise). Only EDGE tiles (crossing the
     end of the keys or the causal diagonal) pay for the key-range and causal selects; an interior tile
     has every key in range and visible to every row of its query tile."""
+    g = 1.0
+    if IS_PREFIX and HAS_GATE and not GATE_N1:
+        # loaded before the dot, kept in its dtype until after it: its tile of addresses is dead by then
+        # (loaded after, the addresses and the dot's operands were live together: ptxas spilled)
+        g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
     raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * scale
     s = raw
-    g = 1.0
     if IS_PREFIX:
         if HAS_GATE:
             if GATE_N1:
                 g = tl.load(G + gb + gh + offs_n * sg_p, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             else:
-                g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
-                            mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                g = g.to(tl.float32)
             s = raw * g
     else:
         if MASK_KIND != 0:
