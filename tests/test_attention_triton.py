@@ -163,6 +163,36 @@ def test_every_output_element_is_written(monkeypatch):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("gate,shared,causal", [("example", True, True), ("token", False, False),
+                                                ("head", True, False), ("full", False, True)])
+def test_prefix_backward_split_over_query_tiles(monkeypatch, gate, shared, causal):
+    """The prefix launch of the key-side backward split into runs of query tiles (on a GPU when a prefix
+    has too few key tiles to fill it): 3 splits of the 2 query tiles of the interpreter, one of them
+    empty. Partial dprefix_k / dprefix_v (and a row-shared gate's gradient) are summed in a fixed order:
+    every gradient within budget, every partial written (empty buffers poisoned with NaN), and the same
+    bits on a second run."""
+    from apt_kernels.attention import fused
+
+    monkeypatch.setattr(fused, "PREFIX_SPLITS", 3)
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(fused.torch, "empty", poisoned)
+    tensors, keep = make_inputs(**SMALL, gate=gate, shared_prefix=shared, dtype=torch.float64)
+    check(tensors, keep, torch.float32, causal=causal)
+    ts = [t.float().to(DEVICE).requires_grad_(True) for t in tensors]
+
+    def grads():
+        out = ak.gated_prefix_attention(*ts, attn_mask=keep.to(DEVICE), causal=causal, backend="triton")
+        return torch.autograd.grad((out * out).sum(), ts)
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_dropout_is_seeded_statistical_and_differentiable():
     (q, k, v, pk, pv, g), _ = make_inputs(B=2, Hq=2, Hkv=1, N=32, M=32, D=16, P=8, gate="example", mask="none",
                                           dtype=torch.float32, device=DEVICE)
@@ -347,7 +377,7 @@ for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
           build(f._bwd_q_kernel, dt, dict(common, HAS_GATE=gate, GATE_N1=causal, **bwd), lb)]
     for is_prefix in (True, False):
         ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
-                                                   GATE_N1=not causal, GATE_H1=causal, **bwd), lb))
+                                                   GATE_N1=not causal, GATE_H1=causal, SPLIT=is_prefix, **bwd), lb))
     for k in ks:
         worst = max(worst, k.metadata.shared)
         assert k.metadata.shared <= 227 * 1024, (k.name, dt, D, k.metadata.shared)
@@ -366,13 +396,14 @@ bwd, lb = f._bwd_blocks(64, cuda)
 build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=False, CAUSAL=True, DROPOUT=True, PREC="tf32",
                                     HAS_GATE=True, GATE_N1=True, **bwd, **ones), lb)
 build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
-                                     HAS_GATE=True, IS_PREFIX=True, GATE_N1=True, GATE_H1=True, L=1, **bwd, **ones), lb)
+                                     HAS_GATE=True, IS_PREFIX=True, GATE_N1=True, GATE_H1=True, SPLIT=False, L=1,
+                                     **bwd, **ones), lb)
 count += 3
 # every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
 dims = {64: 64, 128: 128, 256: 256}
 for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, {}),
-                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True)),
-                           (f._prefix_table(16), f._bwd_kv_kernel, dict(IS_PREFIX=True, GATE_H1=True))):
+                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True, SPLIT=False)),
+                           (f._prefix_table(16), f._bwd_kv_kernel, dict(IS_PREFIX=True, GATE_H1=True, SPLIT=True))):
     for cls, cfgs in table.items():
         for m, n, w, st in cfgs:
             build(kern, "bf16", dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1, MASK_N1=False,

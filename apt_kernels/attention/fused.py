@@ -301,13 +301,21 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
                    sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sdg_b, sdg_h, sdg_n, sdg_p,
+                   splits, sdk_s, sdv_s, sdg_s,
                    Hq, Hkv, N, M, L, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
                    MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   PREC: tl.constexpr):
-    """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate."""
-    pid = tl.program_id(0).to(tl.int64)  # 1-D grid: (key tiles) x (B Hkv), as in _query_tile; int64 offsets
+                   PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate.
+    SPLIT (prefix launches only): a program covers one of ``splits`` runs of query tiles and writes its
+    partial dK, dV at split stride ``sdk_s``/``sdv_s`` (and a row-shared dgate at ``sdg_s``); the caller
+    sums the partials. Without SPLIT the code is the unsplit kernel's: the query loop from a literal 0."""
+    pid = tl.program_id(0).to(tl.int64)  # 1-D grid: (splits) x (key tiles) x (B Hkv); int64 offsets
+    sp = 0
+    if SPLIT:
+        sp = (pid % splits).to(tl.int32)  # int32: the query loop's bounds stay 32-bit (64-bit ones spill)
+        pid = pid // splits
     n_tiles = tl.cdiv(L, BLOCK_N)
     pid_n = pid % n_tiles
     bg = pid // n_tiles
@@ -327,18 +335,27 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
     # to ~500 B of spills per thread in the causal configurations. The loop starts at a literal 0 or a
     # visible multiple of BLOCK_M (Triton's alignment analysis then keeps the row loads vectorised).
     lo = 0
+    hi = N
+    if SPLIT:  # this split's run of query tiles; rows past N are masked
+        run = tl.cdiv(tl.cdiv(N, BLOCK_M), splits)
+        lo = sp * run * BLOCK_M
+        hi = lo + run * BLOCK_M
     if CAUSAL:
         if not IS_PREFIX:  # row i sees key t iff t <= i + (M - N)
             lo = tl.maximum(pid_n * BLOCK_N - (M - N), 0) // BLOCK_M * BLOCK_M
     for hh in range(0, REP):
         h = kvh * REP + hh
         dk, dv = _dkv_tiles(
-            dk, dv, kt, vt, lo, N, Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, G, Mk, DG, sq_n, sq_d,
+            dk, dv, kt, vt, lo, hi, Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, G, Mk, DG, sq_n, sq_d,
             sdo_n, sdo_d, b * sg_b, h * sg_h, sg_n, sg_p, b * sm_b, h * sm_h, sm_n, sm_m,
-            b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Lse, Delta, b * Hq + h, offs_n, offs_d, n_ok,
+            (sp * sdg_s if SPLIT else 0) + b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Lse, Delta,
+            b * Hq + h, offs_n, offs_d, n_ok,
             d_ok, pid_n * BLOCK_N, N, M, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M, BLOCK_N,
             IS_PREFIX, CAUSAL and not IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dk = dk * scale  # once, not per tile: the dot then adds into its accumulator (no extra tile)
+    if SPLIT:
+        DK += sp * sdk_s
+        DV += sp * sdv_s
     tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     tl.store(DV + b * sdv_b + kvh * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
@@ -430,7 +447,7 @@ _BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 
               128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)],
               256: [(64, 16, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]}
 _TUNE_KEY = ["D", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "DROPOUT", "IS_PREFIX", "GATE_N1",
-             "GATE_H1"]
+             "GATE_H1", "SPLIT"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -596,17 +613,26 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     dv = alloc(v, memory_format=torch.contiguous_format)
     dpk = dpv = None
     gate_h1 = False
+    # the prefix launch's query splits (each writes partial dprefix_k/v, summed below): a prefix has one
+    # or two key tiles per (batch, kv head), too few programs to fill a GPU at decoder batch sizes
+    splits = 1 if nothing or not P else _prefix_splits(triton.cdiv(P, _prefix_width(P)) * B * Hkv, N, q.device)
     if P:
-        dpk = (torch.zeros if nothing else torch.empty)((B, Hkv, P, D), dtype=torch.float32, device=q.device)
-        dpv = alloc(dpk)
+        dpk_parts = (torch.zeros if nothing else torch.empty)((splits, B, Hkv, P, D), dtype=torch.float32,
+                                                              device=q.device)
+        dpv_parts = alloc(dpk_parts)
     # a 1-element stand-in where no gate gradient is made (the token launch, or no gate at all)
-    dg_dummy = dg_buf = q.new_empty((1, 1, 1, 1), dtype=torch.float32)
+    dg_dummy = dg_buf = q.new_empty((1, 1, 1, 1, 1), dtype=torch.float32)
     if a.has_gate:
         gate_h1 = gate.shape[1] == 1
-        dg_buf = torch.zeros((B, Hkv if gate_h1 else Hq, 1 if a.gate_n1 else N, P), dtype=torch.float32,
-                             device=q.device)
+        # a row-shared gate's gradient is a sum over the query rows: one partial per split
+        dg_splits = splits if a.gate_n1 else 1
+        dg_buf = torch.zeros((dg_splits, B, Hkv if gate_h1 else Hq, 1 if a.gate_n1 else N, P),
+                             dtype=torch.float32, device=q.device)
     if nothing:
-        return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
+        if P:
+            dpk, dpv = dpk_parts[0], dpv_parts[0]
+        return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf[0], gate,
+                                                                                            a.has_gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     block_d = max(16, triton.next_power_of_2(D))
@@ -617,7 +643,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
                   PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
-    width = max(16, triton.next_power_of_2(P))  # the prefix launch's key tiles: no wider than the prefix
+    width = _prefix_width(P)  # the prefix launch's key tiles: no wider than the prefix
     prefix_table = (_prefix_table(width), f"prefix<={width}")
     for is_prefix in (True, False):
         L = P if is_prefix else M
@@ -628,22 +654,47 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         # DG before and after its trials: it must not see the one the prefix launch has just filled.
         DGt = dg_buf if is_prefix else dg_dummy
         k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
-        DKt, DVt = (dpk, dpv) if is_prefix else (dk, dv)
+        # prefix: the (splits, B, Hkv, P, D) partials; tokens: dk, dv themselves (split stride 0)
+        DKt, DVt = (dpk_parts, dpv_parts) if is_prefix else (dk.unsqueeze(0), dv.unsqueeze(0))
+        n_split = splits if is_prefix else 1
         table, tag = prefix_table if is_prefix else (_BWD_TABLE, "")
-        _launch(_bwd_kv_kernel, table, lambda bm, bn, L=L: (triton.cdiv(L, bn) * B * Hkv,),
+        _launch(_bwd_kv_kernel, table, lambda bm, bn, L=L, n_split=n_split: (n_split * triton.cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
-                 *DKt.stride(), *DVt.stride(), *_strides(DGt),
+                 *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
+                 n_split, DKt.stride(0), DVt.stride(0), DGt.stride(0) if DGt.shape[0] > 1 else 0,
                  Hq, Hkv, N, M, L, a.REP, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
-                     GATE_H1=gate_h1), q.device, reset=("DG",), tag=tag)
+                     GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=tag)
     _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
             dict(common, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
-    return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf, gate, a.has_gate)
+    if P:  # the splits' partials: summed in a fixed order (no atomics: the same bits every run)
+        dpk, dpv = (parts[0] if splits == 1 else parts.sum(0) for parts in (dpk_parts, dpv_parts))
+    dg = dg_buf[0] if dg_buf.shape[0] == 1 else dg_buf.sum(0)
+    return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg, gate, a.has_gate)
+
+
+def _prefix_width(P: int) -> int:
+    """The widest key tile of the prefix launch: P's next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(P))
+
+
+PREFIX_SPLITS = None  # tests set a fixed number of query splits for the prefix launch
+
+
+def _prefix_splits(programs: int, N: int, device: torch.device) -> int:
+    """Query splits of the prefix launch: enough programs for two per SM on a GPU (at most 32 splits, at
+    least 16 query rows each); 1 in the interpreter."""
+    if PREFIX_SPLITS is not None:
+        return max(1, PREFIX_SPLITS)
+    if not _compiled(device):
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(32, triton.cdiv(2 * sms, programs), triton.cdiv(N, 16)))
 
 
 def _reduce_prefix(buf, prefix):
