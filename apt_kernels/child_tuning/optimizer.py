@@ -236,6 +236,8 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         index = 0
+        _is_dtensor(None)  # resolves the DTensor class once
+        dtensor = _DTENSOR[0]
         for group in self.param_groups:
             f_masked = group["mode"] == "F" and group["reserve_p"] < 1.0
             work: dict[tuple, tuple[list, ...]] = {}  # (device, dtype) -> the backend's lists
@@ -254,7 +256,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 t = state["step"] = state["step"] + 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 offset = 0
-                if _is_dtensor(p):
+                if dtensor is not None and isinstance(p, dtensor):
                     offset = _element_offset(p) if f_masked else 0
                     p, grad, m, v = _local(p), _local(grad), _local(m), _local(v)
                 lists = work.get((p.device, p.dtype))

@@ -138,16 +138,17 @@ def _child_tuning_adamw_kernel(
                       seed_lo, seed_hi, threshold, P_DTYPE, MODE, OFFICIAL, HAS_DECAY, True, CHUNK, BLOCK)
 
 
-def _aligned(launch: Launch, j: int) -> bool:
-    ts = (launch.params[j], launch.grads[j], launch.exp_avgs[j], launch.exp_avg_sqs[j])
-    return all(t.data_ptr() % ALIGN == 0 for t in ts) and launch.offsets[j] % 4 == 0
+def _addresses(launch: Launch) -> list[tuple[int, int, int, int]]:
+    """(param, grad, exp_avg, exp_avg_sq) addresses of every tensor: read once per step (host time)."""
+    return [(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+            for p, g, m, v in zip(launch.params, launch.grads, launch.exp_avgs, launch.exp_avg_sqs)]
 
 
-def _tables(launch: Launch, device: torch.device):
-    rows = []
-    for j, (p, g, m, v) in enumerate(zip(launch.params, launch.grads, launch.exp_avgs, launch.exp_avg_sqs)):
-        bits = launch.bits[j].data_ptr() if launch.mode == MODE_D else 0
-        rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), bits))
+def _tables(launch: Launch, device: torch.device, addresses: list[tuple[int, int, int, int]]):
+    if launch.mode == MODE_D:
+        rows = [(*a, b.data_ptr()) for a, b in zip(addresses, launch.bits)]
+    else:
+        rows = [(*a, 0) for a in addresses]
     numels = [p.numel() for p in launch.params]
     meta = list(zip(numels, launch.offsets, launch.indices, launch.steps))
     chunks = torch.tensor([(n + o % 4 + CHUNK - 1) // CHUNK for n, o in zip(numels, launch.offsets)],
@@ -159,23 +160,35 @@ def _tables(launch: Launch, device: torch.device):
               torch.tensor(list(zip(launch.step_sizes, launch.bc2_sqrts)), dtype=torch.float32), work)
     if device.type != "cuda":
         return list(tables)
-    # From pinned memory the copies are asynchronous: the host does not wait for the GPU's queued work
-    # (a copy from pageable memory may), so the next step is planned while this one runs.
-    return [t.pin_memory().to(device, non_blocking=True) for t in tables]
+    # One pinned buffer, one asynchronous copy (from pinned memory the host does not wait for the GPU's
+    # queued work, so the next step is planned while this one runs), then views of it: every table's
+    # size is a multiple of 8 bytes, so every view stays aligned.
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tables]).pin_memory().to(device, non_blocking=True)
+    out, at = [], 0
+    for t in tables:
+        size = t.numel() * t.element_size()
+        out.append(flat[at:at + size].view(t.dtype).view(t.shape))
+        at += size
+    return out
 
 
 def launch(launch: Launch, h: Hyper) -> None:
     """Run one fused launch (the ``launch_fn`` of :func:`apt_kernels.child_tuning.fused.run`): one kernel
     for the tensors whose addresses are all 16-byte aligned (vectorised), one for the others, if any."""
-    aligned = [_aligned(launch, j) for j in range(len(launch))]
+    addresses = _addresses(launch)
+    # all four addresses multiples of ALIGN (a power of two) iff their bitwise or is
+    aligned = [not (p | g | m | v) % ALIGN and o % 4 == 0 for (p, g, m, v), o in zip(addresses, launch.offsets)]
+    if all(aligned):
+        _launch(launch, h, True, addresses)
+        return
     for flag in (True, False):
         part = [j for j, a in enumerate(aligned) if a == flag]
         if part:
-            _launch(launch if len(part) == len(launch) else launch.subset(part), h, flag)
+            _launch(launch.subset(part), h, flag, [addresses[j] for j in part])
 
 
-def _launch(launch: Launch, h: Hyper, aligned: bool) -> None:
-    ptrs, meta, scal, work = _tables(launch, launch.device)
+def _launch(launch: Launch, h: Hyper, aligned: bool, addresses: list[tuple[int, int, int, int]]) -> None:
+    ptrs, meta, scal, work = _tables(launch, launch.device, addresses)
     grid = (work.shape[0],)
     with on_device(launch.device):
         _child_tuning_adamw_kernel[grid](
