@@ -72,10 +72,12 @@ def _load_rows(base, rows, offs_d, s_row, s_d, row_ok, d_ok):
 
 @triton.jit
 def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m, mask_min,
-            N, M, scale, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
+            N, M, qk2, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
             MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr,
             PREC: tl.constexpr):
-    """Natural-log scores of a (BLOCK_M, BLOCK_N) tile, -inf where hidden; also the raw scaled dot and gate.
+    """Base-2 scores of a (BLOCK_M, BLOCK_N) tile (``qk2`` is the softmax scale times log2(e): every kernel
+    exponentiates with exp2, one multiply fewer per score), -inf where hidden; also the raw scaled dot
+    (base 2 too) and the gate.
     A gate or mask that is the same for every query row (GATE_N1 / MASK_N1: row stride 0, e.g. a (B, M)
     padding mask or a (B, 1, 1, P) gate) is loaded as one row and broadcast: a (BLOCK_M, BLOCK_N) tile of
     addresses would cost registers the dots need (ptxas spills otherwise). Only EDGE tiles (crossing the
@@ -87,7 +89,7 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
         # (loaded after, the addresses and the dot's operands were live together: ptxas spilled)
         g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-    raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * scale
+    raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * qk2
     s = raw
     if IS_PREFIX:
         if HAS_GATE:
@@ -107,7 +109,7 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
                 s = tl.where(mk != 0, s, float("-inf"))
             else:
                 add = mk.to(tl.float32)
-                s = s + tl.where(add <= mask_min, float("-inf"), add)
+                s = s + tl.where(add <= mask_min, float("-inf"), add) * 1.4426950408889634
         if CAUSAL and EDGE:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
     if EDGE:
@@ -158,19 +160,19 @@ def _query_tile(Hq, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
-               gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, scale, seed_lo, seed_hi, keep_thr, inv_keep,
+               gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, qk2, seed_lo, seed_hi, keep_thr, inv_keep,
                bh, row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, EDGE: tl.constexpr,
                HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """The forward's online softmax over key tiles lo, lo + BLOCK_N, .. < hi of one part (0 prefix, 1 tokens)."""
+    """The forward's online softmax over key tiles lo, lo + BLOCK_N, .. < hi of one part (0 prefix, 1 tokens),
+    in base 2 (``qk2`` = scale log2(e))."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < L
         kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
         s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n,
-                            sm_m, mask_min, N, M, scale, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1,
+                            sm_m, mask_min, N, M, qk2, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1,
                             CAUSAL, EDGE, PREC)
-        s = s * 1.4426950408889634  # base-2 domain for exp2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -215,7 +217,8 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
         for edge in tl.static_range(1 - part, 2):  # interior token tiles (no selects), then the edge tiles
             acc, m_i, l_i = _fwd_tiles(
                 acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0, hi if edge else mid,
-                G, Mk, offs_m, offs_d, m_ok, d_ok, gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, scale,
+                G, Mk, offs_m, offs_d, m_ok, d_ok, gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M,
+                scale * 1.4426950408889634,
                 seed_lo, seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1,
                 HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     empty = l_i == 0.0
@@ -227,10 +230,16 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
 
 
 @triton.jit
-def _probs(s, lse):
-    """Softmax probabilities of score tile s given its rows' lse (rows with lse = -inf give 0)."""
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    return tl.where((lse == float("-inf"))[:, None], 0.0, tl.exp(s - lse_safe[:, None]))
+def _lse2(lse):
+    """Rows' lse in base 2, +inf where lse = -inf (a row that saw no key: every probability 0)."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _probs(s2, lse2):
+    """Softmax probabilities of the base-2 score tile s2 given its rows' ``_lse2``: one subtraction (fused
+    with the score's scaling where nothing comes between) and one exp2 per score."""
+    return tl.exp2(s2 - lse2[:, None])
 
 
 @triton.jit
@@ -248,7 +257,7 @@ def _delta_kernel(DO, Out, DLse, Delta, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, 
 
 @triton.jit
 def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sdo_d, gb, gh, sg_n, sg_p, mb, mh,
-               sm_n, sm_m, dg_base, sdg_n, sdg_p, Lse, Delta, bh, offs_n, offs_d, n_ok, d_ok, col0, N, M, scale,
+               sm_n, sm_m, dg_base, sdg_n, sdg_p, Lse, Delta, bh, offs_n, offs_d, n_ok, d_ok, col0, N, M, qk2,
                mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_PREFIX: tl.constexpr, EDGE: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
                MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -261,12 +270,12 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
         m_ok = offs_m < N
         q = _load_rows(Qh, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
         do = _load_rows(DOh, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
-        lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
+        lse2 = _lse2(tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf")))
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
         s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
-                            mask_min, N, M, scale, IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
+                            mask_min, N, M, qk2, IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
                             PREC)
-        p = _probs(s, lse)
+        p = _probs(s, lse2)
         u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
         z = tl.zeros_like(p) + 1.0
         if DROPOUT:
@@ -282,10 +291,11 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
         ds = p * (dp - delta[:, None])
         if IS_PREFIX:
             if HAS_GATE:
-                # d out / d G_ij through the score (ds * raw) and through the value (p z <dO, pv>).
+                # d out / d G_ij through the score (ds * raw, raw back in natural units) and through the
+                # value (p z <dO, pv>).
                 # Each program owns its (batch, kv head, key tile) slice of the buffer: the
                 # atomics never contend; they only make the read-add-write safe across loops.
-                dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * raw + p * z * u, 0.0)
+                dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * (raw * 0.6931471805599453) + p * z * u, 0.0)
                 ds = ds * g
                 if GATE_N1:
                     tl.atomic_add(DG + dg_base + offs_n * sdg_p, tl.sum(dgt, 0), mask=n_ok)
@@ -350,7 +360,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
             sdo_n, sdo_d, b * sg_b, h * sg_h, sg_n, sg_p, b * sm_b, h * sm_h, sm_n, sm_m,
             (sp * sdg_s if SPLIT else 0) + b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Lse, Delta,
             b * Hq + h, offs_n, offs_d, n_ok,
-            d_ok, pid_n * BLOCK_N, N, M, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M, BLOCK_N,
+            d_ok, pid_n * BLOCK_N, N, M, scale * 1.4426950408889634, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+            BLOCK_M, BLOCK_N,
             IS_PREFIX, CAUSAL and not IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dk = dk * scale  # once, not per tile: the dot then adds into its accumulator (no extra tile)
     if SPLIT:
@@ -363,8 +374,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
-              gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, scale, seed_lo, seed_hi, keep_thr, inv_keep,
+def _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
+              gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, qk2, seed_lo, seed_hi, keep_thr, inv_keep,
               bh, row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, EDGE: tl.constexpr,
               HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
@@ -375,9 +386,9 @@ def _dq_tiles(dq, q, do, lse, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, M
         kt = _load_rows(Kp, offs_n, offs_d, skn, skd, n_ok, d_ok)
         vt = _load_rows(Vp, offs_n, offs_d, svn, svd, n_ok, d_ok)
         s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
-                            mask_min, N, M, scale, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
+                            mask_min, N, M, qk2, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
                             PREC)
-        p = _probs(s, lse)
+        p = _probs(s, lse2)
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         if DROPOUT:
             keep = _dropout_keep(seed_lo, seed_hi, bh, row0, start, PART, keep_thr, BLOCK_M, BLOCK_N)
@@ -407,7 +418,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     kvh = h // REP
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
-    lse = tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf"))
+    lse2 = _lse2(tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf")))
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
@@ -415,10 +426,10 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
             spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, BLOCK_N, CAUSAL)
         for edge in tl.static_range(1 - part, 2):  # interior token tiles, then the edge tiles
-            dq = _dq_tiles(dq, q, do, lse, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
+            dq = _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
                            hi if edge else mid, G, Mk, offs_m, offs_d, m_ok, d_ok, b * sg_b, h * sg_h, sg_n, sg_p,
-                           b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale, seed_lo, seed_hi, keep_thr,
-                           inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1,
+                           b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale * 1.4426950408889634, seed_lo,
+                           seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1,
                            MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dq = dq * scale  # once, as dk
     tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
