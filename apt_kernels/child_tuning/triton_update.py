@@ -158,12 +158,13 @@ def _tables(launch: Launch, device: torch.device, addresses: list[tuple[int, int
     work = torch.stack([tensor_of, torch.arange(tensor_of.numel()) - first[tensor_of]], 1).to(torch.int32)
     tables = (torch.tensor(rows, dtype=torch.int64), torch.tensor(meta, dtype=torch.int64),
               torch.tensor(list(zip(launch.step_sizes, launch.bc2_sqrts)), dtype=torch.float32), work)
-    if device.type != "cuda":
-        return list(tables)
-    # One pinned buffer, one asynchronous copy (from pinned memory the host does not wait for the GPU's
-    # queued work, so the next step is planned while this one runs), then views of it: every table's
-    # size is a multiple of 8 bytes, so every view stays aligned.
-    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tables]).pin_memory().to(device, non_blocking=True)
+    # One buffer and views of it (every table's size is a multiple of 8 bytes: every view stays aligned);
+    # on a GPU one pinned buffer and one asynchronous copy (from pinned memory the host does not wait for
+    # the GPU's queued work, so the next step is planned while this one runs). The CPU tests read the
+    # same views.
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tables])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
     out, at = [], 0
     for t in tables:
         size = t.numel() * t.element_size()
