@@ -164,7 +164,9 @@ def test_pst_peer_masks_prune_the_same_n_smallest():
 
 
 def test_kernel_breakdown_names_the_heaviest_work():
-    a = torch.randn(256, 256)
+    # a matmul of ~0.9 GFLOP (milliseconds on a CI core): a scheduler hiccup of a few milliseconds in the
+    # cheap ops cannot outweigh it (at 256 x 256 one did on a loaded 2-core machine)
+    a = torch.randn(768, 768)
 
     def fn():
         return (a @ a).relu_().sum()
