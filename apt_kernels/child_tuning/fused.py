@@ -141,20 +141,11 @@ def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp
     write_back = []  # (original, contiguous copy) pairs to copy back after the launches
     scalars: dict[int, tuple[float, float]] = {}  # step -> (step size, sqrt(bc2)): steps are mostly equal
     f_mode = masking.mode == "F"
-    f_active = f_mode and masking.reserve_p < 1.0
-    bits = masking.bits
-    offsets = masking.offsets
-    indices = masking.indices
-    # This loop runs for every tensor at every step: its host time adds to the step's (attribute and
-    # method lookups hoisted, the masking's accessors inlined).
     for j, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         _check(j, p, g, m, v, masking)
         if p.numel() == 0:
             continue
-        if f_mode:
-            mode = MODE_F if f_active else MODE_NONE
-        else:
-            mode = MODE_D if bits[j] is not None else MODE_NONE
+        mode = (MODE_F if f_mode else MODE_D) if masking.active(j) else MODE_NONE
         key = (p.device, p.dtype, mode)
         launch = launches.get(key)
         if launch is None:
@@ -170,9 +161,9 @@ def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp
         launch.exp_avgs.append(m)
         launch.exp_avg_sqs.append(v)
         if mode == MODE_D:
-            launch.bits.append(bits[j])
-        launch.offsets.append(int(offsets[j]) if offsets else 0)
-        launch.indices.append(int(indices[j]) if f_mode else 0)
+            launch.bits.append(masking.bits[j])
+        launch.offsets.append(masking.offset(j))
+        launch.indices.append(int(masking.indices[j]) if f_mode else 0)
         t = int(t)
         launch.steps.append(t)
         sc = scalars.get(t)

@@ -66,13 +66,19 @@ def cuda_update(*args, **kwargs):
 _DTENSOR: list = []  # [the DTensor class or None], resolved on first use
 
 
-def _is_dtensor(t) -> bool:
+def _dtensor_class():
+    """torch's DTensor class, or None without torch.distributed (resolved once)."""
     if not _DTENSOR:
         cls = None
         if torch.distributed.is_available():
             from torch.distributed.tensor import DTensor as cls
         _DTENSOR.append(cls)
-    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
+    return _DTENSOR[0]
+
+
+def _is_dtensor(t) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -236,8 +242,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         index = 0
-        _is_dtensor(None)  # resolves the DTensor class once
-        dtensor = _DTENSOR[0]
+        dtensor = _dtensor_class()  # once per step, not per parameter
         for group in self.param_groups:
             f_masked = group["mode"] == "F" and group["reserve_p"] < 1.0
             work: dict[tuple, tuple[list, ...]] = {}  # (device, dtype) -> the backend's lists

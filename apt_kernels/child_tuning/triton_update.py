@@ -179,12 +179,11 @@ def launch(launch: Launch, h: Hyper) -> None:
     addresses = _addresses(launch)
     # all four addresses multiples of ALIGN (a power of two) iff their bitwise or is
     aligned = [not (p | g | m | v) % ALIGN and o % 4 == 0 for (p, g, m, v), o in zip(addresses, launch.offsets)]
-    if all(aligned):
-        _launch(launch, h, True, addresses)
-        return
     for flag in (True, False):
         part = [j for j, a in enumerate(aligned) if a == flag]
-        if part:
+        if len(part) == len(launch):
+            _launch(launch, h, flag, addresses)
+        elif part:
             _launch(launch.subset(part), h, flag, [addresses[j] for j in part])
 
 
