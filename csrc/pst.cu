@@ -145,8 +145,6 @@ __device__ long long block_inclusive_scan(long long x, long long* total) {
   return x;
 }
 
-// ---- kernels ------------------------------------------------------------------------------------
-
 // ---- score tiles ---------------------------------------------------------------------------------
 
 constexpr int kTileRows = 16;
@@ -464,4 +462,3 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
     default: return select_and_mask<0>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
   }
 }
-

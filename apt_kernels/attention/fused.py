@@ -34,6 +34,8 @@ from .._env import on_device, triton_interpret
 from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
 DROPOUT_TAG = tl.constexpr(0x41505400)
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels' scores are in base 2 (exp2)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 KEEP_BITS = 16  # a 16-bit uniform per entry: one Philox draw (4 x 32 bits) serves 8 entries
@@ -109,7 +111,7 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
                 s = tl.where(mk != 0, s, float("-inf"))
             else:
                 add = mk.to(tl.float32)
-                s = s + tl.where(add <= mask_min, float("-inf"), add) * 1.4426950408889634
+                s = s + tl.where(add <= mask_min, float("-inf"), add) * LOG2E
         if CAUSAL and EDGE:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
     if EDGE:
@@ -218,12 +220,12 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
             acc, m_i, l_i = _fwd_tiles(
                 acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0, hi if edge else mid,
                 G, Mk, offs_m, offs_d, m_ok, d_ok, gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M,
-                scale * 1.4426950408889634,
+                scale * LOG2E,
                 seed_lo, seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1,
                 HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + bh * N + offs_m, lse, mask=m_ok)
@@ -232,7 +234,7 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
 @triton.jit
 def _lse2(lse):
     """Rows' lse in base 2, +inf where lse = -inf (a row that saw no key: every probability 0)."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -295,7 +297,7 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
                 # value (p z <dO, pv>).
                 # Each program owns its (batch, kv head, key tile) slice of the buffer: the
                 # atomics never contend; they only make the read-add-write safe across loops.
-                dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * (raw * 0.6931471805599453) + p * z * u, 0.0)
+                dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * (raw * LN2) + p * z * u, 0.0)
                 ds = ds * g
                 if GATE_N1:
                     tl.atomic_add(DG + dg_base + offs_n * sdg_p, tl.sum(dgt, 0), mask=n_ok)
@@ -360,7 +362,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
             sdo_n, sdo_d, b * sg_b, h * sg_h, sg_n, sg_p, b * sm_b, h * sm_h, sm_n, sm_m,
             (sp * sdg_s if SPLIT else 0) + b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Lse, Delta,
             b * Hq + h, offs_n, offs_d, n_ok,
-            d_ok, pid_n * BLOCK_N, N, M, scale * 1.4426950408889634, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
+            d_ok, pid_n * BLOCK_N, N, M, scale * LOG2E, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
             BLOCK_M, BLOCK_N,
             IS_PREFIX, CAUSAL and not IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dk = dk * scale  # once, not per tile: the dot then adds into its accumulator (no extra tile)
@@ -428,8 +430,8 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
         for edge in tl.static_range(1 - part, 2):  # interior token tiles, then the edge tiles
             dq = _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
                            hi if edge else mid, G, Mk, offs_m, offs_d, m_ok, d_ok, b * sg_b, h * sg_h, sg_n, sg_p,
-                           b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale * 1.4426950408889634, seed_lo,
-                           seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1,
+                           b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale * LOG2E, seed_lo, seed_hi, keep_thr,
+                           inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1,
                            MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dq = dq * scale  # once, as dk
     tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
@@ -622,7 +624,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     dq = alloc(q, memory_format=torch.contiguous_format)
     dk = alloc(k, memory_format=torch.contiguous_format)
     dv = alloc(v, memory_format=torch.contiguous_format)
-    dpk = dpv = None
+    dpk_parts = dpv_parts = None
     gate_h1 = False
     # the prefix launch's query splits (each writes partial dprefix_k/v, summed below): a prefix has one
     # or two key tiles per (batch, kv head), too few programs to fill a GPU at decoder batch sizes
@@ -640,10 +642,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         dg_buf = torch.zeros((dg_splits, B, Hkv if gate_h1 else Hq, 1 if a.gate_n1 else N, P),
                              dtype=torch.float32, device=q.device)
     if nothing:
-        if P:
-            dpk, dpv = dpk_parts[0], dpv_parts[0]
-        return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg_buf[0], gate,
-                                                                                            a.has_gate)
+        return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     block_d = max(16, triton.next_power_of_2(D))
@@ -669,7 +668,8 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         DKt, DVt = (dpk_parts, dpv_parts) if is_prefix else (dk.unsqueeze(0), dv.unsqueeze(0))
         n_split = splits if is_prefix else 1
         table, tag = prefix_table if is_prefix else (_BWD_TABLE, "")
-        _launch(_bwd_kv_kernel, table, lambda bm, bn, L=L, n_split=n_split: (n_split * triton.cdiv(L, bn) * B * Hkv,),
+        _launch(_bwd_kv_kernel, table,
+                lambda bm, bn, L=L, n_split=n_split: (n_split * triton.cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
                  *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
@@ -683,10 +683,17 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
              *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
             dict(common, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
-    if P:  # the splits' partials: summed in a fixed order (no atomics: the same bits every run)
-        dpk, dpv = (parts[0] if splits == 1 else parts.sum(0) for parts in (dpk_parts, dpv_parts))
-    dg = dg_buf[0] if dg_buf.shape[0] == 1 else dg_buf.sum(0)
-    return dq, dk, dv, _reduce_prefix(dpk, pk), _reduce_prefix(dpv, pv), _reduce_gate(dg, gate, a.has_gate)
+    return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
+
+
+def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate):
+    """The gradients, each reduced to its input's shape, from the per-split partials of the prefix launch
+    (summed in a fixed order: no atomics, the same bits every run)."""
+    def total(parts):
+        return None if parts is None else parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+    return (dq, dk, dv, _reduce_prefix(total(dpk_parts), pk), _reduce_prefix(total(dpv_parts), pv),
+            _reduce_gate(total(dg_parts), gate, a.has_gate))
 
 
 def _prefix_width(P: int) -> int:
