@@ -148,16 +148,21 @@ def test_non_contiguous_inputs_honour_strides():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_every_output_element_is_written(monkeypatch):
-    from apt_kernels.attention import fused
-
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty returns float tensors filled with NaN: a kernel output element never written shows."""
     real_empty = torch.empty
 
     def poisoned(*args, **kwargs):
         t = real_empty(*args, **kwargs)
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(fused.torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def test_every_output_element_is_written(nan_empty):
+    from apt_kernels.attention import fused
+
     (q, k, v, pk, pv, g), keep = make_inputs(**SMALL, gate="token", dtype=torch.float32, device=DEVICE)
     out, lse = fused.attention_forward(q, k, v, pk[None], pv[None], g, keep[:, None, None, :], True, 0.2, 0.0, 0)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -165,7 +170,7 @@ def test_every_output_element_is_written(monkeypatch):
 
 @pytest.mark.parametrize("gate,shared,causal", [("example", True, True), ("token", False, False),
                                                 ("head", True, False), ("full", False, True)])
-def test_prefix_backward_split_over_query_tiles(monkeypatch, gate, shared, causal):
+def test_prefix_backward_split_over_query_tiles(monkeypatch, nan_empty, gate, shared, causal):
     """The prefix launch of the key-side backward split into runs of query tiles (on a GPU when a prefix
     has too few key tiles to fill it): 3 splits of the 2 query tiles of the interpreter, one of them
     empty. Partial dprefix_k / dprefix_v (and a row-shared gate's gradient) are summed in a fixed order:
@@ -174,13 +179,6 @@ def test_prefix_backward_split_over_query_tiles(monkeypatch, gate, shared, causa
     from apt_kernels.attention import fused
 
     monkeypatch.setattr(fused, "PREFIX_SPLITS", 3)
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(fused.torch, "empty", poisoned)
     tensors, keep = make_inputs(**SMALL, gate=gate, shared_prefix=shared, dtype=torch.float64)
     check(tensors, keep, torch.float32, causal=causal)
     ts = [t.float().to(DEVICE).requires_grad_(True) for t in tensors]
