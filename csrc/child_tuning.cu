@@ -12,7 +12,12 @@ template <typename P, int kMode, bool kOfficial, bool kDecay>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(const TensorRow* __restrict__ tensors, const ChunkRow* __restrict__ chunks, Hyper h) {
   const ChunkRow c = chunks[blockIdx.x];
-  const TensorRow t = tensors[c.tensor];
+  TensorRow t = tensors[c.tensor];
+  if (h.step != 0) {  // the step every tensor shares (see Hyper)
+    t.step = h.step;
+    t.step_size = h.step_size;
+    t.bc2_sqrt = h.bc2_sqrt;
+  }
   // The pointers come from memory, so the compiler cannot tell they are global: say so, for LDG/STG.
   __builtin_assume(__isGlobal(t.param));
   __builtin_assume(__isGlobal(t.grad));

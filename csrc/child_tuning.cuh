@@ -2,8 +2,8 @@
 // and their binding (child_tuning_bind.cpp). Plain CUDA, no framework headers: it compiles with nvcc
 // alone and with a host C++ compiler. Design: docs/child_tuning.md; math: docs/math.md, section 4.
 #pragma once
+#include <cstddef>
 #include <cstdint>
-#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -24,8 +24,9 @@ constexpr int kKeepBits = 24;        // keep iff (philox word 0 >> 8) < floor(re
 constexpr int64_t kChunk = 32768;    // elements per chunk; one thread block updates one chunk
 constexpr int kThreads = 256;        // threads per block
 
-// One tensor of a launch: a row of the tensor table. All pointers are device pointers to contiguous
-// memory; bits is null unless the launch's mode is kModeD.
+// One tensor of a launch: a row of the tensor table, which apt_kernels/child_tuning/fused.py builds as
+// 9 int64 words (the static_asserts below hold it to that layout). All pointers are device pointers to
+// contiguous memory; bits is null unless the launch's mode is kModeD.
 struct TensorRow {
   void* param;              // numel elements of the launch's dtype, updated in place
   const void* grad;         // numel elements of the launch's dtype
@@ -40,36 +41,35 @@ struct TensorRow {
   float bc2_sqrt;           // torch semantics: sqrt(1 - beta2^t)
 };
 
+static_assert(sizeof(void*) == 8 && sizeof(TensorRow) == 72 && offsetof(TensorRow, numel) == 40 &&
+                  offsetof(TensorRow, param_index) == 56 && offsetof(TensorRow, step_size) == 64,
+              "TensorRow must be fused.py's row of 9 int64 words");
+
 // One chunk: elements [chunk * kChunk, min((chunk + 1) * kChunk, numel)) of tensor `tensor`.
 struct ChunkRow {
   int32_t tensor;
   int32_t chunk;
 };
+static_assert(sizeof(ChunkRow) == 8, "ChunkRow must be fused.py's pair of int32");
 
 // The scalars shared by every tensor of a launch (computed once, in fused.py).
 // decay: official semantics p = p + decay * p after the step (decay = -lr * weight_decay);
 //        torch semantics    p = p * decay before it          (decay = 1 - lr * weight_decay).
+// step != 0: every tensor's step is `step`, with these step_size and bc2_sqrt (they override the rows'
+// values, so that tables cached across steps stay valid); step == 0: each row's own.
 struct Hyper {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p;
   uint32_t seed_lo, seed_hi, threshold;
+  uint32_t step;
+  float step_size, bc2_sqrt;
 };
-
-// The chunk table of a tensor table: every tensor cut into kChunk-element chunks, in order.
-inline std::vector<ChunkRow> chunk_table(const TensorRow* tensors, int64_t n_tensors) {
-  std::vector<ChunkRow> chunks;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    const int64_t n = (tensors[t].numel + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < n; ++c) chunks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(c)});
-  }
-  return chunks;
-}
 
 }  // namespace child_tuning
 }  // namespace apt
 
 extern "C" {
-// One launch: every chunk of `chunks` (device memory, n_chunks rows) of the tensors of `tensors` (device
-// memory). dtype is a DType, mode a Mode; official selects the paper's semantics (else torch.optim.AdamW's);
+// One launch: every chunk of `chunks` (device memory, n_chunks rows: every chunk of every tensor, in
+// order) of the tensors of `tensors` (device memory). dtype is a DType, mode a Mode; official selects the paper's semantics (else torch.optim.AdamW's);
 // has_decay whether weight decay applies. Returns the launch status.
 cudaError_t apt_child_tuning_adamw(const apt::child_tuning::TensorRow* tensors, const apt::child_tuning::ChunkRow* chunks,
                                    int64_t n_chunks, apt::child_tuning::Hyper hyper, int dtype, int mode, bool official,

@@ -1,7 +1,5 @@
-// Torch-facing side of child_tuning.cu: argument checks, the tensor and chunk tables, device guard, stream.
-// Called by apt_kernels/child_tuning/optimizer.py (backend "cuda") with one launch of fused.py's plan.
-#include <cstring>
-
+// Torch-facing side of child_tuning.cu: argument checks, device guard, stream. Called by
+// apt_kernels/child_tuning/optimizer.py (backend "cuda") with the tables of one launch of fused.py's plan.
 #include "bindings.h"
 #include "child_tuning.cuh"
 
@@ -9,90 +7,34 @@ namespace {
 
 namespace ct = apt::child_tuning;
 
-int dtype_code(const torch::Tensor& t) {
-  switch (t.scalar_type()) {
-    case torch::kFloat32: return ct::kFloat32;
-    case torch::kBFloat16: return ct::kBFloat16;
-    case torch::kFloat16: return ct::kFloat16;
-    default: TORCH_CHECK(false, "child_tuning_adamw: parameters must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-  return -1;
-}
-
-void check_tensor(const char* name, size_t i, const torch::Tensor& t, const torch::Tensor& param, torch::ScalarType dtype,
-                  int64_t numel) {
-  TORCH_CHECK(t.device() == param.device(), "child_tuning_adamw: ", name, "[", i, "] is on ", t.device(),
-              " but the parameters are on ", param.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "child_tuning_adamw: ", name, "[", i, "] must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "child_tuning_adamw: ", name, "[", i, "] must be contiguous");
-  TORCH_CHECK(t.numel() == numel, "child_tuning_adamw: ", name, "[", i, "] has ", t.numel(), " elements, expected ",
-              numel);
-}
-
-// A host array copied to the device asynchronously on the current stream (through pinned memory).
-torch::Tensor to_device(const void* data, size_t bytes, const torch::Device& device) {
-  auto host = torch::empty({static_cast<int64_t>(bytes)}, torch::dtype(torch::kUInt8).pinned_memory(true));
-  std::memcpy(host.data_ptr(), data, bytes);
-  return host.to(device, torch::kUInt8, /*non_blocking=*/true);
-}
-
-// One launch: every tensor of one device, one parameter dtype and one mask mode (fused.py's Launch).
-void child_tuning_adamw(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
-                        const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
-                        const std::vector<torch::Tensor>& bits, const std::vector<int64_t>& elem_offsets,
-                        const std::vector<int64_t>& param_indices, const std::vector<int64_t>& steps,
-                        const std::vector<double>& step_sizes, const std::vector<double>& bc2_sqrts, double beta1,
-                        double one_minus_beta1, double beta2, double one_minus_beta2, double eps, double decay,
-                        bool has_decay, double inv_reserve_p, int64_t seed_lo, int64_t seed_hi, int64_t threshold,
-                        bool official, int64_t mode) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && elem_offsets.size() == n &&
-                  param_indices.size() == n && steps.size() == n && step_sizes.size() == n && bc2_sqrts.size() == n,
-              "child_tuning_adamw: every per-tensor list must have one entry per parameter (", n, ")");
+// One launch of fused.py's tables (one device, parameter dtype and mask mode): `rows` is the tensor table
+// (int64 [tensors, 9], TensorRow), `chunks` the chunk table (int32 [chunks, 2], ChunkRow), both on the
+// device. fused.py checked the tensors the rows point to (dtype, shape, device, contiguity).
+void child_tuning_adamw(const torch::Tensor& rows, const torch::Tensor& chunks, int64_t chunk, int64_t dtype,
+                        int64_t mode, bool official, bool has_decay, double beta1, double one_minus_beta1,
+                        double beta2, double one_minus_beta2, double eps, double decay, double inv_reserve_p,
+                        int64_t seed_lo, int64_t seed_hi, int64_t threshold, int64_t step, double step_size,
+                        double bc2_sqrt) {
+  TORCH_CHECK(chunk == ct::kChunk, "child_tuning_adamw: the chunk table must cut tensors into ", ct::kChunk,
+              "-element chunks (the kernel's kChunk), got ", chunk);
+  TORCH_CHECK(dtype == ct::kFloat32 || dtype == ct::kBFloat16 || dtype == ct::kFloat16,
+              "child_tuning_adamw: unknown dtype code ", dtype);
   TORCH_CHECK(mode == ct::kModeNone || mode == ct::kModeF || mode == ct::kModeD, "child_tuning_adamw: unknown mode ",
               mode);
-  TORCH_CHECK(mode == ct::kModeD ? bits.size() == n : bits.empty(),
-              "child_tuning_adamw: packed masks are given exactly in mode D, one per parameter");
+  TORCH_CHECK(rows.is_cuda() && rows.scalar_type() == torch::kInt64 && rows.dim() == 2 &&
+                  rows.size(1) * 8 == static_cast<int64_t>(sizeof(ct::TensorRow)) && rows.is_contiguous(),
+              "child_tuning_adamw: the tensor table must be a contiguous CUDA int64 tensor of shape [tensors, ",
+              sizeof(ct::TensorRow) / 8, "]");
+  TORCH_CHECK(chunks.is_cuda() && chunks.device() == rows.device() && chunks.scalar_type() == torch::kInt32 &&
+                  chunks.dim() == 2 && chunks.size(1) == 2 && chunks.is_contiguous(),
+              "child_tuning_adamw: the chunk table must be a contiguous int32 tensor of shape [chunks, 2] on the "
+              "tensor table's device");
+  TORCH_CHECK(chunks.size(0) <= 0x7FFFFFFF, "child_tuning_adamw: too many chunks (", chunks.size(0), ")");
   TORCH_CHECK(seed_lo >= 0 && seed_lo <= 0xFFFFFFFFLL && seed_hi >= 0 && seed_hi <= 0xFFFFFFFFLL && threshold >= 0 &&
-                  threshold <= (1LL << ct::kKeepBits),
-              "child_tuning_adamw: seed words must be uint32 and the threshold in [0, 2^24]");
-  if (n == 0) return;
-  const auto& first = params[0];
-  TORCH_CHECK(first.is_cuda(), "child_tuning_adamw: parameters must be CUDA tensors, got ", first.device());
-  const int dtype = dtype_code(first);
-
-  std::vector<ct::TensorRow> rows(n);
-  for (size_t i = 0; i < n; ++i) {
-    const auto& p = params[i];
-    const int64_t numel = p.numel();
-    check_tensor("params", i, p, first, first.scalar_type(), numel);
-    check_tensor("grads", i, grads[i], first, first.scalar_type(), numel);
-    check_tensor("exp_avgs", i, exp_avgs[i], first, torch::kFloat32, numel);
-    check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], first, torch::kFloat32, numel);
-    if (mode == ct::kModeD) check_tensor("bits", i, bits[i], first, torch::kInt32, (numel + 31) / 32);
-    TORCH_CHECK(steps[i] >= 1 && steps[i] <= 0xFFFFFFFFLL && param_indices[i] >= 0 && param_indices[i] <= 0xFFFFFFFFLL,
-                "child_tuning_adamw: step and parameter index must be uint32 (tensor ", i, ")");
-    TORCH_CHECK(elem_offsets[i] >= 0, "child_tuning_adamw: element offsets must be >= 0");
-    TORCH_CHECK((numel + ct::kChunk - 1) / ct::kChunk <= 0x7FFFFFFF, "child_tuning_adamw: tensor ", i, " is too large");
-    rows[i] = ct::TensorRow{p.data_ptr(),
-                            grads[i].data_ptr(),
-                            exp_avgs[i].data_ptr<float>(),
-                            exp_avg_sqs[i].data_ptr<float>(),
-                            mode == ct::kModeD ? reinterpret_cast<const uint32_t*>(bits[i].data_ptr<int32_t>()) : nullptr,
-                            numel,
-                            elem_offsets[i],
-                            static_cast<uint32_t>(param_indices[i]),
-                            static_cast<uint32_t>(steps[i]),
-                            static_cast<float>(step_sizes[i]),
-                            static_cast<float>(bc2_sqrts[i])};
-  }
-  const std::vector<ct::ChunkRow> chunks = ct::chunk_table(rows.data(), static_cast<int64_t>(n));
-  if (chunks.empty()) return;
-
-  const c10::cuda::CUDAGuard guard(first.device());
-  const auto tensor_table = to_device(rows.data(), rows.size() * sizeof(ct::TensorRow), first.device());
-  const auto chunk_table = to_device(chunks.data(), chunks.size() * sizeof(ct::ChunkRow), first.device());
+                  threshold <= (1LL << ct::kKeepBits) && step >= 0 && step <= 0xFFFFFFFFLL,
+              "child_tuning_adamw: seed words and step must be uint32 and the threshold in [0, 2^24]");
+  if (chunks.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(rows.device());
   const ct::Hyper hyper{static_cast<float>(beta1),
                         static_cast<float>(one_minus_beta1),
                         static_cast<float>(beta2),
@@ -102,10 +44,13 @@ void child_tuning_adamw(const std::vector<torch::Tensor>& params, const std::vec
                         static_cast<float>(inv_reserve_p),
                         static_cast<uint32_t>(seed_lo),
                         static_cast<uint32_t>(seed_hi),
-                        static_cast<uint32_t>(threshold)};
-  apt::check_cuda(apt_child_tuning_adamw(reinterpret_cast<const ct::TensorRow*>(tensor_table.data_ptr()),
-                                         reinterpret_cast<const ct::ChunkRow*>(chunk_table.data_ptr()),
-                                         static_cast<int64_t>(chunks.size()), hyper, dtype, static_cast<int>(mode),
+                        static_cast<uint32_t>(threshold),
+                        static_cast<uint32_t>(step),
+                        static_cast<float>(step_size),
+                        static_cast<float>(bc2_sqrt)};
+  apt::check_cuda(apt_child_tuning_adamw(reinterpret_cast<const ct::TensorRow*>(rows.data_ptr<int64_t>()),
+                                         reinterpret_cast<const ct::ChunkRow*>(chunks.data_ptr<int32_t>()),
+                                         chunks.size(0), hyper, static_cast<int>(dtype), static_cast<int>(mode),
                                          official, has_decay, c10::cuda::getCurrentCUDAStream()),
                   "apt_child_tuning_adamw");
 }
@@ -128,7 +73,8 @@ torch::Tensor child_tuning_keep_mask(int64_t numel, int64_t elem_offset, int64_t
 
 void apt::bind_child_tuning(pybind11::module_& m) {
   m.def("child_tuning_adamw", &child_tuning_adamw,
-        "Child-Tuning masked AdamW: one multi-tensor launch (one device, parameter dtype and mask mode)");
+        "Child-Tuning masked AdamW: one multi-tensor launch over fused.py's tensor and chunk tables "
+        "(rows, chunks, chunk, dtype code, mode, official, has_decay, hyper scalars, shared step and its scalars)");
   m.def("child_tuning_keep_mask", &child_tuning_keep_mask,
         "the F-mode keep bits the update kernel draws (numel, offset, step, param index, seed lo/hi, threshold, device)");
 }

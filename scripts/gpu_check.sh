@@ -66,6 +66,11 @@ echo "   install took ${SECONDS} s"
 echo "== python3 -m apt_kernels"
 python3 -m apt_kernels
 
+if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",child_tuning,"* ]]; then
+    echo "== Child-Tuning host time per step, this machine's CPU (python3 -m benchmarks.child_tuning_host)"
+    python3 -m benchmarks.child_tuning_host --repeats 3 2>&1 | tee "${LOGS}/${NAME}-ct-host.log" || true
+fi
+
 # The nvcc lane is left out: the extension build above compiles the same sources for real. Tests run
 # in parallel when pytest-xdist is there (it is on the H200 image); kernels are not autotuned in tests
 # (tests/conftest.py), except in the one test that checks the autotuned path.

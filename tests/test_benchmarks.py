@@ -214,3 +214,16 @@ def test_autotune_choices_are_reported(monkeypatch):
     assert choices["_attn_fwd"] == {"(64, 128, False)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"}
     assert choices["_attn_fwd[prefix<=16]"] == choices["_attn_fwd"]
     assert "_attn_fwd: (64, 128, False) -> BLOCK_M: 128" in run.format_autotune(choices)
+
+
+def test_child_tuning_host_time_script():
+    from benchmarks import child_tuning_host
+    from apt_kernels.child_tuning import optimizer as _opt
+
+    entry = _opt.REGISTRY._entries["triton"]
+    before = (entry.fn, entry.checks)
+    out = child_tuning_host.measure(tensors=5, steps=2, repeats=1)
+    assert set(out) == {"F, tables cached", "D, tables cached", "F, tables rebuilt", "D, tables rebuilt",
+                        "torch.optim.AdamW(fused=True)"}
+    assert all(0 < ms < 1e3 for ms in out.values())
+    assert (entry.fn, entry.checks) == before  # the stub is gone again

@@ -46,23 +46,32 @@ def make_params(dtype, device, sizes=((37, 29), (29,), (1000,), (5, 3, 7)), seed
     return [torch.nn.Parameter(p) for p in ps]
 
 
-def set_grads(params, step, *, value=None):
+def set_grads(params, step, *, value=None, inplace=False):
+    """Fresh gradients; ``inplace``: written into the existing .grad tensors (same addresses)."""
     g = torch.Generator().manual_seed(1000 + step)
     for p in params:
         full = torch.randn(p.shape, generator=g) if value is None else torch.full(p.shape, float(value))
-        p.grad = full.to(device=p.device, dtype=p.dtype)
+        if inplace and p.grad is not None:
+            p.grad.copy_(full)
+        else:
+            p.grad = full.to(device=p.device, dtype=p.dtype)
 
 
 def masks_for(params):
     return {p: (torch.arange(p.numel(), device=p.device) % 3 != 1).view(p.shape) for p in params[::2]}
 
 
-def run_opt(params, backend, steps=3, **kw):
+def run_opt(params, backend, steps=3, lag=False, inplace=False, **kw):
+    """``steps`` optimizer steps; ``lag``: parameter 1 has no gradient at the first, so its step lags one
+    behind the others' (the fused kernels then read each tensor's own step, not one shared step);
+    ``inplace``: gradients written into the same tensors every step (as DDP's bucket views are)."""
     masks = masks_for(params) if kw.get("mode") == "D" else None
     opt = ak.ChildTuningAdamW(params, backend=backend, masks=masks, **kw)
     opt.initial = {p: p.detach().float().clone() for p in params}
     for step in range(steps):
-        set_grads(params, step)
+        set_grads(params, step, inplace=inplace)
+        if lag and step == 0:
+            params[1].grad = None
         opt.step()
     return opt
 
@@ -159,18 +168,115 @@ def test_fused_plan_splits_by_dtype_and_mode():
     vs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     words = [bits.pack_bits(torch.ones(p.shape, dtype=torch.bool)) if j % 2 == 0 else None
              for j, p in enumerate(params)]
-    seen = {}
-
-    def launch_fn(launch, h):
-        seen[(launch.dtype, launch.mode)] = (len(launch), launch.steps, launch.step_sizes, len(launch.bits))
-
-    fused.run(launch_fn, params, [p.grad for p in params], ms, vs, [1, 2, 3, 1, 2], Masking("D", bits=words),
-              lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, semantics="torch")
+    launches, write_back = fused.plan(params, [p.grad for p in params], ms, vs, [1, 2, 3, 1, 2],
+                                      Masking("D", bits=words), lr=1e-3, beta1=0.9, beta2=0.999, official=False)
+    seen = {(la.dtype, la.mode): (len(la), la.steps, la.step_sizes, len(la.bits)) for la in launches}
     size = {t: 1e-3 / (1 - 0.9 ** t) for t in (1, 2, 3)}
     assert seen == {(torch.float32, fused.MODE_D): (2, [1, 3], [size[1], size[3]], 2),
                     (torch.float32, fused.MODE_NONE): (1, [2], [size[2]], 0),
                     (torch.bfloat16, fused.MODE_D): (1, [2], [size[2]], 1),
                     (torch.bfloat16, fused.MODE_NONE): (1, [1], [size[1]], 0)}
+    assert write_back == []
+
+
+def test_fused_tables_layout():
+    """The tensor table is csrc/child_tuning.cuh's TensorRow (9 int64 words, read by both kernels) and the
+    chunk table covers every tensor, a shard's chunks starting on the stream's groups of four if asked."""
+    sizes = [5, 9000, 1, 4097]
+    ps = [torch.zeros(n) for n in sizes]
+    gs, ms, vs = ([torch.zeros(n) for n in sizes] for _ in range(3))
+    words = [bits.pack_bits(torch.ones(n, dtype=torch.bool)) for n in sizes]
+    offsets, indices, steps = [0, 6, 2 ** 40 + 3, 2], [0, 2 ** 32 - 1, 2 ** 31, 7], [1, 2 ** 31 + 5, 2 ** 32 - 1, 9]
+    masking = Masking("F", 0.5, seed=1, indices=indices, offsets=offsets)
+    (launch,), _ = fused.plan(ps, gs, ms, vs, steps, masking, lr=1e-3, beta1=0.9, beta2=0.999, official=True)
+    launch.mode, launch.bits = fused.MODE_D, words  # a D launch's bits too, on the same rows
+    addresses = [(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()) for p, g, m, v in zip(ps, gs, ms, vs)]
+    rows = fused.rows(launch, addresses)
+    assert rows.dtype == torch.int64 and rows.shape == (4, fused.ROW_WORDS)
+    halves, floats = rows.view(torch.int32).view(4, 18), rows.view(torch.float32).view(4, 18)
+    for j in range(4):
+        assert rows[j, :7].tolist() == [*addresses[j], words[j].data_ptr(), sizes[j], offsets[j]]
+        assert [int(x) % 2 ** 32 for x in halves[j, 14:16]] == [indices[j], steps[j]]
+        sc = fused._step_scalars(steps[j], lr=1e-3, beta1=0.9, beta2=0.999, official=True)
+        assert floats[j, 16:18].tolist() == torch.tensor(sc, dtype=torch.float32).tolist()
+    leads = [o % 4 for o in offsets]  # 0, 2, 3, 2
+    table = fused.chunks(sizes, leads, 4096)
+    assert table.dtype == torch.int32
+    assert table.tolist() == [[0, 0], [1, 0], [1, 1], [1, 2], [2, 0], [3, 0], [3, 1]]
+    assert fused.chunks(sizes, [0] * 4, 4096).tolist() == [[0, 0], [1, 0], [1, 1], [1, 2], [2, 0], [3, 0], [3, 1]]
+    assert fused.chunks([4094, 4095], [2, 2], 4096).tolist() == [[0, 0], [1, 0], [1, 1]]
+
+
+class RecordingKernel:
+    """A fused.Kernel whose launches are recorded (the tables and the shared step), not run."""
+
+    def __init__(self):
+        self.calls = []
+        self.kernel = fused.Kernel(chunk=64, group_chunks=True, split_vector=True,
+                                   launch=lambda t, h, s: self.calls.append((t, s)))
+
+    def run(self, params, grads, ms, vs, steps, masking, cache):
+        self.calls.clear()
+        fused.run(self.kernel, params, grads, ms, vs, steps, masking, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.0, semantics="torch", cache=cache)
+        return self.calls
+
+
+def test_fused_cache_reuses_tables_until_the_tensors_change():
+    k = RecordingKernel()
+    ps = [torch.zeros(100), torch.zeros(3, 7)]
+    gs, ms, vs = ([torch.zeros_like(p) for p in ps] for _ in range(3))
+    masking = Masking("F", 0.5, seed=1, indices=[0, 1])
+    cache = {}
+    (t1, s1), = k.run(ps, gs, ms, vs, [1, 1], masking, cache)
+    assert s1.step == 1 and s1.step_size == pytest.approx(1e-3 / 0.1) and s1.bc2_sqrt == pytest.approx(0.001 ** 0.5)
+    (t2, s2), = k.run(ps, gs, ms, vs, [2, 2], masking, cache)
+    assert t2 is t1 and s2.step == 2  # reused: the step goes to the kernel as an argument
+    new = [torch.zeros_like(p) for p in gs]  # new gradients (the old ones still alive: new addresses)
+    (t3, _), = k.run(ps, new, ms, vs, [3, 3], masking, cache)
+    assert t3 is not t1 and t3.rows[0, 1] == new[0].data_ptr()
+    ((t4, _),) = k.run(ps, new, ms, vs, [4, 4], masking, cache)
+    assert t4 is t3
+    # steps that differ: tables rebuilt with each row's step, the kernel told to read them
+    ((t5, s5),) = k.run(ps, new, ms, vs, [5, 4], masking, cache)
+    assert t5 is not t3 and s5 == fused.PER_ROW and cache == {}
+    assert [int(x) for x in t5.rows.view(torch.int32).view(2, 18)[:, 15]] == [5, 4]
+    # a non-contiguous gradient is updated through a copy: nothing cached
+    ((t6, _),) = k.run(ps, [new[0], torch.zeros(7, 3).t()], ms, vs, [6, 6], masking, cache)
+    assert cache == {} and t6.rows[1, 1] != new[1].data_ptr()
+    ((t7, _),) = k.run(ps, new, ms, vs, [7, 7], masking, cache)
+    ((t8, _),) = k.run(ps, new, ms, vs, [8, 8], masking, cache)
+    assert t8 is t7
+    # the masking's structure: reserve_p = 1 is an unmasked launch, other indices other tables
+    ((t9, _),) = k.run(ps, new, ms, vs, [9, 9], Masking("F", 1.0, seed=1, indices=[0, 1]), cache)
+    assert t9.mode == fused.MODE_NONE
+    ((t10, _),) = k.run(ps, new, ms, vs, [10, 10], Masking("F", 0.5, seed=1, indices=[4, 5]), cache)
+    assert t10.mode == fused.MODE_F and [int(x) for x in t10.rows.view(torch.int32).view(2, 18)[:, 14]] == [4, 5]
+    ((t11, _),) = k.run(ps, new, ms, vs, [11, 11], Masking("F", 0.3, seed=2, indices=[4, 5]), cache)
+    assert t11 is t10  # seed and reserve_p < 1 are kernel arguments
+    # a parameter replaced by a tensor of another size at the same address is not the same tensor
+    storage = torch.zeros(100)
+    ps2 = [storage, ps[1]]
+    ((t12, _),) = k.run(ps2, new, ms, vs, [12, 12], masking, cache)
+    ((t13, _),) = k.run([storage[:50], ps[1]], [new[0][:50], new[1]], [ms[0][:50], ms[1]], [vs[0][:50], vs[1]],
+                        [13, 13], masking, cache)
+    assert t13 is not t12 and t13.rows[0, 5] == 50
+
+
+def test_optimizer_drops_cached_tables_when_it_replaces_state(monkeypatch):
+    params = make_params(torch.float32, "cpu")[:3]
+    calls = []
+    kernel = fused.Kernel(chunk=64, group_chunks=True, split_vector=True, launch=lambda t, h, s: calls.append(t))
+    monkeypatch.setattr(optimizer.REGISTRY._entries["torch"], "fn", lambda *a, **kw: fused.run(kernel, *a, **kw))
+    opt = ak.ChildTuningAdamW(params, lr=1e-3, reserve_p=0.5, backend="torch")
+    set_grads(params, 0)
+    opt.step()
+    opt.step()
+    assert calls[0] is calls[1] and len(opt._plans) == 1
+    opt.load_state_dict(opt.state_dict())
+    assert opt._plans == {}
+    opt.step()
+    assert calls[2] is not calls[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,6 +294,46 @@ def test_triton_backend_matches_torch(small_chunks, dtype, semantics, mode, rese
     pa, pb = make_params(dtype, DEVICE), make_params(dtype, DEVICE)
     oa, ob = run_opt(pa, "torch", **kw), run_opt(pb, "triton", **kw)
     assert_same_run(pa, oa, pb, ob, dtype)
+
+
+@pytest.fixture
+def table_builds(monkeypatch):
+    """The number of launches fused.py built tables for (not counting reused ones)."""
+    built = []
+    real = fused.tables
+
+    def counted(kernel, launch):
+        out = real(kernel, launch)
+        built.extend(out)
+        return out
+
+    monkeypatch.setattr(fused, "tables", counted)
+    return built
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_triton_backend_reusing_its_tables_across_steps(small_chunks, table_builds, semantics, mode):
+    """Contiguous parameters and gradients kept in place, so steps 2 and 3 run on the tables of step 1
+    with the step passed to the kernel."""
+    kw = dict(lr=1e-2, weight_decay=0.05, reserve_p=0.4, mode=mode, semantics=semantics, seed=3)
+    pa, pb = make_params(torch.bfloat16, DEVICE)[:5], make_params(torch.bfloat16, DEVICE)[:5]
+    oa, ob = run_opt(pa, "torch", inplace=True, **kw), run_opt(pb, "triton", inplace=True, **kw)
+    # step 1 only. F: the aligned and the misaligned (params[4]) tensors; D: those of the masked ones
+    # (params[::2]) and the unmasked aligned ones
+    assert len(table_builds) == (2 if mode == "F" else 3)
+    assert_same_run(pa, oa, pb, ob, torch.bfloat16)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+def test_triton_backend_with_steps_that_differ(small_chunks, semantics):
+    kw = dict(lr=1e-2, weight_decay=0.05, reserve_p=0.4, mode="F", semantics=semantics, seed=3)
+    pa, pb = make_params(torch.float32, DEVICE), make_params(torch.float32, DEVICE)
+    oa, ob = run_opt(pa, "torch", lag=True, **kw), run_opt(pb, "triton", lag=True, **kw)
+    assert ob.state[pb[1]]["step"] == 2 and ob.state[pb[0]]["step"] == 3
+    assert_same_run(pa, oa, pb, ob, torch.float32)
 
 
 @pytest.mark.triton
@@ -308,9 +454,9 @@ import itertools, re, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apt_kernels.child_tuning import triton_update as tu
-sig = {"ptrs": "*i64", "meta": "*i64", "scal": "*fp32", "work": "*i32", "beta1": "fp32", "one_minus_beta1": "fp32",
-       "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "decay": "fp32", "inv_reserve_p": "fp32",
-       "seed_lo": "i64", "seed_hi": "i32", "threshold": "i32"}
+sig = {"rows": "*i64", "chunks": "*i32", "step0": "i32", "step_size0": "fp32", "bc2_sqrt0": "fp32",
+       "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
+       "decay": "fp32", "inv_reserve_p": "fp32", "seed_lo": "i64", "seed_hi": "i32", "threshold": "i32"}
 for dt, mode, official, aligned in [(tl.float32, 1, True, True), (tl.bfloat16, 2, False, True),
                                     (tl.float16, 0, True, False), (tl.bfloat16, 1, False, True)]:
     consts = dict(P_DTYPE=dt, MODE=mode, OFFICIAL=official, HAS_DECAY=True, ALIGNED=aligned, CHUNK=tu.CHUNK,
@@ -319,6 +465,7 @@ for dt, mode, official, aligned in [(tl.float32, 1, True, True), (tl.bfloat16, 2
                                  constexprs=consts), target=GPUTarget("cuda", 90, 32))
     vec = len(re.findall(r"ld\.global\.v4", c.asm["ptx"]))
     assert (vec > 0) == aligned, (dt, mode, aligned, vec)
+    sig["step0"] = "i64" if sig["step0"] == "i32" else "i32"  # steps >= 2^31 come as i64
 # Triton turns an int argument whose value is 1 into a constexpr: seeds 1 and 2**32 .. 2**33-1 do that.
 ones = dict(P_DTYPE=tl.float32, MODE=1, OFFICIAL=True, HAS_DECAY=True, ALIGNED=True, CHUNK=tu.CHUNK,
             BLOCK=tu.BLOCK, seed_lo=1, seed_hi=1)
@@ -366,22 +513,12 @@ extern "C" int host_keep_mask(bool* out, int64_t n, int64_t offset, uint32_t ste
   return apt_child_tuning_keep_mask(out, n, offset, step, index, seed_lo, seed_hi, threshold, nullptr);
 }
 
-extern "C" int host_adamw(int64_t n, void* const* params, const void* const* grads, float* const* ms, float* const* vs,
-                          const uint32_t* const* words, const int64_t* numels, const int64_t* offsets,
-                          const int64_t* indices, const int64_t* steps, const double* step_sizes,
-                          const double* bc2_sqrts, const double* f, const int64_t* u, int dtype, int mode,
-                          int official, int has_decay) {
-  std::vector<ct::TensorRow> rows(n);
-  for (int64_t i = 0; i < n; ++i) {
-    rows[i] = ct::TensorRow{params[i], grads[i], ms[i], vs[i], words[i], numels[i], offsets[i],
-                            static_cast<uint32_t>(indices[i]), static_cast<uint32_t>(steps[i]),
-                            static_cast<float>(step_sizes[i]), static_cast<float>(bc2_sqrts[i])};
-  }
+extern "C" int host_adamw(const void* rows, const void* chunks, int64_t n_chunks, const double* f, const int64_t* u,
+                          int dtype, int mode, int official, int has_decay) {
   const ct::Hyper h{float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]),
-                    uint32_t(u[0]), uint32_t(u[1]), uint32_t(u[2])};
-  const std::vector<ct::ChunkRow> chunks = ct::chunk_table(rows.data(), n);
-  return apt_child_tuning_adamw(rows.data(), chunks.data(), static_cast<int64_t>(chunks.size()), h, dtype, mode,
-                                official != 0, has_decay != 0, nullptr);
+                    uint32_t(u[0]), uint32_t(u[1]), uint32_t(u[2]), uint32_t(u[3]), float(f[7]), float(f[8])};
+  return apt_child_tuning_adamw(static_cast<const ct::TensorRow*>(rows), static_cast<const ct::ChunkRow*>(chunks),
+                                n_chunks, h, dtype, mode, official != 0, has_decay != 0, nullptr);
 }
 """
 
@@ -395,31 +532,23 @@ def host_kernels(tmp_path_factory):
     return build_host_kernels(tmp_path_factory.mktemp("ct_host"), ["child_tuning.cu"], HOST_HARNESS)
 
 
-def _ptrs(ctype, tensors):
-    return (ctype * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
-
-
 class HostExtension:
-    """Stands in for apt_kernels._C: the binding's Python-side signature, the kernel's code run on the host."""
+    """Stands in for apt_kernels._C: the binding's Python-side signature, the kernel's code run on the host
+    over the tables fused.py built (on the host: the tests' tensors are CPU tensors)."""
 
     def __init__(self, lib):
         self.lib = lib
 
-    def child_tuning_adamw(self, params, grads, exp_avgs, exp_avg_sqs, bits_, elem_offsets, param_indices, steps,
-                           step_sizes, bc2_sqrts, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
-                           has_decay, inv_reserve_p, seed_lo, seed_hi, threshold, official, mode):
-        n = len(params)
-        assert all(t.is_contiguous() for t in params + grads + exp_avgs + exp_avg_sqs)
-        i64 = lambda xs: (ctypes.c_int64 * max(1, n))(*xs)  # noqa: E731
-        f64 = lambda xs: (ctypes.c_double * max(1, len(xs)))(*xs)  # noqa: E731
-        code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[params[0].dtype]
-        words = _ptrs(ctypes.c_void_p, bits_) if bits_ else (ctypes.c_void_p * n)()
+    def child_tuning_adamw(self, rows, chunks, chunk, dtype, mode, official, has_decay, beta1, one_minus_beta1,
+                           beta2, one_minus_beta2, eps, decay, inv_reserve_p, seed_lo, seed_hi, threshold, step,
+                           step_size, bc2_sqrt):
+        assert chunk == 32768 and rows.dtype == torch.int64 and rows.shape[1] == 9 and chunks.dtype == torch.int32
+        assert rows.is_contiguous() and chunks.is_contiguous() and chunks.shape[1] == 2
         rc = self.lib.host_adamw(
-            ctypes.c_int64(n), _ptrs(ctypes.c_void_p, params), _ptrs(ctypes.c_void_p, grads),
-            _ptrs(ctypes.c_void_p, exp_avgs), _ptrs(ctypes.c_void_p, exp_avg_sqs), words,
-            i64([p.numel() for p in params]), i64(elem_offsets), i64(param_indices), i64(steps), f64(step_sizes),
-            f64(bc2_sqrts), f64([beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p]),
-            (ctypes.c_int64 * 3)(seed_lo, seed_hi, threshold), code, mode, int(official), int(has_decay))
+            ctypes.c_void_p(rows.data_ptr()), ctypes.c_void_p(chunks.data_ptr()), ctypes.c_int64(chunks.shape[0]),
+            (ctypes.c_double * 9)(beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
+                                  step_size, bc2_sqrt),
+            (ctypes.c_int64 * 4)(seed_lo, seed_hi, threshold, step), dtype, mode, int(official), int(has_decay))
         assert rc == 0
 
     def child_tuning_keep_mask(self, numel, offset, step, index, seed_lo, seed_hi, threshold, device_index):
@@ -475,6 +604,27 @@ def test_cuda_kernel_code_matches_torch(cuda_on_host, dtype, semantics, mode, re
 
 
 @pytest.mark.nvcc
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_cuda_kernel_code_reusing_its_tables_across_steps(cuda_on_host, table_builds, semantics, mode):
+    kw = dict(lr=1e-2, weight_decay=0.05, reserve_p=0.4, mode=mode, semantics=semantics, seed=3)
+    pa, pb = make_params(torch.bfloat16, "cpu")[:5], make_params(torch.bfloat16, "cpu")[:5]
+    oa, ob = run_opt(pa, "torch", inplace=True, **kw), run_opt(pb, "cuda", inplace=True, **kw)
+    assert len(table_builds) == (1 if mode == "F" else 2)  # step 1 only: F one launch; D masked, unmasked
+    assert_same_run(pa, oa, pb, ob, torch.bfloat16)
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("semantics", ["official", "torch"])
+def test_cuda_kernel_code_with_steps_that_differ(cuda_on_host, semantics):
+    kw = dict(lr=1e-2, weight_decay=0.05, reserve_p=0.4, mode="F", semantics=semantics, seed=3)
+    pa, pb = make_params(torch.float32, "cpu"), make_params(torch.float32, "cpu")
+    oa, ob = run_opt(pa, "torch", lag=True, **kw), run_opt(pb, "cuda", lag=True, **kw)
+    assert ob.state[pb[1]]["step"] == 2 and ob.state[pb[0]]["step"] == 3
+    assert_same_run(pa, oa, pb, ob, torch.float32)
+
+
+@pytest.mark.nvcc
 @pytest.mark.parametrize("offset", SHARD_OFFSETS)
 def test_cuda_kernel_code_f_masks_of_a_shard_use_the_global_index(cuda_on_host, offset):
     from apt_kernels.child_tuning.optimizer import cuda_update
@@ -506,6 +656,22 @@ def test_gpu_backends_match_torch(backend, dtype, semantics, mode, reserve_p):
     pa, pb = make_params(dtype, "cuda", sizes), make_params(dtype, "cuda", sizes)
     oa, ob = run_opt(pa, "torch", steps=5, **kw), run_opt(pb, backend, steps=5, **kw)
     assert_same_run(pa, oa, pb, ob, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_gpu_backends_reusing_their_tables_and_with_steps_that_differ(table_builds, backend, mode):
+    sizes = ((1024, 3072), (3072,), (300, 257), (5, 3, 7))
+    kw = dict(lr=1e-3, weight_decay=0.01, reserve_p=0.3, mode=mode, seed=3)
+    pa, pb = make_params(torch.bfloat16, "cuda", sizes)[:5], make_params(torch.bfloat16, "cuda", sizes)[:5]
+    oa, ob = run_opt(pa, "torch", steps=5, inplace=True, **kw), run_opt(pb, backend, steps=5, inplace=True, **kw)
+    first = len(table_builds)
+    assert 0 < first <= 3  # step 1's tables only
+    assert_same_run(pa, oa, pb, ob, torch.bfloat16)
+    pa, pb = make_params(torch.bfloat16, "cuda", sizes), make_params(torch.bfloat16, "cuda", sizes)
+    oa, ob = run_opt(pa, "torch", lag=True, **kw), run_opt(pb, backend, lag=True, **kw)
+    assert_same_run(pa, oa, pb, ob, torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -588,13 +754,14 @@ def test_train_child_tuning_example_runs(tmp_path):
 
 
 def test_fused_plan_rejects_bad_tensors_with_clear_errors():
-    """fused.run's per-tensor check (a cheap combined test first, then the detailed message)."""
+    """fused.plan's per-tensor check (a cheap combined test first, then the detailed message)."""
     launched = []
 
-    def plan(params, grads, ms, vs, masking=None):
+    def plan(params, grads, ms, vs, masking=None, steps=None):
         masking = masking or Masking("F", 0.5, seed=1, indices=list(range(len(params))))
-        fused.run(lambda launch, h: launched.append(len(launch)), params, grads, ms, vs, [1] * len(params), masking,
-                  lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, semantics="official")
+        launches, _ = fused.plan(params, grads, ms, vs, steps or [1] * len(params), masking, lr=1e-3, beta1=0.9,
+                                 beta2=0.999, official=True)
+        launched.extend(len(la) for la in launches)
 
     p = torch.zeros(5)
     f32 = lambda: torch.zeros(5)  # noqa: E731
@@ -612,6 +779,10 @@ def test_fused_plan_rejects_bad_tensors_with_clear_errors():
         plan([p], [torch.zeros(2, 3)], [f32()], [f32()])
     with pytest.raises(ValueError, match="packed mask of parameter 0 must be 1 int32 words"):
         plan([p], [f32()], [f32()], [f32()], Masking("D", bits=[torch.zeros(2, dtype=torch.int32)]))
+    with pytest.raises(ValueError, match=r"steps in \[1, 2\^32\).*parameter 0 has step 4294967296, index 0"):
+        plan([p], [f32()], [f32()], [f32()], steps=[2 ** 32])
+    with pytest.raises(ValueError, match="parameter 0 has step 1, index -1"):
+        plan([p], [f32()], [f32()], [f32()], Masking("F", 0.5, seed=1, indices=[-1]))
     assert launched == [1]
 
 

@@ -1,10 +1,9 @@
 """What the fused backends ("triton", "cuda") launch: one kernel over a table of tensors.
 
 The update of a param group is split into **launches**, one per (device, parameter dtype, mask mode);
-each launch is a single kernel over every tensor in it (the "multi-tensor" table: per tensor its
-pointers, numel, element offset, parameter index, step and the two per-step scalars). Per element the
-kernel loads param (fp32/bf16/fp16), grad, exp_avg and exp_avg_sq, masks the gradient, and writes the
-param (rounded once) and the float32 moments: one read and one write of each, nothing else.
+each launch is a single kernel over every tensor in it. Per element the kernel loads param
+(fp32/bf16/fp16), grad, exp_avg and exp_avg_sq, masks the gradient, and writes the param (rounded
+once) and the float32 moments: one read and one write of each, nothing else.
 
 Mask modes (a compile-time constant of the kernels):
 
@@ -13,10 +12,26 @@ Mask modes (a compile-time constant of the kernels):
   global index (offset + local index); no mask tensor exists;
 - ``MODE_D``: the keep bit is read from the tensor's packed int32 words (``apt_kernels.bits``).
 
-This module computes the launches and every scalar once, in float64 rounded to float32 exactly as the
-torch backend's scalars are, so the Triton and CUDA kernels differ from it only in float rounding of
-the element arithmetic. Tensors that are not contiguous are updated through contiguous copies (the
-element index is the row-major position, as the stream defines it).
+Both kernels read the same two tables, built here (``Tables``):
+
+- the **tensor table**, one row of ``ROW_WORDS`` int64 words per tensor, the layout of
+  ``csrc/child_tuning.cuh``'s ``TensorRow``: the addresses of param, grad, exp_avg, exp_avg_sq and the
+  packed mask (0 if none), numel, element offset, then two 32-bit halves per word: parameter index and
+  step, the step size and sqrt(1 - beta2^step) as float32 bits;
+- the **chunk table**, int32 (tensor row, chunk) pairs: program / thread block ``i`` updates chunk
+  ``i``.
+
+Every scalar is computed once here, in float64 rounded to float32 exactly as the torch backend's
+scalars are, so the kernels differ from it only in float rounding of the element arithmetic. Tensors
+that are not contiguous are updated through contiguous copies (the element index is the row-major
+position, as the stream defines it).
+
+**Plan cache.** Building the tables is Python work per tensor; the optimizer passes a ``cache`` dict per
+(param group, device, dtype) and, when every tensor of the call has the same step (the usual case), the
+tables are kept on the device and reused while the tensors are the same: same addresses, sizes,
+dtypes and mask structure, all contiguous. The step and its two scalars then go to the kernel as
+arguments (``Steps``), overriding the rows' values; a step of tensors with different steps rebuilds the
+tables with each row's own values.
 """
 
 from __future__ import annotations
@@ -31,7 +46,9 @@ from .rng import keep_threshold
 from .update import Masking
 
 MODE_NONE, MODE_F, MODE_D = 0, 1, 2
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the order of csrc/child_tuning.cuh's DType codes
+ROW_WORDS = 9  # int64 words of a tensor row (sizeof(TensorRow) == 72)
+ALIGN = 16  # bytes: a tensor whose four base addresses are multiples of this can be accessed as vectors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +74,22 @@ class Hyper:
     threshold: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The step of every tensor of a call and its scalars, when they all share one; ``step == 0``: each
+    row's own (``PER_ROW``)."""
+
+    step: int
+    step_size: float
+    bc2_sqrt: float
+
+
+PER_ROW = Steps(0, 0.0, 0.0)
+
+
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch: tensors of one device, one param dtype and one mask mode (all contiguous)."""
+    """The tensors of one launch: one device, one param dtype and one mask mode (all contiguous)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -86,6 +116,36 @@ class Launch:
                                                                if f.name not in ("device", "dtype", "mode")})
 
 
+@dataclasses.dataclass
+class Tables:
+    """One kernel launch's tables, on its device. ``vector``: every tensor's four base addresses are
+    multiples of ALIGN and its element offset a multiple of 4 (the Triton kernel then vectorises)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    mode: int
+    vector: bool
+    rows: torch.Tensor  # int64 [tensors, ROW_WORDS]
+    chunks: torch.Tensor  # int32 [chunks, 2]: tensor row, chunk index within the tensor
+
+    @property
+    def dtype_code(self) -> int:
+        return DTYPES.index(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """What a fused backend tells the planner: its chunk size, whether chunks of a tensor whose element
+    offset is not a multiple of 4 start ``offset % 4`` elements early (so that they hold whole groups of
+    the random stream: Triton), whether vectorisable tensors get a launch of their own (Triton; the CUDA
+    kernel decides per chunk), and how to launch one ``Tables``."""
+
+    chunk: int
+    group_chunks: bool
+    split_vector: bool
+    launch: Callable[[Tables, Hyper, Steps], None]
+
+
 def hyper(*, lr, beta1, beta2, eps, weight_decay, semantics, masking: Masking) -> Hyper:
     official = semantics == "official"
     seed = masking.seed & ((1 << 64) - 1)
@@ -107,7 +167,7 @@ def _step_scalars(step: int, *, lr, beta1, beta2, official: bool) -> tuple[float
 
 def _check(j, p, g, m, v, masking):
     """Raise a clear error for tensor j's arguments (a cheap test first: this runs for every tensor at
-    every step)."""
+    every step that builds tables)."""
     shape, dtype, device = p.shape, p.dtype, p.device
     if (dtype in DTYPES and g.dtype == dtype and m.dtype == torch.float32 and v.dtype == torch.float32
             and g.shape == shape and m.shape == shape and v.shape == shape
@@ -132,19 +192,23 @@ def _check(j, p, g, m, v, masking):
                      f"{device}, got {b.numel()} {b.dtype} on {b.device}")
 
 
-def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp_avg_sqs, steps,
-        masking: Masking, *, lr, beta1, beta2, eps, weight_decay, semantics) -> None:
-    """Plan the launches of one param group's update, call ``launch_fn`` on each, write back copies."""
-    h = hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, semantics=semantics,
-              masking=masking)
+def plan(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2,
+         official: bool) -> tuple[list[Launch], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The launches of one call, and the (original, contiguous copy) pairs to copy back after them."""
     launches: dict[tuple, Launch] = {}
-    write_back = []  # (original, contiguous copy) pairs to copy back after the launches
+    write_back = []
     scalars: dict[int, tuple[float, float]] = {}  # step -> (step size, sqrt(bc2)): steps are mostly equal
     f_mode = masking.mode == "F"
     for j, (p, g, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         _check(j, p, g, m, v, masking)
         if p.numel() == 0:
             continue
+        t = int(t)
+        index = int(masking.indices[j]) if f_mode else 0
+        if not (0 < t < 2 ** 32 and 0 <= index < 2 ** 32 and masking.offset(j) >= 0):
+            raise ValueError(f"the fused kernels take steps in [1, 2^32), parameter indices in [0, 2^32) and "
+                             f"element offsets >= 0; parameter {j} has step {t}, index {index}, offset "
+                             f"{masking.offset(j)}")
         mode = (MODE_F if f_mode else MODE_D) if masking.active(j) else MODE_NONE
         key = (p.device, p.dtype, mode)
         launch = launches.get(key)
@@ -163,15 +227,123 @@ def run(launch_fn: Callable[[Launch, Hyper], None], params, grads, exp_avgs, exp
         if mode == MODE_D:
             launch.bits.append(masking.bits[j])
         launch.offsets.append(masking.offset(j))
-        launch.indices.append(int(masking.indices[j]) if f_mode else 0)
-        t = int(t)
+        launch.indices.append(index)
         launch.steps.append(t)
         sc = scalars.get(t)
         if sc is None:
-            sc = scalars[t] = _step_scalars(t, lr=lr, beta1=beta1, beta2=beta2, official=h.official)
+            sc = scalars[t] = _step_scalars(t, lr=lr, beta1=beta1, beta2=beta2, official=official)
         launch.step_sizes.append(sc[0])
         launch.bc2_sqrts.append(sc[1])
-    for launch in launches.values():
-        launch_fn(launch, h)
+    return list(launches.values()), write_back
+
+
+def _u32_pairs(lo: list, hi: list, floats: bool) -> torch.Tensor:
+    """int64 words whose low and high 32-bit halves hold lo[i] and hi[i]: integers in [0, 2^32), or the
+    float32 bits of floats (rounded to nearest)."""
+    if floats:
+        halves = torch.tensor([lo, hi], dtype=torch.float32)
+    else:
+        halves = torch.tensor([lo, hi], dtype=torch.int64)
+        halves = torch.where(halves >= 2 ** 31, halves - 2 ** 32, halves).to(torch.int32)
+    return halves.t().reshape(-1).view(torch.int64)
+
+
+def rows(launch: Launch, addresses: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    """The tensor table of ``launch`` on the host: int64 [tensors, ROW_WORDS] (csrc/child_tuning.cuh)."""
+    bits = [b.data_ptr() for b in launch.bits] if launch.mode == MODE_D else [0] * len(addresses)
+    table = torch.empty(len(addresses), ROW_WORDS, dtype=torch.int64)
+    table[:, :7] = torch.tensor([(*a, b, p.numel(), o) for a, b, p, o in
+                                 zip(addresses, bits, launch.params, launch.offsets)], dtype=torch.int64)
+    table[:, 7] = _u32_pairs(launch.indices, launch.steps, floats=False)
+    table[:, 8] = _u32_pairs(launch.step_sizes, launch.bc2_sqrts, floats=True)
+    return table
+
+
+def chunks(numels: list[int], leads: list[int], chunk: int) -> torch.Tensor:
+    """The chunk table: (tensor row, chunk index) for every ``chunk``-element chunk of every tensor, in
+    order; tensor i's chunks cover its numel plus ``leads[i]`` elements before it."""
+    counts = torch.tensor([(n + lead + chunk - 1) // chunk for n, lead in zip(numels, leads)], dtype=torch.int64)
+    tensor_of = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return torch.stack([tensor_of, torch.arange(tensor_of.numel()) - first[tensor_of]], 1).to(torch.int32)
+
+
+def _to_device(device: torch.device, *tables: torch.Tensor) -> list[torch.Tensor]:
+    """The tables on ``device`` as views of one buffer (every table's size is a multiple of 8 bytes: every
+    view stays aligned). On a GPU one pinned buffer and one asynchronous copy: from pinned memory the host
+    does not wait for the GPU's queued work."""
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tables])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    out, at = [], 0
+    for t in tables:
+        size = t.numel() * t.element_size()
+        out.append(flat[at:at + size].view(t.dtype).view(t.shape))
+        at += size
+    return out
+
+
+def tables(kernel: Kernel, launch: Launch) -> list[Tables]:
+    """The tables of ``launch`` on its device: one ``Tables``, or two when the kernel gives vectorisable
+    tensors a launch of their own and only some are."""
+    addresses = [(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+                 for p, g, m, v in zip(launch.params, launch.grads, launch.exp_avgs, launch.exp_avg_sqs)]
+    # all four addresses multiples of ALIGN (a power of two) iff their bitwise or is
+    vector = [not (p | g | m | v) % ALIGN and o % 4 == 0 for (p, g, m, v), o in zip(addresses, launch.offsets)]
+    if kernel.split_vector and any(vector) and not all(vector):
+        parts = []
+        for flag in (True, False):
+            idx = [j for j, a in enumerate(vector) if a == flag]
+            parts.append((launch.subset(idx), [addresses[j] for j in idx], flag))
+    else:
+        parts = [(launch, addresses, all(vector))]
+    out = []
+    for part, addr, flag in parts:
+        leads = [o % 4 for o in part.offsets] if kernel.group_chunks else [0] * len(part)
+        r, c = _to_device(part.device, rows(part, addr), chunks([p.numel() for p in part.params], leads,
+                                                                 kernel.chunk))
+        out.append(Tables(part.device, part.dtype, part.mode, flag, r, c))
+    return out
+
+
+def _cache_key(params, grads, exp_avgs, exp_avg_sqs, masking: Masking) -> tuple | None:
+    """What the tables of a call depend on besides the steps, or None if a tensor is not contiguous (its
+    copies are new every call). ``.grad`` has its parameter's shape, dtype and device (torch checks on
+    assignment) but may be a new tensor every step; the moments and masks are the optimizer's, which
+    drops its caches when it replaces them."""
+    if not (all(p.is_contiguous() for p in params) and all(g.is_contiguous() for g in grads)):
+        return None
+    return (masking.mode, masking.reserve_p < 1.0, tuple(masking.indices), tuple(masking.offsets),
+            tuple(b.data_ptr() if b is not None else 0 for b in masking.bits),
+            tuple(p.dtype for p in params), tuple(p.numel() for p in params),
+            tuple(p.data_ptr() for p in params), tuple(g.data_ptr() for g in grads),
+            tuple(m.data_ptr() for m in exp_avgs), tuple(v.data_ptr() for v in exp_avg_sqs))
+
+
+def run(kernel: Kernel, params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
+        weight_decay, semantics, cache: dict | None = None) -> None:
+    """One param group's update on ``kernel``: plan, build (or reuse from ``cache``) the tables, launch,
+    write back copies. ``cache``: a dict the caller keeps for the same group of tensors (the optimizer:
+    one per param group, device and dtype), or None."""
+    h = hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, semantics=semantics,
+              masking=masking)
+    first = int(steps[0]) if len(steps) else 0
+    shared = PER_ROW
+    if 0 < first < 2 ** 32 and steps.count(steps[0]) == len(steps):
+        shared = Steps(first, *_step_scalars(first, lr=lr, beta1=beta1, beta2=beta2, official=h.official))
+    key = _cache_key(params, grads, exp_avgs, exp_avg_sqs, masking) if cache is not None and shared.step else None
+    if key is not None and cache.get("key") == key:
+        for t in cache["tables"]:
+            kernel.launch(t, h, shared)
+        return
+    launches, write_back = plan(params, grads, exp_avgs, exp_avg_sqs, steps, masking, lr=lr, beta1=beta1,
+                                beta2=beta2, official=h.official)
+    built = [t for launch in launches for t in tables(kernel, launch)]
+    for t in built:
+        kernel.launch(t, h, shared)
     for original, copy in write_back:
         original.copy_(copy)
+    if cache is not None:
+        cache.clear()
+        if key is not None and not write_back:
+            cache.update(key=key, tables=built)

@@ -41,22 +41,27 @@ def triton_update(*args, **kwargs):
     """The fused Triton kernel (``triton_update.py``): F bits drawn in-kernel, D bits read packed."""
     from . import triton_update as _t
 
-    fused.run(_t.launch, *args, **kwargs)
+    fused.run(_t.kernel(), *args, **kwargs)
 
 
-def _cuda_launch(launch: fused.Launch, h: fused.Hyper) -> None:
+CUDA_CHUNK = 32768  # csrc/child_tuning.cuh's kChunk (the binding checks it)
+
+
+def _cuda_launch(t: fused.Tables, h: fused.Hyper, s: fused.Steps) -> None:
     _env.cuda_extension().child_tuning_adamw(
-        launch.params, launch.grads, launch.exp_avgs, launch.exp_avg_sqs, launch.bits, launch.offsets,
-        launch.indices, launch.steps, launch.step_sizes, launch.bc2_sqrts,
-        h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.has_decay, h.inv_reserve_p,
-        h.seed_lo, h.seed_hi, h.threshold, h.official, launch.mode)
+        t.rows, t.chunks, CUDA_CHUNK, t.dtype_code, t.mode, h.official, h.has_decay,
+        h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.inv_reserve_p,
+        h.seed_lo, h.seed_hi, h.threshold, s.step, s.step_size, s.bc2_sqrt)
+
+
+_CUDA_KERNEL = fused.Kernel(chunk=CUDA_CHUNK, group_chunks=False, split_vector=False, launch=_cuda_launch)
 
 
 @REGISTRY.register("cuda", _fused_dtypes)
 @torch.compiler.disable
 def cuda_update(*args, **kwargs):
     """The CUDA C++ multi-tensor kernel (``csrc/child_tuning.cu``), one launch per dtype group and mode."""
-    fused.run(_cuda_launch, *args, **kwargs)
+    fused.run(_CUDA_KERNEL, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,6 +182,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         _check_hyper(defaults, "")
         super().__init__(params, defaults)
         self.backend = backend
+        self._plans: dict[tuple, dict] = {}  # (group, device, dtype) -> the fused backends' cached tables
         if backend != "auto":  # say now, not at the first step, if it cannot run
             for device, dtype in {(_local(p).device, p.dtype) for g in self.param_groups for p in g["params"]}:
                 REGISTRY.select(backend, Probe(device, dtype))
@@ -192,6 +198,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         _check_hyper(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
 
     def _set_masks(self, masks) -> None:
+        self._plans.clear()
         uses_d = any(g["mode"] == "D" for g in self.param_groups)
         if masks is None:
             if uses_d:
@@ -226,6 +233,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         tensors = {pid: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for pid, s in saved.items()}
         rest = {pid: {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for pid, s in saved.items()}
         super().load_state_dict({**state_dict, "state": rest})
+        self._plans.clear()
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
@@ -243,7 +251,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 loss = closure()
         index = 0
         dtensor = _dtensor_class()  # once per step, not per parameter
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             f_masked = group["mode"] == "F" and group["reserve_p"] < 1.0
             work: dict[tuple, tuple[list, ...]] = {}  # (device, dtype) -> the backend's lists
             for i, p in enumerate(group["params"], index):
@@ -284,6 +292,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                     masking = Masking("F", group["reserve_p"], group["seed"], indices, offsets)
                 else:
                     masking = Masking("D", bits=bits)
+                cache = self._plans.setdefault((group_index, device, dtype), {})
                 fn(ps, gs, ms, vs, ts, masking, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                   weight_decay=group["weight_decay"], semantics=group["semantics"])
+                   weight_decay=group["weight_decay"], semantics=group["semantics"], cache=cache)
         return loss

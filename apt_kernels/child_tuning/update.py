@@ -2,13 +2,16 @@
 
 A backend takes one param group's work and updates params and states in place::
 
-    fn(params, grads, exp_avgs, exp_avg_sqs, steps, masking, *, lr, beta1, beta2, eps, weight_decay, semantics)
+    fn(params, grads, exp_avgs, exp_avg_sqs, steps, masking, *, lr, beta1, beta2, eps, weight_decay, semantics,
+       cache=None)
 
 ``params, grads, exp_avgs, exp_avg_sqs, steps`` are lists in step (``steps`` already incremented) and
 ``masking`` (a :class:`Masking`) says how the gradients are masked. It never holds an F-mode mask: it
 holds what defines one, ``(seed, reserve_p, parameter indices, element offsets)``, and D-mode masks as
 packed bits (:mod:`apt_kernels.bits`). The reference and torch backends materialise bool masks from it
 (:meth:`Masking.keep`); the fused backends (``fused.py``) draw F bits in-kernel and read D bits packed.
+``cache`` is a dict the caller keeps per group of tensors across calls: the fused backends keep their
+launch tables in it; the others have nothing to keep.
 States are float32; bf16/fp16 parameters are updated in float32 and rounded back once.
 """
 
@@ -85,7 +88,7 @@ def masked_grad(grad: torch.Tensor, keep: torch.Tensor | None, rescale: float | 
 
 
 def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
-                     weight_decay, semantics):
+                     weight_decay, semantics, cache=None):
     """One parameter at a time, the formulas of the spec written out."""
     for j, (p, grad, m, v, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         g = masked_grad(grad, masking.keep(j, p, t, backend="reference"), masking.rescale)
@@ -108,7 +111,7 @@ def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Maski
 
 
 def foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
-                   weight_decay, semantics):
+                   weight_decay, semantics, cache=None):
     """The same update with torch._foreach_* ops: a few launches per dtype group instead of per tensor."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
