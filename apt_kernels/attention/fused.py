@@ -551,6 +551,7 @@ class _Prepared:
         self.Hkv, self.M = k.shape[1], k.shape[2]
         self.P = 0 if pk is None else pk.shape[2]
         self.REP = self.Hq // self.Hkv
+        self.q_strides, self.k_strides, self.v_strides = _strides(q), _strides(k), _strides(v)
         dummy = q.new_empty(1)
         self.pk = dummy if pk is None else pk
         self.pv = dummy if pv is None else pv
@@ -593,7 +594,7 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
         return out, lse
     _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (triton.cdiv(a.N, bm) * a.B * a.Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
-             *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
+             *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *out.stride(),
              a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
              max(a.N, a.M + a.P)),
@@ -647,8 +648,9 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     block_d = max(16, triton.next_power_of_2(D))
     rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
+    do_strides = _strides(do)
     _delta_kernel[(triton.cdiv(N, rows) * B * Hq,)](
-        do, out, dlse, delta, *_strides(do), *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
+        do, out, dlse, delta, *do_strides, *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
         HAS_DLSE=grad_lse is not None, num_warps=4)
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
                   PREC=_precision(q.dtype))
@@ -663,7 +665,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         # The token launch never touches the gate buffer, but the autotuner zeroes every buffer named
         # DG before and after its trials: it must not see the one the prefix launch has just filled.
         DGt = dg_buf if is_prefix else dg_dummy
-        k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (_strides(k), _strides(v))
+        k_st, v_st = (a.pk_strides, a.pv_strides) if is_prefix else (a.k_strides, a.v_strides)
         # prefix: the (splits, B, Hkv, P, D) partials; tokens: dk, dv themselves (split stride 0)
         DKt, DVt = (dpk_parts, dpv_parts) if is_prefix else (dk.unsqueeze(0), dv.unsqueeze(0))
         n_split = splits if is_prefix else 1
@@ -671,7 +673,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         _launch(_bwd_kv_kernel, table,
                 lambda bm, bn, L=L, n_split=n_split: (n_split * triton.cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
-                 *_strides(q), *k_st, *v_st, *a.g_strides, *a.m_strides, *_strides(do),
+                 *a.q_strides, *k_st, *v_st, *a.g_strides, *a.m_strides, *do_strides,
                  *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
                  n_split, DKt.stride(0), DVt.stride(0), DGt.stride(0) if DGt.shape[0] > 1 else 0,
                  Hq, Hkv, N, M, L, a.REP, *tail),
@@ -679,8 +681,8 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
                      GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=tag)
     _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
-             *_strides(q), *_strides(k), *_strides(v), *a.pk_strides, *a.pv_strides,
-             *a.g_strides, *a.m_strides, *_strides(do), *dq.stride(),
+             *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
+             *a.g_strides, *a.m_strides, *do_strides, *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
             dict(common, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
