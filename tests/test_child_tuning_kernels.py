@@ -498,7 +498,6 @@ def test_triton_kernel_compiles_for_sm90_and_vectorises():
 HOST_HARNESS = r"""
 // Host entry points over child_tuning.cu's own launch functions (run by tests/cuda_host_sim.h) and
 // the Philox function of child_tuning_kernel.cuh.
-#include <vector>
 #include "child_tuning_kernel.cuh"
 namespace ct = apt::child_tuning;
 

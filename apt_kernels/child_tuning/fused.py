@@ -205,10 +205,10 @@ def plan(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, b
             continue
         t = int(t)
         index = int(masking.indices[j]) if f_mode else 0
-        if not (0 < t < 2 ** 32 and 0 <= index < 2 ** 32 and masking.offset(j) >= 0):
+        offset = masking.offset(j)
+        if not (0 < t < 2 ** 32 and 0 <= index < 2 ** 32 and offset >= 0):
             raise ValueError(f"the fused kernels take steps in [1, 2^32), parameter indices in [0, 2^32) and "
-                             f"element offsets >= 0; parameter {j} has step {t}, index {index}, offset "
-                             f"{masking.offset(j)}")
+                             f"element offsets >= 0; parameter {j} has step {t}, index {index}, offset {offset}")
         mode = (MODE_F if f_mode else MODE_D) if masking.active(j) else MODE_NONE
         key = (p.device, p.dtype, mode)
         launch = launches.get(key)
@@ -226,7 +226,7 @@ def plan(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, b
         launch.exp_avg_sqs.append(v)
         if mode == MODE_D:
             launch.bits.append(masking.bits[j])
-        launch.offsets.append(masking.offset(j))
+        launch.offsets.append(offset)
         launch.indices.append(index)
         launch.steps.append(t)
         sc = scalars.get(t)

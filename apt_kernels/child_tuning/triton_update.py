@@ -7,9 +7,9 @@ chunk ``i`` of fused.py's chunk table: ``CHUNK`` consecutive elements of one ten
 time as (BLOCK / 4, 4) tiles whose rows are the random stream's groups of four. Tensors are found
 through fused.py's tensor table of raw addresses (int64, the CUDA kernel's table too), so a single
 launch covers every tensor of a dtype group whatever their sizes (not one launch per tensor); this
-works compiled and in Triton's CPU interpreter alike, so the tests run the very kernel a GPU runs. Tensors whose base addresses are all 16-byte aligned and whose
-element offset is a multiple of 4 (normally all) share a launch with vectorised accesses; any others
-get a second launch.
+works compiled and in Triton's CPU interpreter alike, so the tests run the very kernel a GPU runs.
+Tensors whose base addresses are all 16-byte aligned and whose element offset is a multiple of 4
+(normally all) share a launch with vectorised accesses; any others get a second launch.
 
 Import this module only when Triton is usable (see ``apt_kernels._env``).
 """
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
-from .fused import MODE_D, MODE_F, Hyper, Kernel, Steps, Tables
+from .fused import MODE_D, MODE_F, ROW_WORDS, Hyper, Kernel, Steps, Tables
 from .triton_rng import group_tile, philox_keep4
 
 BLOCK = 1024  # elements per inner iteration of a program
@@ -29,6 +29,7 @@ CHUNK = 8192  # elements per program (a multiple of BLOCK)
 
 MODE_F_C = tl.constexpr(MODE_F)
 MODE_D_C = tl.constexpr(MODE_D)
+ROW_WORDS_C = tl.constexpr(ROW_WORDS)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -92,7 +93,7 @@ def _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, first, bound, offset, step,
 
 @triton.jit(do_not_specialize=["step0"])
 def _child_tuning_adamw_kernel(
-        rows,  # int64 [T, 9]: fused.py's tensor table (csrc/child_tuning.cuh's TensorRow)
+        rows,  # int64 [T, ROW_WORDS]: fused.py's tensor table (csrc/child_tuning.cuh's TensorRow)
         chunks,  # int32 [programs, 2]: tensor row, chunk index within the tensor
         step0, step_size0, bc2_sqrt0,  # the step all rows share and its scalars; step0 == 0: the rows' own
         beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, inv_reserve_p,
@@ -100,7 +101,7 @@ def _child_tuning_adamw_kernel(
         P_DTYPE: tl.constexpr, MODE: tl.constexpr, OFFICIAL: tl.constexpr, HAS_DECAY: tl.constexpr,
         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    row = rows + 9 * tl.load(chunks + 2 * pid).to(tl.int64)
+    row = rows + ROW_WORDS_C * tl.load(chunks + 2 * pid).to(tl.int64)
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
