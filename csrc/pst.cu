@@ -74,18 +74,27 @@ __device__ __forceinline__ float fma_rn(float x, float y, float z) {
 }
 __device__ __forceinline__ float abs_bits(float x) { return __uint_as_float(__float_as_uint(x) & 0x7fffffffu); }
 
+// W0's element types, to and from float32 (bf16/fp16: round to nearest even, as torch).
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
 __device__ __forceinline__ float load_w0(const AptPstProblem& p, int64_t f) {
   switch (p.w0_dtype) {
-    case APT_PST_F16: return __half2float(static_cast<const __half*>(p.w0)[f]);
-    case APT_PST_BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.w0)[f]);
+    case APT_PST_F16: return to_f32(static_cast<const __half*>(p.w0)[f]);
+    case APT_PST_BF16: return to_f32(static_cast<const __nv_bfloat16*>(p.w0)[f]);
     default: return static_cast<const float*>(p.w0)[f];
   }
 }
 
 __device__ __forceinline__ void store_out(const AptPstProblem& p, void* out, int64_t f, float x) {
   switch (p.w0_dtype) {
-    case APT_PST_F16: static_cast<__half*>(out)[f] = __float2half_rn(x); break;
-    case APT_PST_BF16: static_cast<__nv_bfloat16*>(out)[f] = __float2bfloat16_rn(x); break;
+    case APT_PST_F16: static_cast<__half*>(out)[f] = from_f32<__half>(x); break;
+    case APT_PST_BF16: static_cast<__nv_bfloat16*>(out)[f] = from_f32<__nv_bfloat16>(x); break;
     default: static_cast<float*>(out)[f] = x;
   }
 }
@@ -398,6 +407,190 @@ __global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_
   }
 }
 
+// ---- backward ------------------------------------------------------------------------------------
+//
+// A block owns one column tile (kThreads threads x Q columns each) and a run of rows. A thread keeps, for
+// each of its columns, V and B (read once) and the sums dV, dB, dC over the run's rows in registers:
+// those need no reduction inside the block and reach the outputs with one atomic per value per block.
+// dU, dA and dR of a row are sums over the row's columns, i.e. over the threads: a thread first sums its
+// Q columns, then a warp reduce-scatter leaves each value summed over the warp in one lane, the warps'
+// sums meet in shared memory, and every kBwdRows rows are added to the outputs (one atomic per row and
+// value per block). W is recomputed in the forward's order (factor runs padded with zeros in front).
+
+constexpr int kBwdRows = 16;
+constexpr int kWarps = kThreads / 32;
+
+// Columns per thread of the backward: registers hold V, B, dV and dB of each (4 R Q floats).
+__host__ __device__ constexpr int bwd_cols(int R) { return R <= 8 ? 2 : 1; }
+
+// Butterfly reduce-scatter over the warp: x (Len values, a power of two) summed over the 32 lanes. At lane
+// bit S a lane keeps half of its vector, sends the other half to its partner (lane ^ S) and adds what it
+// receives: about one shuffle per value. Afterwards x[0 .. max(Len / 32, 1)) holds the sums of values
+// idx, idx + 1, ..; when Len < 32 the last steps add whole sums, and the lanes differing only in the bits
+// of dup hold the same values.
+template <int Len, int S, int N>
+__device__ __forceinline__ void reduce_scatter(float (&x)[N], int lane, int& idx, int& dup) {
+  if constexpr (S >= 1) {
+    if constexpr (Len > 1) {
+      constexpr int half = Len / 2;
+      const bool upper = (lane & S) != 0;
+#pragma unroll
+      for (int t = 0; t < half; ++t) {
+        const float send = upper ? x[t] : x[t + half];
+        const float keep = upper ? x[t + half] : x[t];
+        x[t] = keep + __shfl_xor_sync(0xffffffffu, send, S);
+      }
+      if (upper) idx += half;
+      reduce_scatter<half, S / 2>(x, lane, idx, dup);
+    } else {
+      x[0] += __shfl_xor_sync(0xffffffffu, x[0], S);
+      dup |= S;
+      reduce_scatter<1, S / 2>(x, lane, idx, dup);
+    }
+  }
+}
+
+// T: W0's element type (also G's and dW0's).
+template <int R, class T>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T* grad, const uint32_t* words,
+                                                       int64_t rows_per_block, AptPstGrads g) {
+  const T* w0 = static_cast<const T*>(p.w0);
+  T* dw0 = static_cast<T*>(g.dw0);
+  constexpr int Q = bwd_cols(R), NV = 2 * R;  // per row: R partial sums for dU, R for dA (and dR apart)
+  __shared__ __align__(16) float su[kBwdRows][R];
+  __shared__ __align__(16) float sa[kBwdRows][R];
+  __shared__ float red[kWarps][kBwdRows][NV + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t tc = static_cast<int64_t>(kThreads) * Q;
+  const int64_t col_tiles = (p.k + tc - 1) / tc;
+  const int64_t i_begin = blockIdx.x / col_tiles * rows_per_block;
+  const int64_t i_end = i_begin + rows_per_block < p.n ? i_begin + rows_per_block : p.n;
+  if (i_begin >= i_end) return;  // block-uniform
+  const int64_t c0 = blockIdx.x % col_tiles * tc + threadIdx.x;
+  const int pw = R - p.rw, ps = R - p.rs;  // zero padding in front of each factor run
+  float v[Q][R], b[Q][R], gv[Q][R], gb[Q][R], gc[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+    gc[q] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      v[q][j] = c < p.k && j >= pw ? p.v[(j - pw) * p.k + c] : 0.0f;
+      b[q][j] = c < p.k && j >= ps ? p.b[(j - ps) * p.k + c] : 0.0f;
+      gv[q][j] = gb[q][j] = 0.0f;
+    }
+  }
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdRows) {
+    const int rows = i_end - i0 < kBwdRows ? static_cast<int>(i_end - i0) : kBwdRows;
+    __syncthreads();  // the previous tile's reads of su, sa and red are done
+    for (int e = threadIdx.x; e < kBwdRows * R; e += kThreads) {
+      const int row = e / R, j = e - row * R;
+      const int64_t i = i0 + row;
+      su[row][j] = row < rows && j >= pw ? p.u[i * p.rw + j - pw] : 0.0f;
+      sa[row][j] = row < rows && j >= ps ? p.a[i * p.rs + j - ps] : 0.0f;
+    }
+    __syncthreads();
+    for (int row = 0; row < rows; ++row) {
+      const int64_t i = i0 + row, f0 = i * p.k + c0;
+      float ur[R], ar[R], x[NV], xr = 0.0f;  // the row's factors, read once for all of the thread's columns
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        ur[j] = su[row][j];
+        ar[j] = sa[row][j];
+        x[j] = x[R + j] = 0.0f;
+      }
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        if (c0 + q * kThreads < p.k) {
+          const int64_t f = f0 + q * kThreads;
+          float uv = 0.0f;
+#pragma unroll
+          for (int j = 0; j < R; ++j) uv = fma_rn(ur[j], v[q][j], uv);
+          const float w = fma_rn(p.beta, uv, to_f32(w0[f]));
+          const float gr = to_f32(grad[f]);
+          const float m = (words[f >> 5] >> (f & 31)) & 1u ? 1.0f : 0.0f;
+          const float ds = gr * w, dw = (m + abs_bits(w)) * gr;
+          if (dw0) dw0[f] = from_f32<T>(dw);
+#pragma unroll
+          for (int j = 0; j < R; ++j) {
+            gv[q][j] += ur[j] * dw;
+            gb[q][j] += ar[j] * ds;
+            x[j] += dw * v[q][j];
+            x[R + j] += ds * b[q][j];
+          }
+          gc[q] += ds;
+          xr += ds;
+        }
+      }
+      int idx = 0, dup = 0;
+      reduce_scatter<NV, 16>(x, lane, idx, dup);
+#pragma unroll
+      for (int s = 16; s >= 1; s >>= 1) xr += __shfl_xor_sync(0xffffffffu, xr, s);
+      if ((lane & dup) == 0) {
+#pragma unroll
+        for (int t = 0; t < (NV > 32 ? NV / 32 : 1); ++t) red[warp][row][idx + t] = x[t];
+      }
+      if (lane == 0) red[warp][row][NV] = xr;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * (NV + 1); e += kThreads) {
+      const int row = e / (NV + 1), j = e - row * (NV + 1);
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[w][row][j];
+      const int64_t i = i0 + row;
+      if (j < R) {
+        if (j >= pw) atomicAdd(&g.du[i * p.rw + j - pw], p.beta * sum);
+      } else if (j < NV) {
+        if (j - R >= ps) atomicAdd(&g.da[i * p.rs + j - R - ps], p.alpha1 * sum);
+      } else {
+        atomicAdd(&g.dr[i], p.alpha2 * sum);
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+    if (c >= p.k) continue;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (j >= pw) atomicAdd(&g.dv[(j - pw) * p.k + c], p.beta * gv[q][j]);
+      if (j >= ps) atomicAdd(&g.db[(j - ps) * p.k + c], p.alpha1 * gb[q][j]);
+    }
+    atomicAdd(&g.dc[c], p.alpha2 * gc[q]);
+  }
+}
+
+template <int R, class T>
+cudaError_t backward_launch(const AptPstProblem& p, const void* grad, const uint32_t* words, const AptPstGrads& g,
+                            cudaStream_t stream) {
+  // Rows split so that the grid is about two blocks per SM (each block adds its column sums once).
+  int device = 0, sms = 0;
+  cudaError_t err;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  const int64_t tc = static_cast<int64_t>(kThreads) * bwd_cols(R);
+  const int64_t col_tiles = (p.k + tc - 1) / tc, row_tiles = (p.n + kBwdRows - 1) / kBwdRows;
+  int64_t splits = (2 * static_cast<int64_t>(sms) + col_tiles - 1) / col_tiles;
+  splits = splits < 1 ? 1 : (splits > row_tiles ? row_tiles : splits);
+  const int64_t rows_per_block = (row_tiles + splits - 1) / splits * kBwdRows;
+  const int64_t blocks = col_tiles * ((p.n + rows_per_block - 1) / rows_per_block);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  bwd_kernel<R, T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, static_cast<const T*>(grad), words,
+                                                                                rows_per_block, g);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t backward_ranks(const AptPstProblem& p, const void* grad, const uint32_t* words, const AptPstGrads& g,
+                           cudaStream_t stream) {
+  switch (rank_bucket(p.rw, p.rs)) {
+    case 8: return backward_launch<8, T>(p, grad, words, g, stream);
+    case 16: return backward_launch<16, T>(p, grad, words, g, stream);
+    default: return backward_launch<32, T>(p, grad, words, g, stream);
+  }
+}
+
 unsigned int grid_for(int64_t work, int threads) {
   const int64_t blocks = (work + threads - 1) / threads;
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
@@ -460,5 +653,21 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
     case 16: return select_and_mask<16>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
     case 32: return select_and_mask<32>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
     default: return select_and_mask<0>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+  }
+}
+
+extern "C" cudaError_t apt_pst_backward(const AptPstProblem* problem, const void* grad, const uint32_t* words,
+                                        const AptPstGrads* grads, cudaStream_t stream) {
+  if (!problem || !grads) return cudaErrorInvalidValue;
+  const AptPstProblem p = *problem;
+  if (p.n < 0 || p.k < 0 || p.rw < 0 || p.rs < 0 || p.rw > APT_PST_BACKWARD_MAX_RANK ||
+      p.rs > APT_PST_BACKWARD_MAX_RANK)
+    return cudaErrorInvalidValue;
+  if (p.n * p.k == 0) return cudaSuccess;
+  switch (p.w0_dtype) {
+    case APT_PST_F16: return backward_ranks<__half>(p, grad, words, *grads, stream);
+    case APT_PST_BF16: return backward_ranks<__nv_bfloat16>(p, grad, words, *grads, stream);
+    case APT_PST_F32: return backward_ranks<float>(p, grad, words, *grads, stream);
+    default: return cudaErrorInvalidValue;
   }
 }

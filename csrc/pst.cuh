@@ -13,6 +13,12 @@
 // row-major index first. N:M mode (nm_m > 0): in every group of nm_m consecutive entries of a row the
 // nm_n largest (key, then larger index) are kept.
 // Bitmask: bit j of word w is entry 32 * w + j (row-major), 1 = kept; ceil(n * k / 32) words.
+//
+// Backward (straight-through, from G = dL/dW'; apt_kernels.pst.reference.ste_backward):
+//   W = W0 + beta U V (the forward's order), dS = G * W, dW = (M + |W|) * G,
+//   dU = beta dW V^T, dV = beta U^T dW, dA = alpha1 dS B^T, dB = alpha1 A^T dS,
+//   dR = alpha2 dS.sum(1), dC = alpha2 dS.sum(0), and dW0 = dW when asked for.
+// Sums in float32, added into the outputs with float atomics: the last bits depend on scheduling.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -45,4 +51,24 @@ size_t apt_pst_workspace_bytes(int64_t n, int64_t k);
 // mode (n_pruned ignored). Returns the first launch error (cudaErrorInvalidValue for bad arguments).
 cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_pruned, int nm_n, int nm_m, void* w_out,
                             uint32_t* words, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// The backward's outputs: float32 accumulators, zeroed by the caller (du (n, rw), dv (rw, k), da (n, rs),
+// db (rs, k), dr (n,), dc (k,), row-major), and dw0 (n * k of w0_dtype, written; null: not wanted).
+typedef struct AptPstGrads {
+  float* du;
+  float* dv;
+  float* da;
+  float* db;
+  float* dr;
+  float* dc;
+  void* dw0;
+} AptPstGrads;
+
+// Ranks (rw and rs) of at most this many.
+#define APT_PST_BACKWARD_MAX_RANK 32
+
+// grad: n * k elements of w0_dtype (row-major); words: the forward's bitmask. problem->r and ->c are
+// not read. Returns the first launch error (cudaErrorInvalidValue for bad arguments).
+cudaError_t apt_pst_backward(const AptPstProblem* problem, const void* grad, const uint32_t* words,
+                             const AptPstGrads* grads, cudaStream_t stream);
 }

@@ -63,6 +63,71 @@ std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Ten
   return {out, words};
 }
 
+// Straight-through gradients [dW0 (w0's dtype; empty unless need_w0), dU, dV, dA, dB, dR, dC (float32)].
+std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::Tensor& words, const torch::Tensor& w0,
+                                        const torch::Tensor& u, const torch::Tensor& v, const torch::Tensor& a,
+                                        const torch::Tensor& b, double beta, double alpha1, double alpha2,
+                                        bool need_w0) {
+  TORCH_CHECK(w0.is_cuda() && w0.dim() == 2, "pst_backward: w0 must be a 2-D CUDA tensor");
+  const int64_t n = w0.size(0), k = w0.size(1);
+  const int64_t rw = u.dim() == 2 ? u.size(1) : -1, rs = a.dim() == 2 ? a.size(1) : -1;
+  TORCH_CHECK(u.sizes() == torch::IntArrayRef({n, rw}) && v.sizes() == torch::IntArrayRef({rw, k}),
+              "pst_backward: u must be (n, rw) and v (rw, k)");
+  TORCH_CHECK(a.sizes() == torch::IntArrayRef({n, rs}) && b.sizes() == torch::IntArrayRef({rs, k}),
+              "pst_backward: a must be (n, rs) and b (rs, k)");
+  TORCH_CHECK(rw <= APT_PST_BACKWARD_MAX_RANK && rs <= APT_PST_BACKWARD_MAX_RANK,
+              "pst_backward: ranks of at most ", APT_PST_BACKWARD_MAX_RANK, ", got rw = ", rw, ", rs = ", rs);
+  TORCH_CHECK(grad.sizes() == w0.sizes(), "pst_backward: grad must have w0's shape");
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 1 && words.numel() == (n * k + 31) / 32,
+              "pst_backward: words must be the forward's int32 bitmask of ceil(n * k / 32) words");
+  for (const auto* t : {&grad, &words, &u, &v, &a, &b})
+    TORCH_CHECK(t->device() == w0.device(), "pst_backward: every tensor must be on w0's device");
+  const c10::cuda::CUDAGuard guard(w0.device());
+  const auto w = w0.contiguous();
+  const auto g = grad.to(w.scalar_type()).contiguous();
+  const auto bits = words.contiguous();
+  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
+  const auto u32 = f32(u), v32 = f32(v), a32 = f32(a), b32 = f32(b);
+  // the six float32 accumulators: one zeroed buffer
+  const int64_t sizes[6] = {n * rw, rw * k, n * rs, rs * k, n, k};
+  auto flat = torch::zeros({sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5]},
+                           w.options().dtype(torch::kFloat));
+  std::vector<torch::Tensor> parts;
+  int64_t at = 0;
+  for (const int64_t size : sizes) {
+    parts.push_back(flat.narrow(0, at, size));
+    at += size;
+  }
+  auto dw0 = need_w0 ? torch::empty_like(w) : w.new_empty({0});
+  AptPstProblem p{};
+  p.w0 = w.data_ptr();
+  p.w0_dtype = w0_dtype_code(w);
+  p.u = u32.data_ptr<float>();
+  p.v = v32.data_ptr<float>();
+  p.a = a32.data_ptr<float>();
+  p.b = b32.data_ptr<float>();
+  p.n = n;
+  p.k = k;
+  p.rw = static_cast<int>(rw);
+  p.rs = static_cast<int>(rs);
+  p.beta = static_cast<float>(beta);
+  p.alpha1 = static_cast<float>(alpha1);
+  p.alpha2 = static_cast<float>(alpha2);
+  AptPstGrads out;
+  out.du = parts[0].data_ptr<float>();
+  out.dv = parts[1].data_ptr<float>();
+  out.da = parts[2].data_ptr<float>();
+  out.db = parts[3].data_ptr<float>();
+  out.dr = parts[4].data_ptr<float>();
+  out.dc = parts[5].data_ptr<float>();
+  out.dw0 = need_w0 ? dw0.data_ptr() : nullptr;
+  apt::check_cuda(apt_pst_backward(&p, g.data_ptr(), reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>()), &out,
+                                   c10::cuda::getCurrentCUDAStream()),
+                  "apt_pst_backward");
+  return {dw0, parts[0].view({n, rw}), parts[1].view({rw, k}), parts[2].view({n, rs}), parts[3].view({rs, k}),
+          parts[4], parts[5]};
+}
+
 }  // namespace
 
 void apt::bind_pst(pybind11::module_& m) {
@@ -71,4 +136,9 @@ void apt::bind_pst(pybind11::module_& m) {
         pybind11::arg("w0"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("a"), pybind11::arg("b"),
         pybind11::arg("r"), pybind11::arg("c"), pybind11::arg("beta"), pybind11::arg("alpha1"),
         pybind11::arg("alpha2"), pybind11::arg("n_pruned"), pybind11::arg("nm_n"), pybind11::arg("nm_m"));
+  m.def("pst_backward", &pst_backward,
+        "PST straight-through backward: [dW0 (empty unless need_w0), dU, dV, dA, dB, dR, dC]", pybind11::arg("grad"),
+        pybind11::arg("words"), pybind11::arg("w0"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("a"),
+        pybind11::arg("b"), pybind11::arg("beta"), pybind11::arg("alpha1"), pybind11::arg("alpha2"),
+        pybind11::arg("need_w0"));
 }

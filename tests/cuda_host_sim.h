@@ -5,7 +5,7 @@
 // `::sim::Launch(grid, block, shmem, stream)(kernel, args)`. A launch runs the blocks one after the
 // other; inside a block every CUDA thread is a fiber (ucontext) on the calling thread, switched at
 // the synchronisation points, so that __syncthreads, the warp collectives (__shfl_up_sync,
-// __ballot_sync) and shared memory have their CUDA meaning:
+// __shfl_xor_sync, __ballot_sync) and shared memory have their CUDA meaning:
 //   * __shared__ variables are function statics (one block runs at a time, so one copy suffices);
 //   * __syncthreads waits for every live thread of the block, a warp collective for the warp's 32
 //     lanes; the scheduler runs the threads round-robin in between (one legal interleaving);
@@ -183,6 +183,13 @@ T __shfl_up_sync(unsigned mask, T x, unsigned delta) {
   return sim::warp_exchange(x, [&](auto at) { return lane >= static_cast<int>(delta) ? at(lane - delta) : x; });
 }
 
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T x, int lane_mask) {
+  if (mask != 0xffffffffu) throw std::logic_error("cuda_host_sim: only full-warp masks");
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  return sim::warp_exchange(x, [&](auto at) { return at((lane ^ lane_mask) & 31); });
+}
+
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   if (mask != 0xffffffffu) throw std::logic_error("cuda_host_sim: only full-warp masks");
   return sim::warp_exchange(static_cast<unsigned>(pred != 0), [](auto at) {
@@ -262,6 +269,16 @@ struct Launch {
 #ifdef CUDA_HOST_SIM_RUNTIME
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
   std::memset(ptr, value, count);
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+// A small simulated device: 4 SMs (grids sized from it stay small and still split their work).
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = 4;
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError() {

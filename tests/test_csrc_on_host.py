@@ -7,7 +7,7 @@ poisoned) are patched in as ``apt_kernels._C``, so ``backend="cuda"`` runs on CP
 package's own code path. The GPU lane (tests/test_gpu.py) runs the same kernels compiled for sm_90.
 
 Covered here: PST's selection (three radix passes and their one-block pick kernels, the tie split's
-row counts and cut kernel) and mask passes, its N:M path, and the bit packing kernels. Child-Tuning's
+row counts and cut kernel) and mask passes, its N:M path, its fused backward, and the bit packing kernels. Child-Tuning's
 kernels run on the host in tests/test_child_tuning_kernels.py.
 """
 
@@ -22,7 +22,8 @@ import apt_kernels as ak
 from apt_kernels import _env, bits
 from apt_kernels.pst import REGISTRY as PST_REGISTRY
 from apt_kernels.pst import _run
-from apt_kernels.pst.reference import n_pruned
+from apt_kernels.pst.reference import n_pruned, ste_backward
+from apt_kernels.testing import assert_parity
 from cuda_host import build_host_kernels
 from test_pst_kernels import _emulated, make, make_scores_equal, make_special_values, numpy_mask, tolerance_band
 
@@ -36,6 +37,10 @@ class _Problem(ctypes.Structure):  # csrc/pst.cuh: AptPstProblem
                 ("r", _PTR), ("c", _PTR), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("rw", ctypes.c_int),
                 ("rs", ctypes.c_int), ("beta", ctypes.c_float), ("alpha1", ctypes.c_float),
                 ("alpha2", ctypes.c_float)]
+
+
+class _Grads(ctypes.Structure):  # csrc/pst.cuh: AptPstGrads
+    _fields_ = [(name, _PTR) for name in ("du", "dv", "da", "db", "dr", "dc", "dw0")]
 
 
 def _poisoned(shape, dtype):
@@ -56,6 +61,7 @@ class HostExtension:
         lib.apt_pst_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
         lib.apt_pst_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int64, ctypes.c_int, ctypes.c_int, _PTR,
                                         _PTR, _PTR, ctypes.c_size_t, _PTR]
+        lib.apt_pst_backward.argtypes = [ctypes.POINTER(_Problem), _PTR, _PTR, ctypes.POINTER(_Grads), _PTR]
         for name in ("apt_pack_bits", "apt_unpack_bits"):
             getattr(lib, name).argtypes = [_PTR, _PTR, ctypes.c_int64, _PTR]
 
@@ -77,6 +83,27 @@ class HostExtension:
         if rc:
             raise RuntimeError(f"apt_pst_forward: cuda error {rc}")
         return [out, words]
+
+    def pst_backward(self, grad, words, w0, u, v, a, b, beta, alpha1, alpha2, need_w0):
+        n, k = w0.shape
+        rw, rs = u.shape[1], a.shape[1]
+        assert grad.shape == w0.shape and words.dtype == torch.int32 and words.numel() == (n * k + 31) // 32
+        w = w0.contiguous()
+        g = grad.to(w.dtype).contiguous()
+        f32 = [t.float().contiguous() for t in (u, v, a, b)]
+        sizes = (n * rw, rw * k, n * rs, rs * k, n, k)
+        flat = torch.zeros(sum(sizes), dtype=torch.float32)  # the accumulators: zeroed, as the binding's
+        parts = list(flat.split(sizes))
+        dw0 = _poisoned(w.shape, w.dtype) if need_w0 else w.new_empty((0,))
+        p = _Problem(w.data_ptr(), self._DTYPES[w.dtype], *[t.data_ptr() for t in f32], None, None, n, k, rw, rs,
+                     beta, alpha1, alpha2)
+        out = _Grads(*[t.data_ptr() for t in parts], dw0.data_ptr() if need_w0 else None)
+        rc = self.lib.apt_pst_backward(ctypes.byref(p), g.data_ptr(), words.contiguous().data_ptr(), ctypes.byref(out),
+                                       None)
+        if rc:
+            raise RuntimeError(f"apt_pst_backward: cuda error {rc}")
+        shapes = ((n, rw), (rw, k), (n, rs), (rs, k), (n,), (k,))
+        return [dw0] + [t.view(shape) for t, shape in zip(parts, shapes)]
 
     def pack_bits(self, mask):
         flat = mask.contiguous().view(-1)
@@ -228,8 +255,55 @@ def test_pst_nm(cuda_on_host, nm, ties):
         assert torch.equal(keep, ak.pst_mask(*ts, nm=nm, backend="reference"))
 
 
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize("shape,rw,rs,dtype", [((37, 53), 3, 2, _F32), ((200, 40), 8, 8, _F32), ((13, 1), 1, 2, _F32),
+                                               ((20, 30), 0, 0, _F32), ((1, 1), 1, 1, _F32), ((21, 600), 9, 16, _F32),
+                                               ((18, 70), 20, 32, _F32), ((37, 53), 3, 2, _BF16),
+                                               ((200, 40), 8, 8, _BF16), ((37, 53), 3, 2, _F16)])
+@pytest.mark.parametrize("w0_grad", [False, True])
+def test_pst_cuda_backward_matches_reference(cuda_on_host, shape, rw, rs, dtype, w0_grad):
+    """The extension's fused backward against the float64 STE on the forward's own mask: every rank bucket
+    (8, 16, 32: 2 or 1 columns per thread), rows and columns off the tile sizes, blocks owning one or several
+    16-row tiles (200 rows), several column tiles (600 columns), ranks 0, one entry, every W0 dtype."""
+    beta, a1, a2, sparsity = 0.7, 1.3, 0.4, 0.6
+    ts = make(*shape, rw=rw, rs=rs, dtype=dtype, device="cpu")
+    g = torch.randn(*shape).to(dtype)
+    keep = ak.pst_mask(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="cuda")
+    needs = (w0_grad,) + (True,) * 6
+    truth = ste_backward(g.double(), keep, *[t.double() for t in ts[:5]], beta, a1, a2, needs)
+    lowp = ste_backward(g.float(), keep, *[t.float() for t in ts[:5]], beta, a1, a2, needs)
+    leaves = [t.detach().clone().requires_grad_(i > 0 or w0_grad) for i, t in enumerate(ts)]
+    out = ak.pst_masked_weight(*leaves, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="cuda")
+    got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
+    names = (["w0"] if w0_grad else []) + ["u", "v", "a", "b", "r", "c"]
+    for name, x, lp, t in zip(names, got, [x for x in lowp if x is not None], [x for x in truth if x is not None]):
+        want_dtype = dtype if name == "w0" else torch.float32
+        assert x.dtype == want_dtype, name
+        assert_parity(x, lp.to(want_dtype), t, name=f"d{name}", dtype=want_dtype)
+
+
+def test_pst_cuda_backward_ranks_above_its_limit_fall_back(cuda_on_host, monkeypatch):
+    """Ranks above APT_PST_BACKWARD_MAX_RANK never reach the extension's backward (the C API refuses them)."""
+    from apt_kernels.pst import cuda_pst
+
+    ts = [t.requires_grad_(i > 0) for i, t in enumerate(make(9, 40, rw=33, rs=2, device="cpu"))]
+    out = ak.pst_masked_weight(*ts, sparsity=0.5, backend="cuda")
+    monkeypatch.setattr(HostExtension, "pst_backward", None)  # calling it would fail the test
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, ts[1:], g)
+    want = torch.autograd.grad(ak.pst_masked_weight(*ts, sparsity=0.5, backend="reference"), ts[1:], g)
+    for name, x, y in zip("uvabrc", got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+    p = _Problem(None, 0, None, None, None, None, None, None, 4, 8, cuda_pst.MAX_BACKWARD_RANK + 1, 1, 1.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="cuda error 1"):
+        rc = cuda_on_host.lib.apt_pst_backward(ctypes.byref(p), None, None, ctypes.byref(_Grads()), None)
+        raise RuntimeError(f"cuda error {rc}")
+
+
 def test_pst_gradients_through_the_cuda_backend(cuda_on_host):
-    """The cuda backend's forward feeds the backward (Triton's fused one where Triton runs, else the STE)."""
+    """The cuda backend's forward feeds its backward."""
     ts = [t.requires_grad_(i > 0) for i, t in enumerate(make(19, 45, rw=4, rs=4, device="cpu"))]
     out = ak.pst_masked_weight(*ts, sparsity=0.7, backend="cuda")
     g = torch.randn_like(out)

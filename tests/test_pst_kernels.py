@@ -551,6 +551,13 @@ def test_gpu_cuda_extension_rejects_bad_arguments():
         ext.pst_forward(*ts, 1.0, 1.0, 1.0, 0, 2, 5)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ext.pst_forward(ts[0].double(), *ts[1:], 1.0, 1.0, 1.0, 10, 0, 0)
+    words = ext.pst_forward(*ts, 1.0, 1.0, 1.0, 10, 0, 0)[1]
+    w0, u, v, a, b = ts[:5]
+    with pytest.raises(RuntimeError, match="bitmask"):
+        ext.pst_backward(torch.ones_like(w0), words[1:], w0, u, v, a, b, 1.0, 1.0, 1.0, False)
+    with pytest.raises(RuntimeError, match="ranks of at most 32"):
+        big = make(8, 12, rw=33, device="cuda")
+        ext.pst_backward(torch.ones_like(w0), words, w0, big[1], big[2], a, b, 1.0, 1.0, 1.0, False)
 
 
 @pytest.mark.triton

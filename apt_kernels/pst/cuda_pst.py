@@ -1,11 +1,12 @@
-"""The "cuda" backend of PST: the selection and mask passes of the C++ extension (csrc/pst.cu).
+"""The "cuda" backend of PST: the selection, mask and backward passes of the C++ extension (csrc/pst.cu).
 
 An implementation independent of the Triton one: same scores (the evaluation order of
 :func:`apt_kernels.pst.reference.fused_order_scores`: float32 FMAs and additions rounded to nearest
 through inline PTX), scores evaluated in tiles (V and B of a thread's columns in registers, a row's U
 and A read once from shared memory), a three-pass radix select with 11/11/10-bit digits and
-shared-memory histograms, and a warp-ballot mask pass. The factors are passed as float32 (they are
-small); W0 stays in its dtype.
+shared-memory histograms, and a warp-ballot mask pass. The fused straight-through backward keeps each
+thread's column sums (dV, dB, dC) in registers and reduces the row sums (dU, dA, dR) with warp shuffles.
+The factors are passed as float32 (they are small); W0 stays in its dtype.
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
     return out, words
 
 
+MAX_BACKWARD_RANK = 32  # csrc/pst.cuh: APT_PST_BACKWARD_MAX_RANK
+
+
 def backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
-    """The fused Triton backward when Triton runs here (it reads the same bitmask), else the torch STE."""
+    """The extension's fused backward for ranks up to MAX_BACKWARD_RANK; above that the fused Triton
+    backward when Triton runs here (it reads the same bitmask), else the torch STE."""
+    if max(u.shape[1], a.shape[1]) <= MAX_BACKWARD_RANK:
+        grads = _env.cuda_extension().pst_backward(grad, words, w0, u, v, a, b, float(beta), float(alpha1),
+                                                   float(alpha2), bool(needs[0]))
+        return [g if need else None for g, need in zip(grads, needs)]
     if _env.triton_reason(w0.device) is None:
         from . import triton_pst
 
