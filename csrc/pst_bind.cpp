@@ -15,48 +15,71 @@ int w0_dtype_code(const torch::Tensor& w0) {
   return APT_PST_F32;
 }
 
+// What both entry points share: the checks of w0 and the factors, and the problem in csrc/pst.cuh's terms
+// (w0 contiguous, the factors as float32, kept alive here). r and c: null for the backward.
+struct Problem {
+  torch::Tensor w, u, v, a, b, r, c;
+  AptPstProblem p{};
+  int64_t n = 0, k = 0, rw = 0, rs = 0;
+
+  Problem(const char* op, const torch::Tensor& w0, const torch::Tensor& u0, const torch::Tensor& v0,
+          const torch::Tensor& a0, const torch::Tensor& b0, const torch::Tensor* r0, const torch::Tensor* c0,
+          double beta, double alpha1, double alpha2) {
+    TORCH_CHECK(w0.is_cuda() && w0.dim() == 2, op, ": w0 must be a 2-D CUDA tensor");
+    n = w0.size(0);
+    k = w0.size(1);
+    rw = u0.dim() == 2 ? u0.size(1) : -1;
+    rs = a0.dim() == 2 ? a0.size(1) : -1;
+    TORCH_CHECK(u0.sizes() == torch::IntArrayRef({n, rw}) && v0.sizes() == torch::IntArrayRef({rw, k}), op,
+                ": u must be (n, rw) and v (rw, k)");
+    TORCH_CHECK(a0.sizes() == torch::IntArrayRef({n, rs}) && b0.sizes() == torch::IntArrayRef({rs, k}), op,
+                ": a must be (n, rs) and b (rs, k)");
+    TORCH_CHECK(!r0 || (r0->sizes() == torch::IntArrayRef({n}) && c0->sizes() == torch::IntArrayRef({k})), op,
+                ": r must be (n,) and c (k,)");
+    for (const auto* t : {&u0, &v0, &a0, &b0, r0, c0})
+      TORCH_CHECK(!t || t->device() == w0.device(), op, ": every tensor must be on w0's device");
+    auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
+    w = w0.contiguous();
+    u = f32(u0);
+    v = f32(v0);
+    a = f32(a0);
+    b = f32(b0);
+    p.w0 = w.data_ptr();
+    p.w0_dtype = w0_dtype_code(w);
+    p.u = u.data_ptr<float>();
+    p.v = v.data_ptr<float>();
+    p.a = a.data_ptr<float>();
+    p.b = b.data_ptr<float>();
+    if (r0) {
+      r = f32(*r0);
+      c = f32(*c0);
+      p.r = r.data_ptr<float>();
+      p.c = c.data_ptr<float>();
+    }
+    p.n = n;
+    p.k = k;
+    p.rw = static_cast<int>(rw);
+    p.rs = static_cast<int>(rs);
+    p.beta = static_cast<float>(beta);
+    p.alpha1 = static_cast<float>(alpha1);
+    p.alpha2 = static_cast<float>(alpha2);
+  }
+};
+
 std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Tensor& u, const torch::Tensor& v,
                                        const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& r,
                                        const torch::Tensor& c, double beta, double alpha1, double alpha2,
                                        int64_t n_pruned, int64_t nm_n, int64_t nm_m) {
-  TORCH_CHECK(w0.is_cuda() && w0.dim() == 2, "pst_forward: w0 must be a 2-D CUDA tensor");
-  const int64_t n = w0.size(0), k = w0.size(1);
-  const int64_t rw = u.dim() == 2 ? u.size(1) : -1, rs = a.dim() == 2 ? a.size(1) : -1;
-  TORCH_CHECK(u.sizes() == torch::IntArrayRef({n, rw}) && v.sizes() == torch::IntArrayRef({rw, k}),
-              "pst_forward: u must be (n, rw) and v (rw, k)");
-  TORCH_CHECK(a.sizes() == torch::IntArrayRef({n, rs}) && b.sizes() == torch::IntArrayRef({rs, k}),
-              "pst_forward: a must be (n, rs) and b (rs, k)");
-  TORCH_CHECK(r.sizes() == torch::IntArrayRef({n}) && c.sizes() == torch::IntArrayRef({k}),
-              "pst_forward: r must be (n,) and c (k,)");
-  for (const auto* t : {&u, &v, &a, &b, &r, &c})
-    TORCH_CHECK(t->device() == w0.device(), "pst_forward: every tensor must be on w0's device");
+  const Problem pr("pst_forward", w0, u, v, a, b, &r, &c, beta, alpha1, alpha2);
+  const c10::cuda::CUDAGuard guard(w0.device());
+  const int64_t n = pr.n, k = pr.k;
   TORCH_CHECK(nm_m == 0 ? (n_pruned >= 0 && (n * k == 0 || n_pruned < n * k))
                         : (nm_m <= 32 && 0 <= nm_n && nm_n <= nm_m && k % nm_m == 0),
               "pst_forward: need 0 <= n_pruned < n * k, or N:M with M <= 32, 0 <= N <= M and k % M == 0");
-  const c10::cuda::CUDAGuard guard(w0.device());
-  const auto w = w0.contiguous();
-  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
-  const auto u32 = f32(u), v32 = f32(v), a32 = f32(a), b32 = f32(b), r32 = f32(r), c32 = f32(c);
-  auto out = torch::empty_like(w);
-  auto words = torch::empty({(n * k + 31) / 32}, w.options().dtype(torch::kInt32));
-  auto ws = torch::empty({static_cast<int64_t>(apt_pst_workspace_bytes(n, k))}, w.options().dtype(torch::kUInt8));
-  AptPstProblem p;
-  p.w0 = w.data_ptr();
-  p.w0_dtype = w0_dtype_code(w);
-  p.u = u32.data_ptr<float>();
-  p.v = v32.data_ptr<float>();
-  p.a = a32.data_ptr<float>();
-  p.b = b32.data_ptr<float>();
-  p.r = r32.data_ptr<float>();
-  p.c = c32.data_ptr<float>();
-  p.n = n;
-  p.k = k;
-  p.rw = static_cast<int>(rw);
-  p.rs = static_cast<int>(rs);
-  p.beta = static_cast<float>(beta);
-  p.alpha1 = static_cast<float>(alpha1);
-  p.alpha2 = static_cast<float>(alpha2);
-  apt::check_cuda(apt_pst_forward(&p, n_pruned, static_cast<int>(nm_n), static_cast<int>(nm_m), out.data_ptr(),
+  auto out = torch::empty_like(pr.w);
+  auto words = torch::empty({(n * k + 31) / 32}, pr.w.options().dtype(torch::kInt32));
+  auto ws = torch::empty({static_cast<int64_t>(apt_pst_workspace_bytes(n, k))}, pr.w.options().dtype(torch::kUInt8));
+  apt::check_cuda(apt_pst_forward(&pr.p, n_pruned, static_cast<int>(nm_n), static_cast<int>(nm_m), out.data_ptr(),
                                   reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), ws.data_ptr(),
                                   static_cast<size_t>(ws.numel()), c10::cuda::getCurrentCUDAStream()),
                   "apt_pst_forward");
@@ -68,51 +91,29 @@ std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::
                                         const torch::Tensor& u, const torch::Tensor& v, const torch::Tensor& a,
                                         const torch::Tensor& b, double beta, double alpha1, double alpha2,
                                         bool need_w0) {
-  TORCH_CHECK(w0.is_cuda() && w0.dim() == 2, "pst_backward: w0 must be a 2-D CUDA tensor");
-  const int64_t n = w0.size(0), k = w0.size(1);
-  const int64_t rw = u.dim() == 2 ? u.size(1) : -1, rs = a.dim() == 2 ? a.size(1) : -1;
-  TORCH_CHECK(u.sizes() == torch::IntArrayRef({n, rw}) && v.sizes() == torch::IntArrayRef({rw, k}),
-              "pst_backward: u must be (n, rw) and v (rw, k)");
-  TORCH_CHECK(a.sizes() == torch::IntArrayRef({n, rs}) && b.sizes() == torch::IntArrayRef({rs, k}),
-              "pst_backward: a must be (n, rs) and b (rs, k)");
+  const Problem pr("pst_backward", w0, u, v, a, b, nullptr, nullptr, beta, alpha1, alpha2);
+  const c10::cuda::CUDAGuard guard(w0.device());
+  const int64_t n = pr.n, k = pr.k, rw = pr.rw, rs = pr.rs;
   TORCH_CHECK(rw <= APT_PST_BACKWARD_MAX_RANK && rs <= APT_PST_BACKWARD_MAX_RANK,
               "pst_backward: ranks of at most ", APT_PST_BACKWARD_MAX_RANK, ", got rw = ", rw, ", rs = ", rs);
-  TORCH_CHECK(grad.sizes() == w0.sizes(), "pst_backward: grad must have w0's shape");
-  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 1 && words.numel() == (n * k + 31) / 32,
-              "pst_backward: words must be the forward's int32 bitmask of ceil(n * k / 32) words");
-  for (const auto* t : {&grad, &words, &u, &v, &a, &b})
-    TORCH_CHECK(t->device() == w0.device(), "pst_backward: every tensor must be on w0's device");
-  const c10::cuda::CUDAGuard guard(w0.device());
-  const auto w = w0.contiguous();
-  const auto g = grad.to(w.scalar_type()).contiguous();
+  TORCH_CHECK(grad.sizes() == w0.sizes() && grad.device() == w0.device(),
+              "pst_backward: grad must have w0's shape and device");
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 1 && words.numel() == (n * k + 31) / 32 &&
+                  words.device() == w0.device(),
+              "pst_backward: words must be the forward's int32 bitmask of ceil(n * k / 32) words, on w0's device");
+  const auto g = grad.to(pr.w.scalar_type()).contiguous();
   const auto bits = words.contiguous();
-  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
-  const auto u32 = f32(u), v32 = f32(v), a32 = f32(a), b32 = f32(b);
   // the six float32 accumulators: one zeroed buffer
   const int64_t sizes[6] = {n * rw, rw * k, n * rs, rs * k, n, k};
   auto flat = torch::zeros({sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4] + sizes[5]},
-                           w.options().dtype(torch::kFloat));
+                           pr.w.options().dtype(torch::kFloat));
   std::vector<torch::Tensor> parts;
   int64_t at = 0;
   for (const int64_t size : sizes) {
     parts.push_back(flat.narrow(0, at, size));
     at += size;
   }
-  auto dw0 = need_w0 ? torch::empty_like(w) : w.new_empty({0});
-  AptPstProblem p{};
-  p.w0 = w.data_ptr();
-  p.w0_dtype = w0_dtype_code(w);
-  p.u = u32.data_ptr<float>();
-  p.v = v32.data_ptr<float>();
-  p.a = a32.data_ptr<float>();
-  p.b = b32.data_ptr<float>();
-  p.n = n;
-  p.k = k;
-  p.rw = static_cast<int>(rw);
-  p.rs = static_cast<int>(rs);
-  p.beta = static_cast<float>(beta);
-  p.alpha1 = static_cast<float>(alpha1);
-  p.alpha2 = static_cast<float>(alpha2);
+  auto dw0 = need_w0 ? torch::empty_like(pr.w) : pr.w.new_empty({0});
   AptPstGrads out;
   out.du = parts[0].data_ptr<float>();
   out.dv = parts[1].data_ptr<float>();
@@ -121,8 +122,8 @@ std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::
   out.dr = parts[4].data_ptr<float>();
   out.dc = parts[5].data_ptr<float>();
   out.dw0 = need_w0 ? dw0.data_ptr() : nullptr;
-  apt::check_cuda(apt_pst_backward(&p, g.data_ptr(), reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>()), &out,
-                                   c10::cuda::getCurrentCUDAStream()),
+  apt::check_cuda(apt_pst_backward(&pr.p, g.data_ptr(), reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>()),
+                                   &out, c10::cuda::getCurrentCUDAStream()),
                   "apt_pst_backward");
   return {dw0, parts[0].view({n, rw}), parts[1].view({rw, k}), parts[2].view({n, rs}), parts[3].view({rs, k}),
           parts[4], parts[5]};
