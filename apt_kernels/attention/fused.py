@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device, triton_interpret
+from .._intmath import cdiv, next_power_of_2
 from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
 DROPOUT_TAG = tl.constexpr(0x41505400)
@@ -446,7 +447,7 @@ def _strides(t: torch.Tensor | None, ndim: int = 4):
     """Strides with 0 on size-1 (broadcast) dims; zeros for a missing tensor."""
     if t is None:
         return (0,) * ndim
-    return tuple(0 if s == 1 else st for s, st in zip(t.shape, t.stride()))
+    return tuple([0 if s == 1 else st for s, st in zip(t.shape, t.stride())])
 
 
 # Block configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class (64, 128, 256).
@@ -473,7 +474,7 @@ def _prefix_table(width: int) -> dict:
 
 
 def _dclass(D: int) -> int:
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
@@ -484,7 +485,7 @@ def _compiled(device: torch.device) -> bool:
 def _blocks(D: int, device: torch.device, table=None):
     """(block sizes, launch options) of the fixed choice: the table's first entry on a GPU, 16 x 16 tiles
     in the interpreter."""
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     if not _compiled(device):
         return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
     m, n, w, st = (table or _FWD_TABLE)[_dclass(D)][0]
@@ -527,13 +528,13 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
     with the fixed blocks. ``reset`` names buffers the kernel accumulates into (zeroed between autotuning
     trials)."""
     D = consts["D"]
-    seq_bucket = min(triton.next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
+    seq_bucket = min(next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
     args = args[:-1] + (seq_bucket,)
     if _compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
         if (kernel, tag) not in _TUNED:
             _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
         _TUNED[kernel, tag][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
-            *args, BLOCK_D=max(16, triton.next_power_of_2(D)), **consts)
+            *args, BLOCK_D=max(16, next_power_of_2(D)), **consts)
         return
     blocks, launch = _blocks(D, device, table)
     kernel[grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **blocks, **consts, **launch)
@@ -592,7 +593,7 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (triton.cdiv(a.N, bm) * a.B * a.Hq,),
+    _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (cdiv(a.N, bm) * a.B * a.Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *out.stride(),
@@ -629,7 +630,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     gate_h1 = False
     # the prefix launch's query splits (each writes partial dprefix_k/v, summed below): a prefix has one
     # or two key tiles per (batch, kv head), too few programs to fill a GPU at decoder batch sizes
-    splits = 1 if nothing or not P else _prefix_splits(triton.cdiv(P, _prefix_width(P)) * B * Hkv, N, q.device)
+    splits = 1 if nothing or not P else _prefix_splits(cdiv(P, _prefix_width(P)) * B * Hkv, N, q.device)
     if P:
         dpk_parts = (torch.zeros if nothing else torch.empty)((splits, B, Hkv, P, D), dtype=torch.float32,
                                                               device=q.device)
@@ -646,10 +647,10 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
     do_strides = _strides(do)
-    _delta_kernel[(triton.cdiv(N, rows) * B * Hq,)](
+    _delta_kernel[(cdiv(N, rows) * B * Hq,)](
         do, out, dlse, delta, *do_strides, *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
         HAS_DLSE=grad_lse is not None, num_warps=4)
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
@@ -671,7 +672,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         n_split = splits if is_prefix else 1
         table, tag = prefix_table if is_prefix else (_BWD_TABLE, "")
         _launch(_bwd_kv_kernel, table,
-                lambda bm, bn, L=L, n_split=n_split: (n_split * triton.cdiv(L, bn) * B * Hkv,),
+                lambda bm, bn, L=L, n_split=n_split: (n_split * cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
                  *a.q_strides, *k_st, *v_st, *a.g_strides, *a.m_strides, *do_strides,
                  *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
@@ -679,7 +680,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
                  Hq, Hkv, N, M, L, a.REP, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
                      GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=tag)
-    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (triton.cdiv(N, bm) * B * Hq,),
+    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *do_strides, *dq.stride(),
@@ -700,7 +701,7 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
 
 def _prefix_width(P: int) -> int:
     """The widest key tile of the prefix launch: P's next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(P))
+    return max(16, next_power_of_2(P))
 
 
 PREFIX_SPLITS = None  # tests set a fixed number of query splits for the prefix launch
@@ -714,7 +715,7 @@ def _prefix_splits(programs: int, N: int, device: torch.device) -> int:
     if not _compiled(device):
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(32, triton.cdiv(2 * sms, programs), triton.cdiv(N, 16)))
+    return max(1, min(32, cdiv(2 * sms, programs), cdiv(N, 16)))
 
 
 def _reduce_prefix(buf, prefix):

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
+from .._intmath import cdiv
 from .rng import KEEP_BITS, keep_threshold
 
 KEEP_BITS_C = tl.constexpr(KEEP_BITS)
@@ -77,7 +78,7 @@ def keep_mask_triton(seed: int, step: int, param_index: int, shape, reserve_p: f
         block = 1024
         device = torch.device(device)
         with on_device(device):
-            _keep_mask_kernel[(triton.cdiv(numel + offset % 4, block),)](
+            _keep_mask_kernel[(cdiv(numel + offset % 4, block),)](
                 out, numel, offset, step, param_index, seed & 0xFFFFFFFF, seed >> 32,
                 keep_threshold(reserve_p), BLOCK=block)
     return out.view(shape).bool()

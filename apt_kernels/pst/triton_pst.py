@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
+from .._intmath import cdiv, next_power_of_2
 from .reference import float_of_key
 
 RADIX_BITS = 8
@@ -355,7 +356,7 @@ def _alloc(tag: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(max(1, x)))
+    return max(lo, next_power_of_2(max(1, x)))
 
 
 def _factor(t: torch.Tensor) -> torch.Tensor:
@@ -428,7 +429,7 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     bn, bk = _fwd_block(k, nm)
     ldu = _ldu(n, bn)
     args = [w0, _columns(u, ldu), _factor(v), _columns(a, ldu), _factor(b), _factor(r), _factor(c)]
-    grid = (triton.cdiv(n, bn) * triton.cdiv(k, bk),)
+    grid = (cdiv(n, bn) * cdiv(k, bk),)
     scal = (n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2))
     if select:
         ints = scratch[2:].view(torch.int32)
@@ -461,7 +462,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
         raise ValueError(f"kth_smallest counts with int32 histograms: {numel} values are too many")
     device = parts[0].device
     width = 4096
-    rows = triton.cdiv(numel, width)
+    rows = cdiv(numel, width)
     # a (rows, 4096) matrix padded with +inf (the largest: the ks-th smallest is unchanged for ks <= numel)
     flat = torch.empty(rows * width, dtype=torch.float32, device=device)
     torch.cat([t.reshape(-1) for t in parts], out=flat[:numel])
@@ -473,7 +474,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
     args = [w0, dummy, dummy, dummy, dummy, zeros_rows, zeros_cols]
     scal = (rows, width, 0, 0, 0, 0.0, 0.0, 0.0)  # rank 0: no factor is read
     bn, bk = FWD_BLOCK
-    grid = (triton.cdiv(rows, bn) * triton.cdiv(width, bk),)
+    grid = (cdiv(rows, bn) * cdiv(width, bk),)
     out = []
     with on_device(device):
         for k in ks:
@@ -493,7 +494,7 @@ def _split(n_row_blocks: int, n_col_tiles: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_col_tiles, triton.cdiv(4 * sms, n_row_blocks)))
+    return max(1, min(n_col_tiles, cdiv(4 * sms, n_row_blocks)))
 
 
 def backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
@@ -518,8 +519,8 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
         ldu = _ldu(n, bn)
         ins = [w0.contiguous(), _columns(u, ldu), _factor(v), _columns(a, ldu), _factor(b)]
         outs = [t if t.numel() else _factor(t) for t in (du, dv, da, db, dr, dc)]
-        split = _split(triton.cdiv(n, bn), triton.cdiv(k, bk), dev)
-        _bwd_kernel[(triton.cdiv(n, bn), split)](
+        split = _split(cdiv(n, bn), cdiv(k, bk), dev)
+        _bwd_kernel[(cdiv(n, bn), split)](
             grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
             n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2), split,
             RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
