@@ -420,8 +420,10 @@ __global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_
 constexpr int kBwdRows = 16;
 constexpr int kWarps = kThreads / 32;
 
-// Columns per thread of the backward: registers hold V, B, dV and dB of each (4 R Q floats).
-__host__ __device__ constexpr int bwd_cols(int R) { return R <= 8 ? 2 : 1; }
+// Columns per thread of the backward: registers hold V, B, dV and dB of each (4 R Q floats). The default
+// keeps rank 8 at 128 registers (two blocks per SM); "wide" doubles it up to rank 16 (about 220 registers,
+// one block per SM; fewer reduction instructions per entry). Which is faster is for the GPU to say.
+__host__ __device__ constexpr int bwd_cols(int R, bool wide) { return (R <= 8 ? 2 : 1) * (wide && R <= 16 ? 2 : 1); }
 
 // Butterfly reduce-scatter over the warp: x (Len values, a power of two) summed over the 32 lanes. At lane
 // bit S a lane keeps half of its vector, sends the other half to its partner (lane ^ S) and adds what it
@@ -450,13 +452,13 @@ __device__ __forceinline__ void reduce_scatter(float (&x)[N], int lane, int& idx
   }
 }
 
-// T: W0's element type (also G's and dW0's).
-template <int R, class T>
+// T: W0's element type (also G's and dW0's); Q: columns per thread (bwd_cols).
+template <int R, int Q, class T>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T* grad, const uint32_t* words,
                                                        int64_t rows_per_block, AptPstGrads g) {
   const T* w0 = static_cast<const T*>(p.w0);
   T* dw0 = static_cast<T*>(g.dw0);
-  constexpr int Q = bwd_cols(R), NV = 2 * R;  // per row: R partial sums for dU, R for dA (and dR apart)
+  constexpr int NV = 2 * R;  // per row: R partial sums for dU, R for dA (and dR apart)
   __shared__ __align__(16) float su[kBwdRows][R];
   __shared__ __align__(16) float sa[kBwdRows][R];
   __shared__ float red[kWarps][kBwdRows][NV + 1];
@@ -561,7 +563,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T*
   }
 }
 
-template <int R, class T>
+template <int R, int Q, class T>
 cudaError_t backward_launch(const AptPstProblem& p, const void* grad, const uint32_t* words, const AptPstGrads& g,
                             cudaStream_t stream) {
   // Rows split so that the grid is about two blocks per SM (each block adds its column sums once).
@@ -569,25 +571,29 @@ cudaError_t backward_launch(const AptPstProblem& p, const void* grad, const uint
   cudaError_t err;
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-  const int64_t tc = static_cast<int64_t>(kThreads) * bwd_cols(R);
+  const int64_t tc = static_cast<int64_t>(kThreads) * Q;
   const int64_t col_tiles = (p.k + tc - 1) / tc, row_tiles = (p.n + kBwdRows - 1) / kBwdRows;
   int64_t splits = (2 * static_cast<int64_t>(sms) + col_tiles - 1) / col_tiles;
   splits = splits < 1 ? 1 : (splits > row_tiles ? row_tiles : splits);
   const int64_t rows_per_block = (row_tiles + splits - 1) / splits * kBwdRows;
   const int64_t blocks = col_tiles * ((p.n + rows_per_block - 1) / rows_per_block);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  bwd_kernel<R, T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, static_cast<const T*>(grad), words,
+  bwd_kernel<R, Q, T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, static_cast<const T*>(grad), words,
                                                                                 rows_per_block, g);
   return cudaGetLastError();
 }
 
 template <class T>
 cudaError_t backward_ranks(const AptPstProblem& p, const void* grad, const uint32_t* words, const AptPstGrads& g,
-                           cudaStream_t stream) {
+                           bool wide, cudaStream_t stream) {
   switch (rank_bucket(p.rw, p.rs)) {
-    case 8: return backward_launch<8, T>(p, grad, words, g, stream);
-    case 16: return backward_launch<16, T>(p, grad, words, g, stream);
-    default: return backward_launch<32, T>(p, grad, words, g, stream);
+    case 8:
+      return wide ? backward_launch<8, bwd_cols(8, true), T>(p, grad, words, g, stream)
+                  : backward_launch<8, bwd_cols(8, false), T>(p, grad, words, g, stream);
+    case 16:
+      return wide ? backward_launch<16, bwd_cols(16, true), T>(p, grad, words, g, stream)
+                  : backward_launch<16, bwd_cols(16, false), T>(p, grad, words, g, stream);
+    default: return backward_launch<32, bwd_cols(32, false), T>(p, grad, words, g, stream);
   }
 }
 
@@ -657,7 +663,7 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
 }
 
 extern "C" cudaError_t apt_pst_backward(const AptPstProblem* problem, const void* grad, const uint32_t* words,
-                                        const AptPstGrads* grads, cudaStream_t stream) {
+                                        const AptPstGrads* grads, int wide, cudaStream_t stream) {
   if (!problem || !grads) return cudaErrorInvalidValue;
   const AptPstProblem p = *problem;
   if (p.n < 0 || p.k < 0 || p.rw < 0 || p.rs < 0 || p.rw > APT_PST_BACKWARD_MAX_RANK ||
@@ -665,9 +671,9 @@ extern "C" cudaError_t apt_pst_backward(const AptPstProblem* problem, const void
     return cudaErrorInvalidValue;
   if (p.n * p.k == 0) return cudaSuccess;
   switch (p.w0_dtype) {
-    case APT_PST_F16: return backward_ranks<__half>(p, grad, words, *grads, stream);
-    case APT_PST_BF16: return backward_ranks<__nv_bfloat16>(p, grad, words, *grads, stream);
-    case APT_PST_F32: return backward_ranks<float>(p, grad, words, *grads, stream);
+    case APT_PST_F16: return backward_ranks<__half>(p, grad, words, *grads, wide != 0, stream);
+    case APT_PST_BF16: return backward_ranks<__nv_bfloat16>(p, grad, words, *grads, wide != 0, stream);
+    case APT_PST_F32: return backward_ranks<float>(p, grad, words, *grads, wide != 0, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -68,7 +68,8 @@ typedef struct AptPstGrads {
 #define APT_PST_BACKWARD_MAX_RANK 32
 
 // grad: n * k elements of w0_dtype (row-major); words: the forward's bitmask. problem->r and ->c are
-// not read. Returns the first launch error (cudaErrorInvalidValue for bad arguments).
+// not read. wide: a tuning variant, twice the columns per thread up to rank 16 (same results up to the
+// float atomics' order). Returns the first launch error (cudaErrorInvalidValue for bad arguments).
 cudaError_t apt_pst_backward(const AptPstProblem* problem, const void* grad, const uint32_t* words,
-                             const AptPstGrads* grads, cudaStream_t stream);
+                             const AptPstGrads* grads, int wide, cudaStream_t stream);
 }

@@ -90,7 +90,7 @@ std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Ten
 std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::Tensor& words, const torch::Tensor& w0,
                                         const torch::Tensor& u, const torch::Tensor& v, const torch::Tensor& a,
                                         const torch::Tensor& b, double beta, double alpha1, double alpha2,
-                                        bool need_w0) {
+                                        bool need_w0, bool wide) {
   const Problem pr("pst_backward", w0, u, v, a, b, nullptr, nullptr, beta, alpha1, alpha2);
   const c10::cuda::CUDAGuard guard(w0.device());
   const int64_t n = pr.n, k = pr.k, rw = pr.rw, rs = pr.rs;
@@ -123,7 +123,7 @@ std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::
   out.dc = parts[5].data_ptr<float>();
   out.dw0 = need_w0 ? dw0.data_ptr() : nullptr;
   apt::check_cuda(apt_pst_backward(&pr.p, g.data_ptr(), reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>()),
-                                   &out, c10::cuda::getCurrentCUDAStream()),
+                                   &out, wide ? 1 : 0, c10::cuda::getCurrentCUDAStream()),
                   "apt_pst_backward");
   return {dw0, parts[0].view({n, rw}), parts[1].view({rw, k}), parts[2].view({n, rs}), parts[3].view({rs, k}),
           parts[4], parts[5]};
@@ -141,5 +141,5 @@ void apt::bind_pst(pybind11::module_& m) {
         "PST straight-through backward: [dW0 (empty unless need_w0), dU, dV, dA, dB, dR, dC]", pybind11::arg("grad"),
         pybind11::arg("words"), pybind11::arg("w0"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("a"),
         pybind11::arg("b"), pybind11::arg("beta"), pybind11::arg("alpha1"), pybind11::arg("alpha2"),
-        pybind11::arg("need_w0"));
+        pybind11::arg("need_w0"), pybind11::arg("wide") = false);
 }

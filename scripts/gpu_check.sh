@@ -89,6 +89,11 @@ if [ "${SKIP_TESTS:-0}" = "0" ]; then
     if [ "$test_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$test_rc; fi
 fi
 
+if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",pst,"* ]]; then
+    echo "== PST backward variants (python3 -m benchmarks.pst_backward: cuda, cuda-wide, triton)"
+    timeout -s INT 120 python3 -m benchmarks.pst_backward --out-dir "$LOGS" 2>&1 | tee "${LOGS}/${NAME}-pst-bwd.log" || true
+fi
+
 budget=$((LIMIT - SECONDS - 45))
 if [ "$budget" -lt 60 ]; then
     echo "== benchmarks skipped: ${budget} s left of CHECK_LIMIT_S=${LIMIT} (run again with SKIP_TESTS=1)"

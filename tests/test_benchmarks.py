@@ -227,3 +227,13 @@ def test_child_tuning_host_time_script():
                         "torch.optim.AdamW(fused=True)"}
     assert all(0 < ms < 1e3 for ms in out.values())
     assert (entry.fn, entry.checks) == before  # the stub is gone again
+
+
+def test_pst_backward_variants_script_needs_cuda(monkeypatch):
+    """benchmarks/pst_backward.py (GPU only: gpu_check.sh runs it) imports everywhere and says why it stops."""
+    from benchmarks import pst_backward
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        pst_backward.main([])
+    assert pst_backward.SHAPES[-1] == (4096, 11008)

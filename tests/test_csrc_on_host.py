@@ -61,7 +61,8 @@ class HostExtension:
         lib.apt_pst_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
         lib.apt_pst_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int64, ctypes.c_int, ctypes.c_int, _PTR,
                                         _PTR, _PTR, ctypes.c_size_t, _PTR]
-        lib.apt_pst_backward.argtypes = [ctypes.POINTER(_Problem), _PTR, _PTR, ctypes.POINTER(_Grads), _PTR]
+        lib.apt_pst_backward.argtypes = [ctypes.POINTER(_Problem), _PTR, _PTR, ctypes.POINTER(_Grads), ctypes.c_int,
+                                         _PTR]
         for name in ("apt_pack_bits", "apt_unpack_bits"):
             getattr(lib, name).argtypes = [_PTR, _PTR, ctypes.c_int64, _PTR]
 
@@ -84,7 +85,7 @@ class HostExtension:
             raise RuntimeError(f"apt_pst_forward: cuda error {rc}")
         return [out, words]
 
-    def pst_backward(self, grad, words, w0, u, v, a, b, beta, alpha1, alpha2, need_w0):
+    def pst_backward(self, grad, words, w0, u, v, a, b, beta, alpha1, alpha2, need_w0, wide=False):
         n, k = w0.shape
         rw, rs = u.shape[1], a.shape[1]
         assert grad.shape == w0.shape and words.dtype == torch.int32 and words.numel() == (n * k + 31) // 32
@@ -99,7 +100,7 @@ class HostExtension:
                      beta, alpha1, alpha2)
         out = _Grads(*[t.data_ptr() for t in parts], dw0.data_ptr() if need_w0 else None)
         rc = self.lib.apt_pst_backward(ctypes.byref(p), g.data_ptr(), words.contiguous().data_ptr(), ctypes.byref(out),
-                                       None)
+                                       int(wide), None)
         if rc:
             raise RuntimeError(f"apt_pst_backward: cuda error {rc}")
         shapes = ((n, rw), (rw, k), (n, rs), (rs, k), (n,), (k,))
@@ -263,10 +264,15 @@ _F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
                                                ((18, 70), 20, 32, _F32), ((37, 53), 3, 2, _BF16),
                                                ((200, 40), 8, 8, _BF16), ((37, 53), 3, 2, _F16)])
 @pytest.mark.parametrize("w0_grad", [False, True])
-def test_pst_cuda_backward_matches_reference(cuda_on_host, shape, rw, rs, dtype, w0_grad):
+@pytest.mark.parametrize("wide", [False, True])
+def test_pst_cuda_backward_matches_reference(cuda_on_host, monkeypatch, shape, rw, rs, dtype, w0_grad, wide):
     """The extension's fused backward against the float64 STE on the forward's own mask: every rank bucket
-    (8, 16, 32: 2 or 1 columns per thread), rows and columns off the tile sizes, blocks owning one or several
-    16-row tiles (200 rows), several column tiles (600 columns), ranks 0, one entry, every W0 dtype."""
+    (8, 16, 32) with 1, 2 or 4 columns per thread (the default and the wide variant), rows and columns off the
+    tile sizes, blocks owning one or several 16-row tiles (200 rows), several column tiles (600 columns),
+    ranks 0, one entry, every W0 dtype."""
+    from apt_kernels.pst import cuda_pst
+
+    monkeypatch.setattr(cuda_pst, "WIDE_BACKWARD", wide)
     beta, a1, a2, sparsity = 0.7, 1.3, 0.4, 0.6
     ts = make(*shape, rw=rw, rs=rs, dtype=dtype, device="cpu")
     g = torch.randn(*shape).to(dtype)
@@ -298,7 +304,7 @@ def test_pst_cuda_backward_ranks_above_its_limit_fall_back(cuda_on_host, monkeyp
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"d{name}")
     p = _Problem(None, 0, None, None, None, None, None, None, 4, 8, cuda_pst.MAX_BACKWARD_RANK + 1, 1, 1.0, 1.0, 1.0)
     with pytest.raises(RuntimeError, match="cuda error 1"):
-        rc = cuda_on_host.lib.apt_pst_backward(ctypes.byref(p), None, None, ctypes.byref(_Grads()), None)
+        rc = cuda_on_host.lib.apt_pst_backward(ctypes.byref(p), None, None, ctypes.byref(_Grads()), 0, None)
         raise RuntimeError(f"cuda error {rc}")
 
 

@@ -496,9 +496,14 @@ def test_gpu_cuda_and_triton_agree_bit_for_bit():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cuda-wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gpu_backward_matches_reference(backend, dtype):
+def test_gpu_backward_matches_reference(backend, dtype, monkeypatch):
+    if backend == "cuda-wide":  # the backward's tuning variant (4 columns per thread at rank 8)
+        from apt_kernels.pst import cuda_pst
+
+        monkeypatch.setattr(cuda_pst, "WIDE_BACKWARD", True)
+        backend = "cuda"
     shape = (768, 3072)
     ts = make(*shape, rw=8, rs=8, dtype=dtype, device="cuda")
     g = torch.randn(*shape, device="cuda").to(dtype)

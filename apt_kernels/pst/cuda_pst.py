@@ -11,6 +11,8 @@ The factors are passed as float32 (they are small); W0 stays in its dtype.
 
 from __future__ import annotations
 
+import os
+
 from .. import _env
 
 
@@ -22,6 +24,10 @@ def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
 
 
 MAX_BACKWARD_RANK = 32  # csrc/pst.cuh: APT_PST_BACKWARD_MAX_RANK
+# The backward's tuning variant (csrc/pst.cu: bwd_cols): twice the columns per thread up to rank 16, fewer
+# instructions per entry at half the resident warps. Off until a GPU measurement says otherwise
+# (python -m benchmarks.pst_backward times both); APT_KERNELS_PST_WIDE_BACKWARD=1 turns it on.
+WIDE_BACKWARD = os.environ.get("APT_KERNELS_PST_WIDE_BACKWARD", "0") == "1"
 
 
 def backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
@@ -29,7 +35,7 @@ def backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
     backward when Triton runs here (it reads the same bitmask), else the torch STE."""
     if max(u.shape[1], a.shape[1]) <= MAX_BACKWARD_RANK:
         grads = _env.cuda_extension().pst_backward(grad, words, w0, u, v, a, b, float(beta), float(alpha1),
-                                                   float(alpha2), bool(needs[0]))
+                                                   float(alpha2), bool(needs[0]), WIDE_BACKWARD)
         return [g if need else None for g, need in zip(grads, needs)]
     if _env.triton_reason(w0.device) is None:
         from . import triton_pst
