@@ -3,8 +3,9 @@
 // Global selection, all on the device (no host synchronisation):
 //   3 histogram passes over the unsigned keys, digits of 11, 11 and 10 bits from the top. Pass p
 //   recomputes every score, keeps the entries whose higher digits equal the prefix chosen so far,
-//   counts their digit in a shared-memory histogram and adds it to a global one. A one-block "pick"
-//   kernel then finds the bucket holding the need-th smallest candidate and narrows the prefix.
+//   counts their digit in a shared-memory histogram and adds it to a global one; the last block to
+//   finish (an arrival counter after a memory fence) then finds the bucket holding the need-th smallest
+//   candidate and narrows the prefix ("pick": no launch of its own).
 //   After the last pass the prefix is the threshold key T, need = how many entries equal to T must be
 //   pruned, count = how many there are. If need < count the ties are split in row-major order: a
 //   pass counts the ties of every row, and a one-block "cut" kernel scans the row counts and then the
@@ -39,6 +40,7 @@ struct State {
   long long need;             // rank still needed among the entries matching the prefix (1-based)
   long long count;            // entries in the chosen bucket
   long long f_excl;           // ties with flat index < f_excl are pruned
+  unsigned int arrived[3];    // blocks done with each histogram pass (kPasses)
 };
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
@@ -255,9 +257,36 @@ unsigned int tile_grid(const AptPstProblem& p, int R) {
 
 // ---- kernels ------------------------------------------------------------------------------------
 
+// By one whole block of kThreads: choose the bucket of this pass's (complete) histogram that holds the
+// need-th candidate. The histogram was added to by other blocks: read at L2 (__ldcg), not through L1.
+__device__ void pick(int pass, const unsigned long long* hist, State* st, long long n_pruned) {
+  const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
+  const long long need = pass == 0 ? n_pruned : st->need;
+  const unsigned long long prefix = pass == 0 ? 0ull : st->prefix;
+  const int per = nbins / kThreads, b0 = threadIdx.x * per;
+  long long local = 0;
+  for (int t = 0; t < per; ++t) local += static_cast<long long>(__ldcg(&hist[b0 + t]));
+  long long total;
+  const long long incl = block_inclusive_scan(local, &total);
+  const long long before = incl - local;
+  if (before < need && need <= incl) {  // exactly one thread
+    long long run = before;
+    for (int t = 0; t < per; ++t) {
+      const long long h = static_cast<long long>(__ldcg(&hist[b0 + t]));
+      if (run + h >= need) {
+        st->prefix = prefix | (static_cast<unsigned long long>(b0 + t) << shift);
+        st->need = need - run;
+        st->count = h;
+        break;
+      }
+      run += h;
+    }
+  }
+}
+
 template <int R>
-__global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pass, const State* st,
-                                                        unsigned long long* hist) {
+__global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pass, State* st,
+                                                        unsigned long long* hist, long long n_pruned) {
   __shared__ unsigned int sh[kMaxBins];
   const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
   for (int b = threadIdx.x; b < nbins; b += blockDim.x) sh[b] = 0;
@@ -270,31 +299,16 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pas
   __syncthreads();
   for (int b = threadIdx.x; b < nbins; b += blockDim.x)
     if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
-}
-
-// One block of kThreads: choose the bucket of this pass's histogram that holds the need-th candidate.
-__global__ void pick_kernel(int pass, const unsigned long long* hist, State* st, long long n_pruned) {
-  const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
-  const long long need = pass == 0 ? n_pruned : st->need;
-  const unsigned long long prefix = pass == 0 ? 0ull : st->prefix;
-  const int per = nbins / kThreads, b0 = threadIdx.x * per;
-  long long local = 0;
-  for (int t = 0; t < per; ++t) local += static_cast<long long>(hist[b0 + t]);
-  long long total;
-  const long long incl = block_inclusive_scan(local, &total);
-  const long long before = incl - local;
-  if (before < need && need <= incl) {  // exactly one thread
-    long long run = before;
-    for (int t = 0; t < per; ++t) {
-      const long long h = static_cast<long long>(hist[b0 + t]);
-      if (run + h >= need) {
-        st->prefix = prefix | (static_cast<unsigned long long>(b0 + t) << shift);
-        st->need = need - run;
-        st->count = h;
-        break;
-      }
-      run += h;
-    }
+  // The last block to arrive picks, once every block's additions are visible (the threadFenceReduction
+  // pattern of the CUDA samples: fence, barrier, one arrival per block).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&st->arrived[pass], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    pick(pass, hist, st, n_pruned);
   }
 }
 
@@ -609,8 +623,7 @@ cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st,
   const unsigned int grid = tile_grid(p, R);
   if (n_pruned > 0) {
     for (int pass = 0; pass < kPasses; ++pass) {
-      hist_kernel<R><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins);
-      pick_kernel<<<1, kThreads, 0, stream>>>(pass, hist + pass * kMaxBins, st, n_pruned);
+      hist_kernel<R><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned);
     }
     tie_rows_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, rowcnt);
     cut_kernel<<<1, kScanThreads, 0, stream>>>(p, st, rowcnt);

@@ -175,6 +175,10 @@ T warp_exchange(T x, F&& read) {
 }  // namespace sim
 
 inline void __syncthreads() { sim::active()->wait(sim::Wait::kBlock); }
+// One host thread runs at a time: every write is already visible to every later read.
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* address) { return *address; }
 
 template <typename T>
 T __shfl_up_sync(unsigned mask, T x, unsigned delta) {
