@@ -8,8 +8,8 @@
 //   candidate and narrows the prefix ("pick": no launch of its own).
 //   After the last pass the prefix is the threshold key T, need = how many entries equal to T must be
 //   pruned, count = how many there are. If need < count the ties are split in row-major order: a
-//   pass counts the ties of every row, and a one-block "cut" kernel scans the row counts and then the
-//   one row where the cumulative count reaches need, giving the flat index F of the need-th tie.
+//   pass counts the ties of every row, and its last block scans the row counts and then the one row
+//   where the cumulative count reaches need, giving the flat index F of the need-th tie ("cut").
 //   Mask pass: keep iff key > T, or key == T and flat index > F (F = n k - 1 when every tie goes).
 // Scores in tiles (the histogram, tie-count and mask passes): a block of 256 threads walks tiles of
 //   16 rows x 256 * 32 / R columns, R = the rank rounded up to 8, 16 or 32. A thread keeps V and B of
@@ -30,7 +30,6 @@ namespace {
 constexpr int kPasses = 3;
 constexpr int kMaxBins = 2048;
 constexpr int kThreads = 256;
-constexpr int kScanThreads = 1024;
 
 __host__ __device__ constexpr int digit_bits(int pass) { return pass == 2 ? 10 : 11; }
 __host__ __device__ constexpr int digit_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
@@ -40,7 +39,7 @@ struct State {
   long long need;             // rank still needed among the entries matching the prefix (1-based)
   long long count;            // entries in the chosen bucket
   long long f_excl;           // ties with flat index < f_excl are pruned
-  unsigned int arrived[3];    // blocks done with each histogram pass (kPasses)
+  unsigned int arrived[4];    // blocks done with each histogram pass (kPasses), then with the tie count
 };
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
@@ -312,34 +311,18 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pas
   }
 }
 
-// The number of entries of every row whose key is T, added into the zeroed rowcnt (a ballot per warp).
-template <int R>
-__global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, const State* st,
-                                                            unsigned long long* rowcnt) {
-  if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
-  const unsigned int thr = static_cast<unsigned int>(st->prefix);
-  for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
-    const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
-    if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
-  });
-}
-
-// One block of kScanThreads: the flat index bound of the pruned ties.
-__global__ void cut_kernel(AptPstProblem p, State* st, const unsigned long long* rowcnt) {
+// By one whole block, once every row count is in (need < count): the flat index bound of the pruned ties.
+// Scans the row counts for the row where the cumulative count reaches need, then that row's ties.
+__device__ void cut(const AptPstProblem& p, State* st, const unsigned long long* rowcnt) {
   __shared__ long long s_row, s_before, s_col;
-  const long long need = st->need, count = st->count;
+  const long long need = st->need;
   const unsigned int thr = static_cast<unsigned int>(st->prefix);
-  const int64_t numel = p.n * p.k;
-  if (need == count) {
-    if (threadIdx.x == 0) st->f_excl = numel;
-    return;
-  }
   if (threadIdx.x == 0) s_row = s_before = s_col = 0;
   __syncthreads();
   long long base = 0;
   for (int64_t start = 0; start < p.n && base < need; start += blockDim.x) {  // base is block-uniform
     const int64_t i = start + threadIdx.x;
-    const long long x = i < p.n ? static_cast<long long>(rowcnt[i]) : 0;
+    const long long x = i < p.n ? static_cast<long long>(__ldcg(&rowcnt[i])) : 0;
     long long total;
     const long long incl = block_inclusive_scan(x, &total) + base;
     if (i < p.n && incl >= need && incl - x < need) {
@@ -364,6 +347,28 @@ __global__ void cut_kernel(AptPstProblem p, State* st, const unsigned long long*
   if (threadIdx.x == 0) st->f_excl = row * p.k + s_col + 1;
 }
 
+// Only when the ties are split (need < count): the number of entries of every row whose key is T, added
+// into the zeroed rowcnt (a ballot per warp); the last block to finish then cuts (as the histogram passes
+// pick).
+template <int R>
+__global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt) {
+  if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
+  const unsigned int thr = static_cast<unsigned int>(st->prefix);
+  for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+    const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
+    if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
+  });
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&st->arrived[kPasses], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    cut(p, st, rowcnt);
+  }
+}
+
 // W' and the bitmask. A warp's ballot is 32 consecutive entries of a row from a multiple-of-32
 // column: one whole word when k % 32 == 0 (stored), else the parts of two words (ORed into zeroed words).
 // Lane q keeps the word of column slot q; after the row's last slot lanes 0 .. cols_per_thread(R) - 1
@@ -372,7 +377,8 @@ template <int R>
 __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out,
                                                         uint32_t* words) {
   const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
-  const long long f_excl = any_pruned ? st->f_excl : 0;
+  // ties with a flat index below f_excl are pruned: all of them unless they are split (need < count)
+  const long long f_excl = !any_pruned ? 0 : (st->need == st->count ? p.n * p.k : st->f_excl);
   const bool aligned = p.k % 32 == 0;
   const int lane = threadIdx.x & 31;
   unsigned int mine = 0u;  // this lane's word, and the flat index of its first entry (-1: none)
@@ -626,7 +632,6 @@ cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st,
       hist_kernel<R><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned);
     }
     tie_rows_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, rowcnt);
-    cut_kernel<<<1, kScanThreads, 0, stream>>>(p, st, rowcnt);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -6,9 +6,9 @@ extension's Python-facing functions (``HostExtension``, the binding's arguments 
 poisoned) are patched in as ``apt_kernels._C``, so ``backend="cuda"`` runs on CPU tensors through the
 package's own code path. The GPU lane (tests/test_gpu.py) runs the same kernels compiled for sm_90.
 
-Covered here: PST's selection (three radix passes and their one-block pick kernels, the tie split's
-row counts and cut kernel) and mask passes, its N:M path, its fused backward, and the bit packing kernels. Child-Tuning's
-kernels run on the host in tests/test_child_tuning_kernels.py.
+Covered here: PST's selection (three radix passes, each picked by its last block; the tie split's row
+counts, cut by their last block) and mask passes, its N:M path, its fused backward, and the bit packing
+kernels. Child-Tuning's kernels run on the host in tests/test_child_tuning_kernels.py.
 """
 
 from __future__ import annotations
@@ -211,8 +211,8 @@ def test_pst_vs_reference_within_rounding(cuda_on_host, shape):
 
 @pytest.mark.parametrize("shape", [(7, 9), (37, 53), (1, 40), (1100, 2)])
 def test_pst_tie_split(cuda_on_host, shape):
-    """Ties split in row-major order: the row-count and cut kernels (1100 rows: the cut kernel's scan over
-    the row counts takes two rounds of its 1024 threads)."""
+    """Ties split in row-major order: the row counts and the cut by their last block (1100 rows: 69 blocks
+    count, and the cut's scan over the row counts takes five rounds of the block's 256 threads)."""
     n, k = shape
     ts = make(n, k, ties=True, device="cpu")
     one = 1.5 / (n * k)  # floor(n k s) == 1
