@@ -43,8 +43,8 @@ def same_dtype(names: Iterable[str], tensors: Iterable[torch.Tensor]) -> None:
 
 def number(name: str, x, *, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
     """Check a real number lies in [lo, hi] (ends open where asked)."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if type(x) is not float and type(x) is not int and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")  # (float/int first: no ABC check)
     x = float(x)
     bad = x != x  # NaN
     if lo is not None:
