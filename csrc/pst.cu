@@ -256,6 +256,19 @@ unsigned int tile_grid(const AptPstProblem& p, int R) {
 
 // ---- kernels ------------------------------------------------------------------------------------
 
+// Called by every thread of every block at the end of a pass: true (block-uniform) in the one block that
+// finishes last, once every block's global writes of the pass are visible to it (the threadFenceReduction
+// pattern of the CUDA samples: fence, barrier, one arrival per block on a zeroed counter).
+__device__ bool finished_last(unsigned int* arrived) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(arrived, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // By one whole block of kThreads: choose the bucket of this pass's (complete) histogram that holds the
 // need-th candidate. The histogram was added to by other blocks: read at L2 (__ldcg), not through L1.
 __device__ void pick(int pass, const unsigned long long* hist, State* st, long long n_pruned) {
@@ -298,17 +311,7 @@ __global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pas
   __syncthreads();
   for (int b = threadIdx.x; b < nbins; b += blockDim.x)
     if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
-  // The last block to arrive picks, once every block's additions are visible (the threadFenceReduction
-  // pattern of the CUDA samples: fence, barrier, one arrival per block).
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&st->arrived[pass], 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (last) {
-    __threadfence();
-    pick(pass, hist, st, n_pruned);
-  }
+  if (finished_last(&st->arrived[pass])) pick(pass, hist, st, n_pruned);
 }
 
 // By one whole block, once every row count is in (need < count): the flat index bound of the pruned ties.
@@ -358,15 +361,7 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, Sta
     const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
     if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
   });
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&st->arrived[kPasses], 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (last) {
-    __threadfence();
-    cut(p, st, rowcnt);
-  }
+  if (finished_last(&st->arrived[kPasses])) cut(p, st, rowcnt);
 }
 
 // W' and the bitmask. A warp's ballot is 32 consecutive entries of a row from a multiple-of-32
