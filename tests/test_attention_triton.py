@@ -251,6 +251,27 @@ def test_dropout_bits_do_not_depend_on_the_tile_sizes(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"BLOCK_N={bn}: {name}")
 
 
+@pytest.mark.skipif(GPU, reason="the interpreter's tile sizes are widened here; on a GPU the tables decide")
+@pytest.mark.parametrize("bn", [32, 64])
+@pytest.mark.parametrize("P,causal", [(5, False), (16, True), (40, False)])
+def test_prefix_tiles_narrower_than_key_tiles(monkeypatch, bn, P, causal):
+    """The forward and dq kernels walk the prefix in tiles of min(BLOCK_N, next power of two of P, >= 16):
+    with key tiles of 32 or 64 a 5- or 16-long prefix gets 16-wide tiles, a 40-long one two or one tiles of
+    32 / 64. Against the reference, every output and gradient, with per-token gates, masks and dropout off."""
+    from apt_kernels.attention import fused
+
+    real = fused._blocks
+
+    def blocks(D, device, table=None):
+        got, launch = real(D, device, table)
+        narrow = isinstance(table, dict) and table is not fused._FWD_TABLE and table is not fused._BWD_TABLE
+        return dict(got, BLOCK_N=got["BLOCK_N"] if narrow else bn), launch  # the prefix kv launch stays at 16
+
+    monkeypatch.setattr(fused, "_blocks", blocks)
+    tensors, keep = make_inputs(**dict(SMALL, P=P, N=21, M=37), gate="token", dtype=torch.float64)
+    check(tensors, keep, torch.float32, causal=causal)
+
+
 @pytest.mark.parametrize("used", ["lse", "out"])
 def test_gradient_through_one_output_only(used):
     """Only lse (or only out) feeds the loss: the other output's gradient never exists (None in the eager
@@ -371,8 +392,9 @@ for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
     bwd, lb = f._bwd_blocks(D, cuda)
     # row-broadcast masks and gates (MASK_N1 / GATE_N1) alternate with full ones across the variants
     common = dict(D=D, MASK_KIND=mask_kind, MASK_N1=D % 128 == 0, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
-    ks = [build(f._fwd_kernel, dt, dict(common, HAS_GATE=gate, GATE_N1=not causal, **fwd), lf),
-          build(f._bwd_q_kernel, dt, dict(common, HAS_GATE=gate, GATE_N1=causal, **bwd), lb)]
+    # prefix tiles narrower than the key tiles (PW = 16) and as wide (PW = 256, capped at BLOCK_N)
+    ks = [build(f._fwd_kernel, dt, dict(common, PW=16 if gate else 256, HAS_GATE=gate, GATE_N1=not causal, **fwd), lf),
+          build(f._bwd_q_kernel, dt, dict(common, PW=16, HAS_GATE=gate, GATE_N1=causal, **bwd), lb)]
     for is_prefix in (True, False):
         ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
                                                    GATE_N1=not causal, GATE_H1=causal, SPLIT=is_prefix, **bwd), lb))
@@ -388,18 +410,18 @@ for D, has_dlse in ((64, True), (256, False)):
 # Triton turns an int argument whose value is 1 into a constexpr (seed 1, one head per group, P = 1, ...)
 ones = dict(seed_lo=1, seed_hi=1, REP=1, P=1, Hq=1, N=1, M=1, keep_thr=1)
 fwd, lf = f._blocks(64, cuda)
-build(f._fwd_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
+build(f._fwd_kernel, "bf16", dict(D=64, PW=16, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
                                   HAS_GATE=True, GATE_N1=False, **fwd, **ones), lf)
 bwd, lb = f._bwd_blocks(64, cuda)
-build(f._bwd_q_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=False, CAUSAL=True, DROPOUT=True, PREC="tf32",
-                                    HAS_GATE=True, GATE_N1=True, **bwd, **ones), lb)
+build(f._bwd_q_kernel, "bf16", dict(D=64, PW=16, MASK_KIND=1, MASK_N1=False, CAUSAL=True, DROPOUT=True,
+                                    PREC="tf32", HAS_GATE=True, GATE_N1=True, **bwd, **ones), lb)
 build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
                                      HAS_GATE=True, IS_PREFIX=True, GATE_N1=True, GATE_H1=True, SPLIT=False, L=1,
                                      **bwd, **ones), lb)
 count += 3
 # every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
 dims = {64: 64, 128: 128, 256: 256}
-for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, {}),
+for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, dict(PW=16)),
                            (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True, SPLIT=False)),
                            (f._prefix_table(16), f._bwd_kv_kernel, dict(IS_PREFIX=True, GATE_H1=True, SPLIT=True))):
     for cls, cfgs in table.items():

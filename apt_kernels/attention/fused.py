@@ -201,10 +201,13 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 so_b, so_h, so_n, so_d,
                 Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                PW: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr,
+                MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
+    # prefix tiles no wider than the prefix (PW: its next power of two, at least 16): P = 16 in 64-wide tiles
+    # would spend 3/4 of the prefix tile on empty columns
+    BLOCK_P: tl.constexpr = PW if PW < BLOCK_N else BLOCK_N
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -222,8 +225,9 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0, hi if edge else mid,
                 G, Mk, offs_m, offs_d, m_ok, d_ok, gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M,
                 scale * LOG2E,
-                seed_lo, seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1,
-                HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
+                seed_lo, seed_hi, keep_thr, inv_keep, bh, pid_m * BLOCK_M, BLOCK_M,
+                BLOCK_P if part == 0 else BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL,
+                DROPOUT, PREC)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -415,10 +419,11 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
                   sdq_b, sdq_h, sdq_n, sdq_d,
                   Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
-                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                  PW: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr,
+                  MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
+    BLOCK_P: tl.constexpr = PW if PW < BLOCK_N else BLOCK_N  # prefix tiles no wider than the prefix
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
     lse2 = _lse2(tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf")))
@@ -432,8 +437,8 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             dq = _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
                            hi if edge else mid, G, Mk, offs_m, offs_d, m_ok, d_ok, b * sg_b, h * sg_h, sg_n, sg_p,
                            b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale * LOG2E, seed_lo, seed_hi, keep_thr,
-                           inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_N, part, edge == 1, HAS_GATE, GATE_N1,
-                           MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
+                           inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_P if part == 0 else BLOCK_N, part,
+                           edge == 1, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
     dq = dq * scale  # once, as dk
     tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -460,7 +465,7 @@ _FWD_TABLE = {64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8
 _BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
               128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)],
               256: [(64, 16, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]}
-_TUNE_KEY = ["D", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "DROPOUT", "IS_PREFIX", "GATE_N1",
+_TUNE_KEY = ["D", "PW", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "DROPOUT", "IS_PREFIX", "GATE_N1",
              "GATE_H1", "SPLIT"]
 
 
@@ -599,8 +604,8 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
              *a.g_strides, *a.m_strides, *out.stride(),
              a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
              max(a.N, a.M + a.P)),
-            dict(D=a.D, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1,
-                 CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype)), q.device)
+            dict(D=a.D, PW=_prefix_width(a.P), HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, MASK_KIND=a.mask_kind,
+                 MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype)), q.device)
     return out, lse
 
 
@@ -685,7 +690,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *do_strides, *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
-            dict(common, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
+            dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
 
 
