@@ -272,6 +272,41 @@ def test_prefix_tiles_narrower_than_key_tiles(monkeypatch, bn, P, causal):
     check(tensors, keep, torch.float32, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_backward_reductions_in_one_launch(dtype, splits):
+    """_backward_result's sums of the prefix launch's float32 partials (over the query splits, the batch of a
+    shared prefix, the batch and/or heads a gate is shared by) and casts, one _sums_kernel launch, against
+    float64 torch sums, for every gate and prefix form. Exact in float32 up to summation order; in bf16/fp16
+    the cast of that sum."""
+    from types import SimpleNamespace
+
+    from apt_kernels.attention import fused
+
+    B, Hkv, Hq, N, P, D = 3, 2, 4, 5, 6, 8
+    g = torch.Generator().manual_seed(splits)
+    dq = torch.zeros(1, device=DEVICE)
+    for shared in (True, False):
+        pk = torch.zeros((1 if shared else B, Hkv, P, D), dtype=dtype, device=DEVICE)
+        parts = [torch.randn((splits, B, Hkv, P, D), generator=g).to(DEVICE) for _ in range(2)]
+        for gshape, heads in (((B, 1, 1, P), Hkv), ((B, 1, N, P), Hkv), ((1, Hq, 1, P), Hq), ((1, 1, 1, P), Hkv),
+                              ((B, Hq, N, P), Hq), ((1, Hq, N, P), Hq)):
+            gate = torch.zeros(gshape, dtype=dtype, device=DEVICE)
+            gparts = torch.randn((splits, B, heads, gshape[2], P), generator=g).to(DEVICE)
+            got = fused._backward_result(dq, dq, dq, parts[0], parts[1], gparts, SimpleNamespace(has_gate=True),
+                                         pk, pk, gate)[3:]
+            want = [x.double().sum(0).sum(0, keepdim=True) if shared else x.double().sum(0) for x in parts]
+            gw = gparts.double().sum(0)
+            dims = [d for d in (0, 1) if gshape[d] == 1 and gw.shape[d] != 1]
+            gw = gw.sum(dims, keepdim=True) if dims else gw
+            want.append(gw.expand(gshape))
+            for name, x, w in zip(("dprefix_k", "dprefix_v", "dgate"), got, want):
+                assert x.dtype == dtype and x.shape == w.shape, (name, x.shape, w.shape)
+                torch.testing.assert_close(x, w.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                           atol=1e-5 if dtype == torch.float32 else 1e-2,
+                                           msg=f"{name} shared={shared} gate {gshape}")
+
+
 @pytest.mark.parametrize("used", ["lse", "out"])
 def test_gradient_through_one_output_only(used):
     """Only lse (or only out) feeds the loss: the other output's gradient never exists (None in the eager
@@ -407,6 +442,12 @@ for D, has_dlse in ((64, True), (256, False)):
     build(f._delta_kernel, "bf16", dict(D=D, BLOCK_D=D, BLOCK_M=max(16, 4096 // D), HAS_DLSE=has_dlse),
           dict(num_warps=4))
     count += 1
+# the backward's reductions of the prefix/gate partials (float32 in, bf16 out)
+sig = {a: "constexpr" if a == "BLOCK" else "*fp32" if a[0] == "S" else "*bf16" if a[0] == "D" else "i32"
+       for a in f._sums_kernel.arg_names}
+triton.compile(ASTSource(fn=f._sums_kernel, signature=sig, constexprs={"BLOCK": f._SUM_BLOCK}),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+count += 1
 # Triton turns an int argument whose value is 1 into a constexpr (seed 1, one head per group, P = 1, ...)
 ones = dict(seed_lo=1, seed_hi=1, REP=1, P=1, Hq=1, N=1, M=1, keep_thr=1)
 fwd, lf = f._blocks(64, cuda)
@@ -485,4 +526,4 @@ def test_kernels_compile_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 56" in res.stdout, res.stdout
+    assert "compiled 57" in res.stdout, res.stdout

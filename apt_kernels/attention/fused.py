@@ -24,6 +24,7 @@ Design (docs/attention.md has the long form):
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -247,6 +248,35 @@ def _probs(s2, lse2):
     """Softmax probabilities of the base-2 score tile s2 given its rows' ``_lse2``: one subtraction (fused
     with the score's scaling where nothing comes between) and one exp2 per score."""
     return tl.exp2(s2 - lse2[:, None])
+
+
+@triton.jit
+def _sum_segment(Src, Dst, R1, A, R2, C, blk, BLOCK: tl.constexpr):
+    """Dst[a, c] = sum over r1 < R1, r2 < R2 of Src[r1, a, r2, c] (contiguous, float32), in that order, cast to
+    Dst's dtype: outputs blk * BLOCK .. of the flattened (A, C)."""
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < A * C
+    a = offs // C
+    c = offs - a * C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r1 in range(0, R1):
+        for r2 in range(0, R2):
+            acc += tl.load(Src + ((r1 * A + a) * R2 + r2) * C + c, mask=ok, other=0.0)
+    tl.store(Dst + offs, acc.to(Dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sums_kernel(S0, D0, R1_0, A_0, R2_0, C_0, N_0, S1, D1, R1_1, A_1, R2_1, C_1, N_1, S2, D2, R1_2, A_2, R2_2, C_2,
+                 BLOCK: tl.constexpr):
+    """Up to three _sum_segment reductions in one launch: programs 0 .. N_0 - 1 the first, the next N_1 the
+    second, the rest the third (the backward's dprefix_k, dprefix_v and dgate)."""
+    pid = tl.program_id(0)
+    if pid < N_0:
+        _sum_segment(S0, D0, R1_0, A_0, R2_0, C_0, pid, BLOCK)
+    elif pid < N_0 + N_1:
+        _sum_segment(S1, D1, R1_1, A_1, R2_1, C_1, pid - N_0, BLOCK)
+    else:
+        _sum_segment(S2, D2, R1_2, A_2, R2_2, C_2, pid - N_0 - N_1, BLOCK)
 
 
 @triton.jit
@@ -694,14 +724,59 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
 
 
-def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate):
-    """The gradients, each reduced to its input's shape, from the per-split partials of the prefix launch
-    (summed in a fixed order: no atomics, the same bits every run)."""
-    def total(parts):
-        return None if parts is None else parts[0] if parts.shape[0] == 1 else parts.sum(0)
+_SUM_BLOCK = 1024
 
-    return (dq, dk, dv, _reduce_prefix(total(dpk_parts), pk), _reduce_prefix(total(dpv_parts), pv),
-            _reduce_gate(total(dg_parts), gate, a.has_gate))
+
+def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate):
+    """The gradients, each reduced to its input's shape and dtype. The prefix launch leaves float32 partials
+    (per query split, per batch and head); their sums over the splits and the broadcast dims and the casts
+    run as one launch of _sums_kernel (a fixed order: no atomics, the same bits every run) instead of a torch
+    sum and cast per gradient (up to six launches' host time, which short sequences pay in full)."""
+    specs = [_prefix_spec(dpk_parts, pk), _prefix_spec(dpv_parts, pv),
+             _gate_spec(dg_parts, gate) if a.has_gate else None]
+    outs, segs = [], []
+    for spec in specs:
+        if spec is None:
+            outs.append(None)
+            continue
+        src, r1, a_, r2, c, shape, dtype = spec
+        if r1 == 1 and r2 == 1 and dtype == torch.float32:  # nothing to sum or cast
+            outs.append(src.view(shape))
+            continue
+        out = torch.empty(shape, dtype=dtype, device=src.device)
+        outs.append(out)
+        segs.append((src, out, r1, a_, r2, c, cdiv(a_ * c, _SUM_BLOCK)))
+    if any(seg[-1] for seg in segs):
+        dummy = (dq, dq, 0, 0, 0, 0, 0)
+        args = [x for seg in (segs + [dummy] * 3)[:3] for x in seg]
+        _sums_kernel[(sum(seg[-1] for seg in segs),)](*args[:-1], BLOCK=_SUM_BLOCK, num_warps=4)
+    dpk, dpv, dg = outs
+    if gate is not None:
+        dg = torch.zeros_like(gate) if dg is None else dg if dg.shape == gate.shape else dg.expand(gate.shape)
+    return dq, dk, dv, dpk, dpv, dg
+
+
+def _prefix_spec(parts, prefix):
+    """(partials, R1, A, R2, C, shape, dtype) of a prefix gradient: the (splits, B, Hkv, P, D) partials summed
+    over the splits, and over the batch for a shared prefix."""
+    if prefix is None:
+        return None
+    S, B = parts.shape[:2]
+    if prefix.shape[0] == 1:
+        return parts, S * B, 1, 1, math.prod(parts.shape[2:]), prefix.shape, prefix.dtype
+    return parts, S, 1, 1, math.prod(parts.shape[1:]), prefix.shape, prefix.dtype
+
+
+def _gate_spec(parts, gate):
+    """The same for the gate's (splits, B, H, N or 1, P) partials: summed over the splits, the batch where the
+    gate is shared by the batch and the heads where it is shared by them (H: Hkv or Hq, as the kernel wrote)."""
+    S, B, H, n1, P = parts.shape
+    red_b, red_h = gate.shape[0] == 1 and B != 1, gate.shape[1] == 1 and H != 1
+    if red_h and not red_b:  # (S, B, H, C) -> (B, C): sums over the first and third dims
+        return parts, S, B, H, n1 * P, (B, 1, n1, P), gate.dtype
+    keep_b, keep_h = 1 if red_b else B, 1 if red_h else H
+    r1 = S * (B if red_b else 1) * (H if red_h else 1)
+    return parts, r1, 1, 1, keep_b * keep_h * n1 * P, (keep_b, keep_h, n1, P), gate.dtype
 
 
 def _prefix_width(P: int) -> int:
@@ -721,25 +796,6 @@ def _prefix_splits(programs: int, N: int, device: torch.device) -> int:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(32, cdiv(2 * sms, programs), cdiv(N, 16)))
-
-
-def _reduce_prefix(buf, prefix):
-    if prefix is None:
-        return None
-    if prefix.shape[0] == 1:  # shared prefix: its gradient is summed over the batch
-        buf = buf.sum(0, keepdim=True)
-    return buf.to(prefix.dtype)
-
-
-def _reduce_gate(buf, gate, has_gate):
-    if gate is None:
-        return None
-    if not has_gate:
-        return torch.zeros_like(gate)
-    dims = [d for d in (0, 1) if gate.shape[d] == 1 and buf.shape[d] != 1]
-    if dims:
-        buf = buf.sum(dims, keepdim=True)
-    return buf.expand(gate.shape).to(gate.dtype) if buf.shape != gate.shape else buf.to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
