@@ -39,7 +39,7 @@ struct State {
   long long need;             // rank still needed among the entries matching the prefix (1-based)
   long long count;            // entries in the chosen bucket
   long long f_excl;           // ties with flat index < f_excl are pruned
-  unsigned int arrived[4];    // blocks done with each histogram pass (kPasses), then with the tie count
+  unsigned int arrived[kPasses + 1];  // blocks done with each histogram pass, then with the tie count
 };
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
@@ -164,6 +164,16 @@ constexpr int kMaxTileBlocks = 1024;
 __host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
 __host__ __device__ constexpr int64_t tile_cols(int R) { return static_cast<int64_t>(kThreads) * cols_per_thread(R); }
 
+// W of one entry in the documented order, from a row's U and a column's V held in registers (RR values each,
+// zero-padded in front): the score tiles and the backward share it, so the backward's W is the forward's.
+template <int RR>
+__device__ __forceinline__ float weight_of(const float (&u)[RR], const float (&v)[RR], float beta, float w0) {
+  float uv = 0.0f;
+#pragma unroll
+  for (int j = 0; j < RR; ++j) uv = fma_rn(u[j], v[j], uv);
+  return fma_rn(beta, uv, w0);
+}
+
 // visit(q, i, c, f, valid, w, key) for every (row, column) slot of the tiles this block owns (q: the
 // thread's column slot, 0 .. cols_per_thread(R) - 1, the last one visited last in a row), by every
 // thread of the block at every step (visit may use warp collectives; the 32 lanes of a warp hold 32
@@ -226,10 +236,8 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
         unsigned int key = 0u;
         if (valid) {
           if (R) {  // the documented order, from registers and shared memory
-            float uv = 0.0f, ab = 0.0f;
-#pragma unroll
-            for (int j = 0; j < RR; ++j) uv = fma_rn(ur[j], v[q][j], uv);
-            w = fma_rn(p.beta, uv, load_w0(p, f));
+            w = weight_of(ur, v[q], p.beta, load_w0(p, f));
+            float ab = 0.0f;
 #pragma unroll
             for (int j = 0; j < RR; ++j) ab = fma_rn(ar[j], b[q][j], ab);
             key = ukey(fma_rn(p.alpha2, add_rn(rr, cc[q]), fma_rn(p.alpha1, ab, abs_bits(w))));
@@ -520,10 +528,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T*
       for (int q = 0; q < Q; ++q) {
         if (c0 + q * kThreads < p.k) {
           const int64_t f = f0 + q * kThreads;
-          float uv = 0.0f;
-#pragma unroll
-          for (int j = 0; j < R; ++j) uv = fma_rn(ur[j], v[q][j], uv);
-          const float w = fma_rn(p.beta, uv, to_f32(w0[f]));
+          const float w = weight_of(ur, v[q], p.beta, to_f32(w0[f]));
           const float gr = to_f32(grad[f]);
           const float m = (words[f >> 5] >> (f & 31)) & 1u ? 1.0f : 0.0f;
           const float ds = gr * w, dw = (m + abs_bits(w)) * gr;
