@@ -27,23 +27,16 @@ from apt_kernels.pst import cuda_pst, triton_pst
 
 from .harness import RESULTS_DIR, Timing, fill, measure, metadata
 from .ops_pst import BETA, ALPHA1, ALPHA2, RANK, SPARSITY
+from .run import measure_copy
 
 SHAPES = ((768, 768), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008))
-
-
-def copy_gb_s(timing: Timing) -> float:
-    """Device-to-device copy bandwidth (read + write bytes per second) on 1 GiB."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = measure(lambda: dst.copy_(src), torch.device("cuda"), timing)
-    return 2 * src.numel() * 4 / ms / 1e6
 
 
 def run(timing: Timing) -> dict:
     ext = _env.cuda_extension()
     if ext is None:
         raise SystemExit(f"the CUDA extension is not built: {_env.cuda_reason(torch.device('cuda'))}")
-    bw = copy_gb_s(timing)
+    bw = measure_copy(torch.device("cuda"), timing)["copy_gb_s"]
     rows = []
     for n, k in SHAPES:
         s = 1000 * n + k

@@ -31,19 +31,20 @@ OPS = ("attention", "pst", "child_tuning", "apt_train")
 BUDGET_WEIGHTS = {"attention": 0.45, "pst": 0.15, "child_tuning": 0.2, "apt_train": 0.2}
 
 
+def measure_copy(device: torch.device, timing: harness.Timing) -> dict:
+    """Device-to-device copy of 1 GiB: bytes read + written, median ms, GB/s."""
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = harness.measure(lambda: dst.copy_(src), device, timing)
+    return dict(copy_bytes=2 * n, copy_ms=ms, copy_gb_s=2 * n / (ms * 1e-3) / 1e9)
+
+
 def measure_floors(device: torch.device, timing: harness.Timing) -> dict:
     """Device-to-device copy bandwidth (bytes read + written) and dense bf16 matmul rate (8192^3)."""
     if device.type != "cuda":
         return {}
-    floors = {}
-    n = 1 << 30  # 1 GiB
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = harness.measure(lambda: dst.copy_(src), device, timing)
-    floors["copy_bytes"] = 2 * n
-    floors["copy_ms"] = ms
-    floors["copy_gb_s"] = 2 * n / (ms * 1e-3) / 1e9
-    del src, dst
+    floors = measure_copy(device, timing)
     m = 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
