@@ -11,16 +11,24 @@
 //   pass counts the ties of every row, and its last block scans the row counts and then the one row
 //   where the cumulative count reaches need, giving the flat index F of the need-th tie ("cut").
 //   Mask pass: keep iff key > T, or key == T and flat index > F (F = n k - 1 when every tie goes).
+// Candidate list: pass 1 knows how many entries match the first digit (pass 0's bucket). When they fit
+//   in W''s buffer (8 bytes each: a quarter of a 16-bit W's entries, half of a float32 one's; the buffer
+//   is free until the mask pass), pass 1 also lists them (key and row; every warp stages its own in
+//   shared memory and copies them out with one atomic per copy), and pass 2 and the tie count read the
+//   list instead of recomputing every score: three score passes over W instead of four (five with split
+//   ties). A bucket too large to list (many equal scores), or a list not holding the whole bucket, leaves
+//   those passes recomputing the scores.
 // Scores in tiles (the histogram, tie-count and mask passes): a block of 256 threads walks tiles of
 //   16 rows x 256 * 32 / R columns, R = the rank rounded up to 8, 16 or 32. A thread keeps V and B of
 //   its 32 / R columns in registers, reloaded only when the tile's columns change, and reads the rows'
 //   U and A from shared memory (broadcasts): per entry the rank loops are R + R FMAs and no loads.
 //   Both factor runs are padded with zeros in front (fma(0, 0, +0) = +0: the sums are unchanged, bit
 //   for bit). Ranks above 32 evaluate every entry from global memory instead (R = 0 below).
-// Workspace: a State, 3 histograms of 2048 64-bit counters, n 64-bit row counters.
+// Workspace: a State, 3 histograms of 2048 64-bit counters, n 64-bit row counters (the list is in W').
 #include "pst.cuh"
 
 #include <cmath>
+#include <cstdlib>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,7 +48,21 @@ struct State {
   long long count;            // entries in the chosen bucket
   long long f_excl;           // ties with flat index < f_excl are pruned
   unsigned int arrived[kPasses + 1];  // blocks done with each histogram pass, then with the tie count
+  unsigned long long listed;  // entries pass 1 listed (0: no list)
+  long long count0;           // entries in pass 0's bucket: pass 1's candidates
 };
+
+// Pass 1's candidates, in W''s buffer: keys[e] and rows[e] for e < State::listed.
+struct Candidates {
+  uint32_t* keys;
+  uint32_t* rows;
+  unsigned long long cap;  // entries that fit (0: never list)
+};
+
+// The later passes read the list only if it holds every candidate (else they recompute the scores).
+__host__ __device__ inline bool list_complete(const State* st, const Candidates& cand) {
+  return st->listed != 0 && st->listed <= cand.cap && st->listed == static_cast<unsigned long long>(st->count0);
+}
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
@@ -297,6 +319,7 @@ __device__ void pick(int pass, const unsigned long long* hist, State* st, long l
         st->prefix = prefix | (static_cast<unsigned long long>(b0 + t) << shift);
         st->need = need - run;
         st->count = h;
+        if (pass == 0) st->count0 = h;
         break;
       }
       run += h;
@@ -304,18 +327,81 @@ __device__ void pick(int pass, const unsigned long long* hist, State* st, long l
   }
 }
 
-template <int R>
-__global__ void __launch_bounds__(kThreads) hist_kernel(AptPstProblem p, int pass, State* st,
-                                                        unsigned long long* hist, long long n_pruned) {
+// Pass 1's list, staged in shared memory: every warp appends to a region of its own (a count in a register,
+// the same in every lane; no atomics, no branches) and copies it to the global list (one atomic per copy)
+// whenever another slot of 32 entries might not fit, and at the end.
+constexpr int kWarpStage = 512;
+
+struct Stage {
+  uint32_t* keys;  // this warp's region: kWarpStage each
+  uint32_t* rows;
+  unsigned int n;  // records staged (warp-uniform)
+
+  __device__ __forceinline__ void add(bool in, unsigned int key, int64_t row) {
+    const unsigned int m = __ballot_sync(0xffffffffu, in);
+    const unsigned int at = n + static_cast<unsigned int>(__popc(m & ((1u << (threadIdx.x & 31)) - 1u)));
+#ifndef __CUDA_ARCH__
+    if (in && at >= kWarpStage) std::abort();  // the host simulator's tests: an overflow fails loudly
+#endif
+    if (in) {
+      keys[at] = key;
+      rows[at] = static_cast<uint32_t>(row);
+    }
+    n += static_cast<unsigned int>(__popc(m));
+  }
+
+  // By every lane of the warp: the staged records go to the global list if more than `room` are staged.
+  __device__ __forceinline__ void flush_if_over(unsigned int room, State* st, const Candidates& cand) {
+    if (n <= room) return;  // warp-uniform
+    unsigned long long base = 0;
+    if ((threadIdx.x & 31) == 0) base = atomicAdd(&st->listed, static_cast<unsigned long long>(n));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    __syncwarp();  // the lanes' appends are visible to the whole warp
+    for (unsigned int e = threadIdx.x & 31; e < n; e += 32)
+      if (base + e < cand.cap) {  // always, since the list is only made when the whole bucket fits
+        cand.keys[base + e] = keys[e];
+        cand.rows[base + e] = rows[e];
+      }
+    __syncwarp();  // the region is read before it is refilled
+    n = 0;
+  }
+};
+
+// LIST: pass 1, which lists its candidates when they fit (a variant of its own: the stage costs registers
+// and shared memory the other passes should not pay for); two blocks per SM up to rank 16 (rank 32 would spill).
+template <int R, bool LIST>
+__global__ void __launch_bounds__(kThreads, R && R <= 16 ? 2 : 1) hist_kernel(AptPstProblem p, int pass, State* st,
+                                                           unsigned long long* hist, long long n_pruned,
+                                                           Candidates cand) {
   __shared__ unsigned int sh[kMaxBins];
+  constexpr int kStage = LIST ? kThreads / 32 * kWarpStage : 1;
+  __shared__ uint32_t s_keys[kStage], s_rows[kStage];
   const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
   for (int b = threadIdx.x; b < nbins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
   const unsigned int prefix = pass ? static_cast<unsigned int>(st->prefix) : 0u;
   const int hi = shift + bits;  // < 32 whenever pass > 0
-  for_each_score<R>(p, [&](int, int64_t, int64_t, int64_t, bool valid, float, unsigned int key) {
-    if (valid && (pass == 0 || (key >> hi) == (prefix >> hi))) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
-  });
+  if (pass == kPasses - 1 && list_complete(st, cand)) {  // pass 1 listed every candidate: read them
+    const unsigned long long len = st->listed, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+    for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len;
+         e += step) {
+      const unsigned int key = cand.keys[e];
+      if ((key >> hi) == (prefix >> hi)) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
+    }
+  } else {
+    const bool listing = LIST && p.n <= 0xffffffffll && static_cast<unsigned long long>(st->count0) <= cand.cap;
+    const int warp_at = LIST ? (threadIdx.x >> 5) * kWarpStage : 0;
+    Stage stage{s_keys + warp_at, s_rows + warp_at, 0u};
+    for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+      const bool in = valid && (pass == 0 || (key >> hi) == (prefix >> hi));
+      if (in) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
+      if (listing) {
+        stage.add(in, key, i);
+        stage.flush_if_over(kWarpStage - 32, st, cand);
+      }
+    });
+    if (listing) stage.flush_if_over(0u, st, cand);
+  }
   __syncthreads();
   for (int b = threadIdx.x; b < nbins; b += blockDim.x)
     if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
@@ -362,13 +448,21 @@ __device__ void cut(const AptPstProblem& p, State* st, const unsigned long long*
 // into the zeroed rowcnt (a ballot per warp); the last block to finish then cuts (as the histogram passes
 // pick).
 template <int R>
-__global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt) {
+__global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt,
+                                                            Candidates cand) {
   if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
   const unsigned int thr = static_cast<unsigned int>(st->prefix);
-  for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
-    const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
-    if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
-  });
+  if (list_complete(st, cand)) {  // every tie is in pass 1's list
+    const unsigned long long len = st->listed, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+    for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len;
+         e += step)
+      if (cand.keys[e] == thr) atomicAdd(&rowcnt[cand.rows[e]], 1ull);
+  } else {
+    for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+      const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
+      if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
+    });
+  }
   if (finished_last(&st->arrived[kPasses])) cut(p, st, rowcnt);
 }
 
@@ -628,10 +722,17 @@ cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st,
                             unsigned long long* rowcnt, void* w_out, uint32_t* words, cudaStream_t stream) {
   const unsigned int grid = tile_grid(p, R);
   if (n_pruned > 0) {
+    // the candidate list: keys, then rows, in W''s buffer (n k elements of 2 or 4 bytes)
+    const unsigned long long cap =
+        static_cast<unsigned long long>(p.n * p.k) * (p.w0_dtype == APT_PST_F32 ? 4u : 2u) / 8u;
+    const Candidates cand{static_cast<uint32_t*>(w_out), static_cast<uint32_t*>(w_out) + cap, cap};
     for (int pass = 0; pass < kPasses; ++pass) {
-      hist_kernel<R><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned);
+      if (pass == 1)
+        hist_kernel<R, true><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
+      else
+        hist_kernel<R, false><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
     }
-    tie_rows_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, rowcnt);
+    tie_rows_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, rowcnt, cand);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

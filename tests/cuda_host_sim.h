@@ -4,8 +4,8 @@
 // `kernel<<<grid, block, shmem, stream>>>(args)` rewritten by the test (tests/cuda_host.py) to
 // `::sim::Launch(grid, block, shmem, stream)(kernel, args)`. A launch runs the blocks one after the
 // other; inside a block every CUDA thread is a fiber (ucontext) on the calling thread, switched at
-// the synchronisation points, so that __syncthreads, the warp collectives (__shfl_up_sync,
-// __shfl_xor_sync, __ballot_sync) and shared memory have their CUDA meaning:
+// the synchronisation points, so that __syncthreads, __syncwarp, the warp collectives (__shfl_sync,
+// __shfl_up_sync, __shfl_xor_sync, __ballot_sync) and shared memory have their CUDA meaning:
 //   * __shared__ variables are function statics (one block runs at a time, so one copy suffices);
 //   * __syncthreads waits for every live thread of the block, a warp collective for the warp's 32
 //     lanes; the scheduler runs the threads round-robin in between (one legal interleaving);
@@ -179,6 +179,17 @@ inline void __syncthreads() { sim::active()->wait(sim::Wait::kBlock); }
 inline void __threadfence() {}
 template <typename T>
 T __ldcg(const T* address) { return *address; }
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) throw std::logic_error("cuda_host_sim: only full-warp masks");
+  sim::warp_exchange(0, [](auto) { return 0; });
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T x, int src_lane) {
+  if (mask != 0xffffffffu) throw std::logic_error("cuda_host_sim: only full-warp masks");
+  return sim::warp_exchange(x, [&](auto at) { return at(src_lane & 31); });
+}
 
 template <typename T>
 T __shfl_up_sync(unsigned mask, T x, unsigned delta) {

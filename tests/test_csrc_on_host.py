@@ -14,6 +14,7 @@ kernels. Child-Tuning's kernels run on the host in tests/test_child_tuning_kerne
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import pytest
 import torch
@@ -83,6 +84,7 @@ class HostExtension:
                                       ws.data_ptr(), ws.numel(), None)
         if rc:
             raise RuntimeError(f"apt_pst_forward: cuda error {rc}")
+        self.last_workspace = ws
         return [out, words]
 
     def pst_backward(self, grad, words, w0, u, v, a, b, beta, alpha1, alpha2, need_w0, wide=False):
@@ -132,10 +134,11 @@ def host_lib(tmp_path_factory):
 @pytest.fixture
 def cuda_on_host(host_lib, monkeypatch):
     """backend="cuda" on CPU tensors runs csrc/'s kernels on the host."""
-    monkeypatch.setattr(_env, "cuda_extension", lambda: HostExtension(host_lib))
+    ext = HostExtension(host_lib)
+    monkeypatch.setattr(_env, "cuda_extension", lambda: ext)
     for reg in (PST_REGISTRY, bits.REGISTRY):
         monkeypatch.setattr(reg._entries["cuda"], "checks", ())
-    return HostExtension(host_lib)
+    return ext
 
 
 def _cuda(ts, sparsity=None, nm=None, beta=1.0, a1=1.0, a2=1.0):
@@ -222,6 +225,63 @@ def test_pst_tie_split(cuda_on_host, shape):
         keep = _cuda(ts, sparsity)[1].reshape(-1)
         kp = n_pruned(n * k, sparsity)
         assert not keep[:kp].any() and keep[kp:].all(), sparsity
+
+
+def _selection_state(ext):
+    """(prefix, need, count, listed, pass 0's histogram) of csrc/pst.cu's State after the last forward, read
+    from its workspace: State is {prefix, need, count, f_excl: 8 bytes each; arrived: 4 x 4 bytes; listed: 8
+    bytes; count0: 8 bytes}, the histograms of 2048 64-bit counters per pass start at byte 256."""
+    raw = ext.last_workspace.numpy().tobytes()
+    prefix, need, count, _ = struct.unpack_from("<Qqqq", raw, 0)
+    (listed,) = struct.unpack_from("<Q", raw, 48)
+    return prefix, need, count, listed, struct.unpack_from("<2048Q", raw, 256)
+
+
+def _one_bucket_of_four_values(ts, seed=0, dense_rows=False):
+    """Tie-style inputs whose W0 puts 40% of the entries at |0.25|, 40% at |3.0| and 20% spread over four
+    neighbouring bf16 values in one bucket of the first radix digit (1.0 .. 1.0234375): at sparsity 0.5 the
+    threshold is a tied value among other values of pass 1's list. dense_rows: those values only in the
+    first 16 rows, 70% of their entries (about 22 of every 32 consecutive entries: the stages fill fast)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.rand(ts[0].shape, generator=g)
+    near_one = 1.0 + torch.randint(0, 4, ts[0].shape, generator=g).float() / 128
+    w = torch.where(pick < 0.4, 0.25, torch.where(pick < 0.8, 3.0, near_one))
+    if dense_rows:  # the first 16 rows (the first block's whole run at k = 1024) 70% candidates, no others
+        w[16:] = torch.where(pick[16:] < 0.5, 0.25, 3.0)
+        w[:16] = torch.where(pick[:16] < 0.7, near_one[:16], 3.0)
+    ts[0] = (w * torch.where(torch.rand(ts[0].shape, generator=g) < 0.5, -1.0, 1.0)).to(ts[0].dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pst_candidate_list(cuda_on_host, dtype):
+    """Pass 1 lists its candidates (pass 0's bucket) in W''s buffer when they fit (8 bytes each: a quarter of
+    a 16-bit W's entries, half of a float32 one's), and pass 2 and the tie count read that list instead of
+    recomputing the scores; when they do not fit, the passes recompute. Each way, ties split or not, the
+    mask and W' are the documented order's bit for bit, and a list holds exactly pass 0's bucket. The 64 x
+    1024 cases give each of their four blocks thousands of candidates: the shared-memory stage is flushed
+    to the list many times."""
+    seen = set()
+    for n, k, kind, sparsity in ((64, 96, "random", 0.5), (37, 300, "ties", 0.9), (64, 1024, "random", 0.5),
+                                 (64, 1024, "four", 0.5), (64, 1024, "dense", 0.45), (40, 96, "four", 0.5),
+                                 (7, 9, "equal", 0.3), (40, 96, "single", (40 * 96 // 2 + 1) / (40 * 96))):
+        ts = make(n, k, rw=8, rs=5, ties=kind != "random", dtype=dtype, device="cpu")
+        if kind == "equal":
+            make_scores_equal(ts)  # one bucket holds every entry: no list fits
+        elif kind in ("four", "dense"):
+            _one_bucket_of_four_values(ts, dense_rows=kind == "dense")
+        elif kind == "single":  # pass 0's bucket holds one entry, the threshold: one warp stages one record
+            ts[0] = torch.where(torch.arange(n * k).reshape(n, k) < n * k // 2, 0.25, 3.0).to(dtype)
+            ts[0][n - 1, 5] = 1.0
+        want_keep, want_w = _emulated(ts, sparsity)
+        wp, keep = _cuda(ts, sparsity)
+        assert torch.equal(keep, want_keep) and torch.equal(wp, want_w), (n, k, kind, sparsity)
+        prefix, need, count, listed, hist0 = _selection_state(cuda_on_host)
+        bucket0 = hist0[prefix >> 21]
+        cap = n * k * (4 if dtype == torch.float32 else 2) // 8
+        assert listed == (bucket0 if bucket0 <= cap else 0), (n, k, kind, sparsity, listed, bucket0, cap)
+        seen.add((kind, listed > 0, need < count, listed > count))
+    assert {("random", True, False, True), ("ties", True, True, False), ("four", True, True, True),
+            ("dense", True, True, True), ("equal", False, True, False), ("single", True, False, False)} <= seen, seen
 
 
 def test_pst_signed_zeros_nan_and_inf(cuda_on_host):
