@@ -527,3 +527,20 @@ def test_kernels_compile_for_sm90():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
     assert "compiled 57" in res.stdout, res.stdout
+
+
+def test_double_backward_is_refused():
+    """A backward that builds a graph (create_graph=True: a gradient penalty) would miss the attention's
+    second-order terms: the triton backend raises; the reference one differentiates twice."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    k, v, pk, pv = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    out = ak.gated_prefix_attention(q, k, v, pk, pv, backend="triton")
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(ak.gated_prefix_attention(q, k, v, pk, pv, backend="triton").square().sum(), q)
+    out = ak.gated_prefix_attention(q, k, v, pk, pv, backend="reference")
+    (dq_ref,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    torch.testing.assert_close(dq, dq_ref.detach(), rtol=1e-4, atol=1e-4)
+    (g,) = torch.autograd.grad(dq_ref.square().sum() + 0.0 * q.sum(), q)
+    assert g.abs().sum() > 0

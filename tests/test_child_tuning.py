@@ -365,3 +365,20 @@ def test_radix_kth_selects_exactly_across_tensors_and_chunks():
     for q in (0.0, 0.37, 0.9, 1.0):
         want = float(np.percentile(torch.cat([t.reshape(-1) for t in finite]).double().numpy(), 100 * q))
         assert quantile_threshold(finite, q) == pytest.approx(want, rel=1e-6, abs=0.0), q
+
+
+def test_masks_for_f_mode_parameters_are_refused():
+    """A mask given to a parameter of an F-mode group would be ignored (F draws its own): an error, not a
+    silently dense update; a D group next to it takes its masks."""
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match='read in mode "D" only'):
+        ak.ChildTuningAdamW(a.parameters(), lr=0.1, masks={a.weight: torch.zeros(3, 4, dtype=torch.bool)})
+    opt = ak.ChildTuningAdamW([{"params": a.parameters(), "mode": "D"}, {"params": b.parameters()}], lr=0.1,
+                              masks={a.weight: torch.zeros(3, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="in mode 'F'"):
+        ak.ChildTuningAdamW([{"params": a.parameters(), "mode": "D"}, {"params": b.parameters()}], lr=0.1,
+                            masks={b.weight: torch.zeros(3, 4, dtype=torch.bool)})
+    before = a.weight.detach().clone()
+    (a(torch.randn(2, 4)).sum() + b(torch.randn(2, 4)).sum()).backward()
+    opt.step()
+    assert torch.equal(a.weight, before)  # every element masked out

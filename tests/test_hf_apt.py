@@ -181,6 +181,24 @@ def test_causal_decoders_do_not_see_the_future(family):
     assert not torch.allclose(hidden(model, ids)[:, 5:], hidden(model, changed)[:, 5:])
 
 
+def test_encoder_configured_as_decoder_is_causal():
+    """BertLMHeadModel with is_decoder=True attends causally: its gates pool per token by default, a mean
+    pool (which would let a position see later tokens) is refused, and earlier outputs ignore later tokens."""
+    config = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, is_decoder=True)
+    with pytest.raises(ValueError, match="is_decoder=True"):
+        apply_apt(tf.BertLMHeadModel(config), prefix_len=3, pool="mean")
+    torch.manual_seed(0)
+    model = apply_apt(tf.BertLMHeadModel(config), prefix_len=3).eval()
+    assert model.apt_adapter.cfg.pool == "token"
+    ids = torch.randint(3, 64, (2, 8))
+    changed = ids.clone()
+    changed[:, 5:] = torch.randint(3, 64, (2, 3))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("family", FAMILIES)
 def test_backends_agree_in_outputs_and_gradients(family):

@@ -143,6 +143,9 @@ def test_scheduler_plain_loop_and_realised_sparsity(compiled):
     assert other.step_count == 20 and all(m.sparsity == 0.5 for m in layers)
     with pytest.raises(ValueError, match="no PSTLinear"):
         ak.SparsityScheduler(nn.Linear(3, 3))
+    forgot = ak.SparsityScheduler(model)  # a plain loop without total_steps would never leave s(0)
+    with pytest.raises(ValueError, match="needs total_steps"):
+        forgot.step()
 
 
 def test_scheduler_as_trainer_callback():

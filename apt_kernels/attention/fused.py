@@ -844,7 +844,18 @@ def _setup_context(ctx, inputs, output):
     ctx.present = tuple(t is not None for t in (prefix_k, prefix_v, gate))
 
 
+def _no_double_backward():
+    """The kernels' gradients are not themselves differentiable. A backward asked to build a graph
+    (create_graph=True, e.g. a gradient penalty) would give gradients without the attention's second-order
+    terms, silently: refuse instead. (once_differentiable would not: its error node is never reached when
+    the differentiated inputs are also used elsewhere.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError("gated_prefix_attention: the triton backend has no double backward (a backward with "
+                           "create_graph=True); use backend='torch' or 'reference' for higher-order gradients")
+
+
 def _backward(ctx, grad_out, grad_lse):
+    _no_double_backward()
     q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
     grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, *ctx.args)
     dq, dk, dv, dpk, dpv, dg = grads
@@ -869,6 +880,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        _no_double_backward()
         q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
         grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
                                    *ctx.args)

@@ -207,11 +207,14 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             return
         if not isinstance(masks, dict):
             raise TypeError(f"masks must be a dict {{parameter: bool tensor}}, got {type(masks).__name__}")
-        own = {p for g in self.param_groups for p in g["params"]}
+        mode_of = {id(q): g["mode"] for g in self.param_groups for q in g["params"]}
         for p, mask in masks.items():
-            if not any(p is q for q in own):
+            if id(p) not in mode_of:
                 raise ValueError(f"masks holds a tensor of shape {V.shape(p) if isinstance(p, torch.Tensor) else p!r} "
                                  "that is not a parameter of this optimizer")
+            if mode_of[id(p)] != "D":  # an F-mode group draws its masks: a given one would be ignored
+                raise ValueError(f'masks holds the mask of a parameter of shape {V.shape(p)} whose param group is '
+                                 f'in mode {mode_of[id(p)]!r}: masks are read in mode "D" only (pass mode="D")')
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"the mask of parameter {V.shape(p)} must be a bool tensor, got "
                                 f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")

@@ -299,12 +299,14 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     model_type, fam = _family(model)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
-    pool = pool or ("token" if fam.causal else "mean")
+    # an encoder family configured as a decoder (BertLMHeadModel & co.: config.is_decoder) is causal too
+    causal = fam.causal or bool(getattr(model.config, "is_decoder", False))
+    pool = pool or ("token" if causal else "mean")
     if pool not in ("mean", "first", "token"):
         raise ValueError(f"pool must be 'mean', 'first' or 'token', got {pool!r}")
-    if fam.causal and pool != "token" and token_gate:
-        raise ValueError(f"pool={pool!r} lets a token's gate see later tokens in a causal decoder ({model_type}); "
-                         "use pool='token'")
+    if causal and pool != "token" and token_gate:
+        raise ValueError(f"pool={pool!r} lets a token's gate see later tokens in a causal decoder ({model_type}"
+                         f"{', is_decoder=True' if not fam.causal else ''}); use pool='token'")
     cfg = APTConfig(prefix_len, token_gate, layer_gate, pool, reparam_hidden, train_head, backend, model_type)
     layers = _get(model.base_model, fam.layers)
     hidden, _, kv_heads, head_dim = _dims(model.config)

@@ -103,6 +103,9 @@ class SparsityScheduler:
 
     def step(self) -> None:
         """Advance one optimizer step and apply the new target."""
+        if self.total_steps is None:  # a plain loop that forgot it would stay at the initial sparsity for ever
+            raise ValueError("SparsityScheduler.step() needs total_steps: pass SparsityScheduler(model, "
+                             "total_steps=...) in a plain loop (as a Trainer callback it is set at train begin)")
         self.step_count += 1
         self.apply()
 
