@@ -253,16 +253,20 @@ def test_torch_compile_fullgraph_triton(family):
     check_compiled_equals_eager(family, "triton", "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def enable_checkpointing(model):
+def enable_checkpointing(model, reentrant=False):
     """transformers >= 5.2x names it activation checkpointing (the old name warns); older 5.x do not."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing(family, monkeypatch):
+def test_gradient_checkpointing(family, reentrant, monkeypatch):
+    """Checkpointed layers recompute their attention (and gates) in the backward and give the plain run's
+    gradients, with two forwards of different batches (and padding) before one backward: nothing a
+    recomputation reads may come from the other forward."""
     from apt_kernels.hf import apt as hf_apt
 
     calls = [0]
@@ -274,15 +278,20 @@ def test_gradient_checkpointing(family, monkeypatch):
 
     monkeypatch.setattr(hf_apt, "gated_prefix_attention", counted)
     ids = torch.randint(3, 64, (2, 6))
+    ids2 = torch.randint(3, 64, (2, 6))
+    mask2 = torch.ones(2, 6, dtype=torch.long)
+    mask2[1, 3:] = 0
     grads, counts = [], []
     for ckpt in (False, True):
         model = build(family, head="cls")
         model.config.pad_token_id = model.config.pad_token_id or 0
         model.train()
         if ckpt:
-            enable_checkpointing(model)
+            enable_checkpointing(model, reentrant)
         calls[0] = 0
-        model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+        first = model(input_ids=ids, labels=torch.tensor([0, 1])).loss
+        second = model(input_ids=ids2, attention_mask=mask2, labels=torch.tensor([1, 0])).loss
+        (first + 2 * second).backward()
         counts.append(calls[0])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     # checkpointing really ran: every layer's attention was recomputed in the backward
@@ -357,17 +366,20 @@ def test_remove_restores_the_model(family):
     assert not hasattr(model, "apt_adapter")
 
 
-def test_reparametrised_prefixes_are_computed_once_per_forward():
+def test_reparametrised_prefixes_per_layer():
+    """Each layer evaluates the MLP's last linear layer for its own outputs only: the same prefixes as the
+    whole MLP's output (P-Tuning v2's reparametrisation), and gradients reach every MLP weight."""
     model = build("bert", head="cls", reparam_hidden=8)
-    calls = [0]
-    model.apt_adapter.prefix_mlp.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    adapter = model.apt_adapter
+    pk_all, pv_all = adapter.prefixes()
+    for layer in range(adapter.n_layers):
+        pk, pv = adapter.layer_prefix(layer)
+        torch.testing.assert_close(pk, pk_all[layer], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(pv, pv_all[layer], rtol=1e-6, atol=1e-7)
     ids = torch.randint(3, 64, (2, 6))
-    out = model(input_ids=ids, labels=torch.tensor([0, 1]))
-    assert calls[0] == 1
-    out.loss.backward()
-    assert model.apt_adapter.prefix_mlp[0].weight.grad is not None
-    model(input_ids=ids)
-    assert calls[0] == 2
+    model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.prefix_mlp.parameters())
+    assert adapter.prefix_embedding.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("reparam", [None, 8])
@@ -401,6 +413,8 @@ def test_gate_report_probes_every_layer():
 
 def test_prompt_tuning():
     model = build("bert", head="cls", apt=False)
+    with pytest.raises(ValueError, match="prefix_len"):
+        apply_prompt_tuning(model, prefix_len=0)
     apply_prompt_tuning(model, prefix_len=4)
     ids = torch.randint(3, 64, (2, 6))
     out = model(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long), labels=torch.tensor([0, 1]))
@@ -409,6 +423,49 @@ def test_prompt_tuning():
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("bert."))
     remove_apt(model)
     assert model(input_ids=ids).logits.shape == (2, 2)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_prompt_tuning_causal_lm_labels_and_generate():
+    """A causal LM's token-level labels gain P leading -100s (no loss on the prompt: the loss is the plain
+    model's on inputs_embeds = [prompt, tokens] with those labels); generate() is refused, clearly."""
+    model = build("gpt2", head="lm", apt=False)
+    apply_prompt_tuning(model, prefix_len=3)
+    ids = torch.randint(3, 64, (2, 6))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape[1] == 9
+    plain = remove_apt(copy.deepcopy(model))  # the same weights, no prompt hooks
+    prompt = model.apt_adapter.embedding[None].expand(2, -1, -1)
+    embeds = torch.cat([prompt, model.get_input_embeddings()(ids)], 1)
+    want = plain(inputs_embeds=embeds, labels=torch.cat([torch.full((2, 3), -100), ids], 1)).loss
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()
+    assert model.apt_adapter.embedding.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="apply_prefix_tuning"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_deepcopy_gates_with_its_own_parameters():
+    """A deep copy (EMA model, snapshot) runs its own gates and prefixes, trains them, and remove_apt on it
+    leaves the original applied."""
+    model = build("bert", head="cls")
+    clone = copy.deepcopy(model)
+    ids = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        clone.apt_adapter.layer_scale.fill_(0.0)
+        clone.apt_adapter.gate_weight.mul_(-1.0)
+    fresh = build("bert", head="cls")
+    fresh.load_state_dict(clone.state_dict())
+    torch.testing.assert_close(clone(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    assert not torch.allclose(clone(input_ids=ids).logits, model(input_ids=ids).logits)
+    with torch.no_grad():
+        clone.apt_adapter.layer_scale.fill_(1.0)
+    clone(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert clone.apt_adapter.gate_weight.grad is not None and model.apt_adapter.gate_weight.grad is None
+    before = model(input_ids=ids).logits
+    remove_apt(clone)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    assert getattr(model, "apt_adapter", None) is not None
 
 
 def test_bf16_model_runs():

@@ -20,6 +20,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..attention import gated_prefix_attention
@@ -32,18 +33,22 @@ class Family:
     layers: str  # the layer stack, relative to model.base_model
     attention: str  # the attention module inside a layer
     causal: bool
+    # The first module a layer's forward calls with the layer's input hidden states (and, for encoders, its
+    # attention mask as the second argument): the gate is computed in its forward pre-hook, so inside the
+    # layer's forward, where activation checkpointing recomputes it along with the attention.
+    gate_source: str
     patch: bool = False  # attention does not call the AttentionInterface: replace its forward
 
 
 FAMILIES = {
-    "bert": Family("encoder.layer", "attention.self", causal=False),
-    "roberta": Family("encoder.layer", "attention.self", causal=False),
-    "xlm-roberta": Family("encoder.layer", "attention.self", causal=False),
-    "deberta-v2": Family("encoder.layer", "attention.self", causal=False, patch=True),
-    "gpt2": Family("h", "attn", causal=True),
-    "llama": Family("layers", "self_attn", causal=True),
-    "qwen2": Family("layers", "self_attn", causal=True),
-    "mistral": Family("layers", "self_attn", causal=True),
+    "bert": Family("encoder.layer", "attention.self", causal=False, gate_source="attention"),
+    "roberta": Family("encoder.layer", "attention.self", causal=False, gate_source="attention"),
+    "xlm-roberta": Family("encoder.layer", "attention.self", causal=False, gate_source="attention"),
+    "deberta-v2": Family("encoder.layer", "attention.self", causal=False, gate_source="attention", patch=True),
+    "gpt2": Family("h", "attn", causal=True, gate_source="ln_1"),
+    "llama": Family("layers", "self_attn", causal=True, gate_source="input_layernorm"),
+    "qwen2": Family("layers", "self_attn", causal=True, gate_source="input_layernorm"),
+    "mistral": Family("layers", "self_attn", causal=True, gate_source="input_layernorm"),
 }
 
 
@@ -103,8 +108,8 @@ class APTAdapter(nn.Module):
             self.gate_bias = nn.Parameter(torch.zeros(n_layers, P))
         if cfg.layer_gate:
             self.layer_scale = nn.Parameter(torch.ones(n_layers))
-        self.keep_mask: torch.Tensor | None = None  # the 2-D padding mask of the running forward
-        self.forward_prefixes: tuple[torch.Tensor, torch.Tensor] | None = None  # reparametrised: per forward
+        # Nothing of a forward is kept here: the layers compute what they read during their own forward (and
+        # again in a checkpointed recomputation), so forwards may overlap before a backward.
 
     def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_k, prefix_v), each (L, Hkv, P, D)."""
@@ -115,15 +120,23 @@ class APTAdapter(nn.Module):
             return kv[0], kv[1]
         return self.prefix_k, self.prefix_v
 
-    def layer_prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefixes the attention layers read: with the reparametrisation, those computed once at the
-        start of the running forward (not once per layer), else the parameters themselves."""
-        if self.forward_prefixes is not None:
-            return self.forward_prefixes
-        return self.prefixes()
+    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix_k, prefix_v) of one layer, each (Hkv, P, D). With the reparametrisation, the MLP's last
+        linear layer is evaluated for this layer's outputs only (its hidden layer, P x reparam_hidden, is
+        recomputed per layer: cheap, and nothing computed in one forward is read by another)."""
+        if not self.cfg.reparam_hidden:
+            return self.prefix_k[layer], self.prefix_v[layer]
+        P, L, width = self.cfg.prefix_len, self.n_layers, self.kv_heads * self.head_dim
+        hidden = self.prefix_mlp[1](self.prefix_mlp[0](self.prefix_embedding.weight))  # (P, reparam_hidden)
+        last = self.prefix_mlp[2]
+        rows = torch.cat([torch.arange(width) + (kv * L + layer) * width for kv in (0, 1)]).to(last.weight.device)
+        flat = F.linear(hidden, last.weight[rows], last.bias[rows])  # (P, 2 Hkv D)
+        kv = flat.view(P, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
 
-    def gate(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
-        """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off."""
+    def gate(self, layer: int, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off.
+        keep: (B, N) bool, the real tokens of h (mean pooling; None: every token)."""
         cfg = self.cfg
         g = None
         if cfg.token_gate:
@@ -133,7 +146,6 @@ class APTAdapter(nn.Module):
             elif cfg.pool == "first":
                 pooled = hf[:, :1]
             else:  # mean over real tokens
-                keep = self.keep_mask
                 if keep is None or keep.shape[-1] < h.shape[1]:
                     pooled = hf.mean(1, keepdim=True)
                 else:
@@ -162,9 +174,9 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
                                      dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
     adapter, layer = state["adapter"], state["layer"]
-    pk, pv = adapter.layer_prefixes()
+    pk, pv = adapter.layer_prefix(layer)
     gate = state.get("gate")
-    out = gated_prefix_attention(query, key, value, pk[layer].to(query.dtype), pv[layer].to(query.dtype), gate,
+    out = gated_prefix_attention(query, key, value, pk.to(query.dtype), pv.to(query.dtype), gate,
                                  attn_mask=attention_mask, causal=causal, scale=scaling, dropout_p=dropout,
                                  backend=adapter.cfg.backend)
     return out.transpose(1, 2).contiguous(), None
@@ -238,12 +250,39 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
     backend = "auto"
     if state is not None:
         adapter, layer = state["adapter"], state["layer"]
-        pks, pvs = adapter.layer_prefixes()
-        pk, pv, gate, backend = pks[layer].to(q.dtype), pvs[layer].to(q.dtype), state.get("gate"), adapter.cfg.backend
+        pk, pv = adapter.layer_prefix(layer)
+        pk, pv, gate, backend = pk.to(q.dtype), pv.to(q.dtype), state.get("gate"), adapter.cfg.backend
     out = gated_prefix_attention(q4, k4, v4, pk, pv, gate, attn_mask=mask, scale=1.0 / math.sqrt(D * scale_factor),
                                  dropout_p=getattr(self.dropout, "p", getattr(self.dropout, "drop_prob", 0.0)) if self.training else 0.0, backend=backend)
     out = out.permute(0, 2, 1, 3).reshape(B, N, H * D)
     return (out, None)
+
+
+def _keep_from_mask(mask) -> torch.Tensor | None:
+    """(B, N) real tokens of an encoder layer from the attention mask it is called with (the "apt" mask
+    interface's (B, 1, N, M) bool mask, DeBERTa's (B, 1, N, N) 0/1 one; None: no padding): the diagonal,
+    a token's visibility to itself."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    n, m = mask.shape[-2:]
+    return mask[:, 0].diagonal(offset=m - n, dim1=-2, dim2=-1).bool()
+
+
+def _compute_gate(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of a layer's gate source (Family.gate_source): the layer's gate from the hidden states
+    entering it, left on the layer's attention module for the attention call that follows. The hook runs
+    inside the layer's forward, so a checkpointed recomputation computes the gate again from its own input
+    (forwards may overlap before a backward; reentrant checkpointing sees the gate's whole graph). A
+    module-level function that finds everything from ``module``: a deep copy of the model gates with its
+    own parameters."""
+    attn = module.__dict__["_apt_gate_of"]
+    state = attn.__dict__["_apt_state"]
+    h = args[0] if args else kwargs["hidden_states"]
+    adapter = state["adapter"]
+    keep = None
+    if adapter.cfg.token_gate and adapter.cfg.pool == "mean":
+        keep = _keep_from_mask(args[1] if len(args) > 1 else kwargs.get("attention_mask"))
+    state["gate"] = adapter.gate(state["layer"], h, keep)
 
 
 def _trainable_head(model: nn.Module) -> list[nn.Parameter]:
@@ -317,26 +356,14 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     saved_grad = _freeze_backbone(model, train_head)
     model.apt_adapter = adapter  # registered: in parameters(), state_dict() and .to()
 
-    handles = []
-
-    def capture_mask(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]
-        adapter.keep_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        adapter.forward_prefixes = adapter.prefixes() if adapter.cfg.reparam_hidden else None
-
-    handles.append(model.base_model.register_forward_pre_hook(capture_mask, with_kwargs=True))
-    patched = []
+    patched, hooked = [], []
     for i, layer in enumerate(layers):
         attn = _get(layer, fam.attention)
         attn.__dict__["_apt_state"] = {"adapter": adapter, "layer": i}
-
-        def compute_gate(module, args, kwargs, attn=attn, i=i):
-            h = args[0] if args else kwargs["hidden_states"]
-            attn.__dict__["_apt_state"]["gate"] = adapter.gate(i, h)
-
-        handles.append(layer.register_forward_pre_hook(compute_gate, with_kwargs=True))
+        source = _get(layer, fam.gate_source)
+        source.__dict__["_apt_gate_of"] = attn  # module references: a deep copy of the model maps them
+        source.register_forward_pre_hook(_compute_gate, with_kwargs=True)
+        hooked.append(source)
         if fam.patch:
             attn.forward = types.MethodType(_deberta_forward, attn)
             patched.append(attn)
@@ -345,7 +372,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     if not fam.patch:
         _register_interfaces()
         model.set_attn_implementation(ATTN_NAME)
-    model.__dict__["_apt_undo"] = {"handles": handles, "patched": patched, "attn": previous,
+    model.__dict__["_apt_undo"] = {"hooked": hooked, "patched": patched, "attn": previous,
                                    "requires_grad": saved_grad, "layers": layers, "family": fam}
     return model
 
@@ -362,8 +389,12 @@ def remove_apt(model: nn.Module) -> nn.Module:
     undo = model.__dict__.pop("_apt_undo", None)
     if undo is None:
         raise ValueError("this model has no APT applied")
-    for h in undo["handles"]:
-        h.remove()
+    for module in undo["hooked"]:  # by function, not by handle: handles would point into the original of a copy
+        for key, fn in list(module._forward_pre_hooks.items()):
+            if fn in (_compute_gate, _insert_prompt):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        module.__dict__.pop("_apt_gate_of", None)
     for attn in undo["patched"]:
         del attn.forward
     for layer in undo["layers"]:
@@ -391,41 +422,73 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
 
     The model is called as usual (input_ids, attention_mask, labels); the prompt is inserted through
     a pre-hook on the base model, and the attention mask is extended to cover it. For token-level
-    outputs (language modelling) the logits gain P leading positions.
+    outputs (language modelling, token classification) the logits gain P leading positions, and token-level
+    ``labels`` (the inputs' length) gain P leading -100s (no loss on the prompt), as PEFT's prompt tuning
+    does. ``generate()``, a KV cache and explicit ``position_ids`` are refused: the prompt would be inserted
+    again at every decoding step (use :func:`apply_prefix_tuning` or :func:`apply_apt`, whose prefixes stay
+    out of the cache).
     """
     if getattr(model, "apt_adapter", None) is not None:
         raise ValueError("this model already has APT applied; call remove_apt(model) first")
     model_type, fam = _family(model)
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
     hidden = model.config.hidden_size
     prompt = SoftPrompt(prefix_len, hidden).to(next(model.parameters()).device)
     saved_grad = _freeze_backbone(model, train_head)
     model.apt_adapter = prompt
-    embed = model.get_input_embeddings()
-
-    def insert_prompt(module, args, kwargs):
-        kwargs = dict(kwargs)
-        ids = kwargs.pop("input_ids", None)
-        if ids is None and args and isinstance(args[0], torch.Tensor):
-            ids, args = args[0], args[1:]
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            embeds = embed(ids)
-        B = embeds.shape[0]
-        p = prompt.embedding.to(embeds.dtype)[None].expand(B, -1, -1)
-        kwargs["inputs_embeds"] = torch.cat([p, embeds], 1)
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(B, prefix_len), mask], 1)
-        if "token_type_ids" in kwargs and kwargs["token_type_ids"] is not None:
-            tt = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, prefix_len), tt], 1)
-        return args, kwargs
-
-    handle = model.base_model.register_forward_pre_hook(insert_prompt, with_kwargs=True)
-    model.__dict__["_apt_undo"] = {"handles": [handle], "patched": [], "attn": model.config._attn_implementation,
+    base = model.base_model
+    base.__dict__["_apt_prompt_of"] = {"prompt": prompt, "embed": model.get_input_embeddings()}
+    base.register_forward_pre_hook(_insert_prompt, with_kwargs=True)
+    hooked = [base]
+    if model is not base:  # a task head model: its token-level labels need the prompt's -100s
+        model.__dict__["_apt_prompt_of"] = {"prompt": prompt, "labels_only": True}
+        model.register_forward_pre_hook(_insert_prompt, with_kwargs=True)
+        hooked.append(model)
+    model.__dict__["_apt_undo"] = {"hooked": hooked, "patched": [], "attn": model.config._attn_implementation,
                                    "requires_grad": saved_grad, "layers": [], "family": fam}
     model.__dict__["_apt_prompt"] = prompt
     return model
+
+
+def _insert_prompt(module: nn.Module, args, kwargs):
+    """Forward pre-hook of apply_prompt_tuning: on the base model, the prompt's embeddings before the inputs'
+    (and ones / zeros before the attention mask / token types); on a task-head model, -100 before token-level
+    labels. Everything is found from ``module`` (a deep copy of the model uses its own prompt)."""
+    of = module.__dict__["_apt_prompt_of"]
+    P = of["prompt"].embedding.shape[0]
+    kwargs = dict(kwargs)
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if of.get("labels_only"):
+        labels = kwargs.get("labels")
+        length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1] if (
+            ids is not None or kwargs.get("inputs_embeds") is not None) else None
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == length:
+            kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], P), -100), labels], 1)
+        return args, kwargs
+    for name in ("past_key_values", "position_ids"):  # generate() passes both (a cache from the first step)
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"apply_prompt_tuning: {name} is not supported (generate() and KV caches "
+                                      "would insert the prompt at every step); use apply_prefix_tuning or "
+                                      "apply_apt, whose prefixes stay out of the cache")
+    if ids is not None and "input_ids" not in kwargs:
+        args = args[1:]
+    kwargs.pop("input_ids", None)
+    embeds = kwargs.pop("inputs_embeds", None)
+    if embeds is None:
+        embeds = of["embed"](ids)
+    B = embeds.shape[0]
+    p = of["prompt"].embedding.to(embeds.dtype)[None].expand(B, -1, -1)
+    kwargs["inputs_embeds"] = torch.cat([p, embeds], 1)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(B, P), mask], 1)
+    if "token_type_ids" in kwargs and kwargs["token_type_ids"] is not None:
+        tt = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, P), tt], 1)
+    return args, kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,22 +558,23 @@ def gate_report(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tens
     if undo is None or not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
         raise ValueError("this model has no APT applied")
     adapter: APTAdapter = model.apt_adapter
+    keep = batch.get("attention_mask")
+    keep = keep.bool() if isinstance(keep, torch.Tensor) and keep.dim() == 2 else None
     rows: dict[int, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(undo["layers"]):
-        def grab(module, args, kwargs, i=i):
+        def grab(module, args, kwargs, i=i):  # runs after the gate source's hook has left the layer's gate
+            g = module.__dict__["_apt_state"].get("gate")
             h = args[0] if args else kwargs["hidden_states"]
-            g = adapter.gate(i, h)
             if g is None:
                 g = torch.ones(h.shape[0], 1, 1, adapter.cfg.prefix_len, device=h.device)
             g = g.float().expand(h.shape[0], 1, g.shape[2], -1)[:, 0]  # (B, N|1, P)
-            keep = adapter.keep_mask
             if g.shape[1] > 1 and keep is not None:
-                w = keep[:, -g.shape[1]:].float()[..., None]
+                w = keep[:, -g.shape[1]:].float()[..., None].to(g.device)
                 rows[i] = (g * w).sum((0, 1)) / w.sum((0, 1)).clamp_min(1.0)
             else:
                 rows[i] = g.mean((0, 1))
-        hooks.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+        hooks.append(_get(layer, undo["family"].attention).register_forward_pre_hook(grab, with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
