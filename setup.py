@@ -49,7 +49,14 @@ def cuda_extension():
     if not arch:
         # sm_90 machine code plus compute_90 PTX, which the driver compiles for newer GPUs at load time
         nvcc_flags += ["-gencode=arch=compute_90,code=[sm_90,compute_90]"]
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
+    # csrc/bindings.cpp includes every csrc/*_bind.cpp (one translation unit for the torch headers)
+    with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
+        unity = f.read()
+    missing = [os.path.basename(b) for b in glob.glob(os.path.join(ROOT, "csrc", "*_bind.cpp"))
+               if f'#include "{os.path.basename(b)}"' not in unity]
+    if missing:
+        raise RuntimeError(f"csrc/bindings.cpp must #include {missing}")
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*.cu"))
     say(f"building the CUDA extension apt_kernels._C from {len(sources)} sources")
     ext = CUDAExtension(
         "apt_kernels._C",

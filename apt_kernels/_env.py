@@ -52,6 +52,7 @@ def triton_import_error() -> str | None:
     return _triton_error
 
 
+@torch.compiler.assume_constant_result  # traced code (backend selection) gets the answer, not the import machinery
 def triton_reason(device: torch.device) -> str | None:
     """None when a Triton kernel can run on tensors of ``device``, else why not."""
     err = triton_import_error()
@@ -90,6 +91,7 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@torch.compiler.assume_constant_result  # as triton_reason: torch.compile must not trace the extension's import
 def cuda_reason(device: torch.device) -> str | None:
     """None when the CUDA C++ extension can run on tensors of ``device``, else why not."""
     if device.type != "cuda":

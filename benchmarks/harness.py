@@ -556,7 +556,13 @@ def write_results(rows: list[dict], out_dir: str | Path, name: str, meta: dict, 
 
 
 def write_plots(rows: list[dict], out_dir: str | Path, name: str, device: str = "") -> dict:
-    """``<name>-<op>.png`` per op with a measured row; returns {"png:<op>": path}."""
+    """``<name>-<op>.png`` per op with a measured row; returns {"png:<op>": path} ({} without matplotlib:
+    the results are already written, a missing plotting library must not fail the run)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plots (draw them later with --table NAME.json)")
+        return {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -20,7 +20,8 @@
 #   CHECK_LIMIT_S  wall-clock budget of the whole script (default 570 s, under a 10-minute limit);
 #                  the benchmark gets what the build and the tests leave (nothing if under 60 s) and
 #                  skips, and records, the contenders and modes it has no time left for
-#   TEST_LIMIT_S   cap on the test run (default 270 s, at least 30; interrupted tests still print their
+#   TEST_LIMIT_S   cap on the test run (default 270 s, lowered so that about 180 s stay for the benchmarks, at
+#                  least 30; an inner timeout is reported as exit status 3; interrupted tests still print their
 #                  summary)
 #   BENCH_REP_MS   do_bench repetition time per contender (default 100 ms)
 # Exit status: the first failure among install, tests and benchmark (the benchmark still runs after
@@ -48,19 +49,23 @@ echo "== gpu_check ${NAME}: $(hostname), $(date -u)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
 
-echo "== install (builds apt_kernels._C from csrc/; log: ${RESULTS}/${NAME}-pip.log)"
-if ! python3 -m pip install --no-build-isolation --no-deps -e . >"${RESULTS}/${NAME}-pip.log" 2>&1; then
+echo "== toolchain: nvcc $( (command -v nvcc >/dev/null && nvcc --version | tail -n 1) || echo "not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"); ninja $(ninja --version 2>/dev/null || echo "missing: the extension's sources compile one after the other")"
+PIPLOG="${LOGS}/${NAME}-pip.log"
+echo "== install (builds apt_kernels._C from csrc/; log: ${PIPLOG})"
+if ! python3 -m pip install -v --no-build-isolation --no-deps -e . >"$PIPLOG" 2>&1; then
     # e.g. setuptools < 70.1 without the wheel package ("invalid command 'bdist_wheel'"): build in place
-    tail -n 5 "${RESULTS}/${NAME}-pip.log"
+    tail -n 5 "$PIPLOG"
     echo "   pip install failed; building in place with setup.py build_ext --inplace instead"
-    if ! python3 setup.py build_ext --inplace >>"${RESULTS}/${NAME}-pip.log" 2>&1; then
-        tail -n 60 "${RESULTS}/${NAME}-pip.log"
-        echo "gpu_check: the CUDA extension build failed" >&2
-        exit 1
+    if ! python3 setup.py build_ext --inplace >>"$PIPLOG" 2>&1; then
+        tail -n 40 "$PIPLOG"
+        # the Triton kernels, the tests of everything else and the benchmarks do not need the extension
+        echo "gpu_check: the CUDA extension build failed; going on without it (exit status 1 at the end)" >&2
+        status=1
     fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-grep -E "apt-kernels setup:|Successfully" "${RESULTS}/${NAME}-pip.log" || tail -n 5 "${RESULTS}/${NAME}-pip.log"
+grep -E "apt-kernels setup:|Successfully" "$PIPLOG" || tail -n 5 "$PIPLOG"
+python3 -c "import torch; from apt_kernels import _env; print('   CUDA extension:', _env.cuda_reason(torch.device('cuda')) or 'built and loaded')"
 echo "   install took ${SECONDS} s"
 
 echo "== python3 -m apt_kernels"
@@ -76,6 +81,12 @@ fi
 # (tests/conftest.py), except in the one test that checks the autotuned path.
 LANES="(gpu or triton) and not nvcc"
 if [ "${SKIP_TESTS:-0}" = "0" ]; then
+    # keep about 180 s for the benchmarks (and 120 s for the PST backward variants) whatever the build took
+    keep=$((45 + 180))
+    if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",pst,"* ]]; then keep=$((keep + 120)); fi
+    room=$((LIMIT - SECONDS - keep))
+    if [ "$room" -lt "$TEST_LIMIT" ]; then TEST_LIMIT=$room; fi
+    if [ "$TEST_LIMIT" -lt 30 ]; then TEST_LIMIT=30; fi
     XDIST=()
     if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${TEST_WORKERS:-8}"); fi
     echo "== GPU tests: pytest -m '${LANES}' ${XDIST[*]} (log: ${LOGS}/${NAME}-pytest.log)"
@@ -85,13 +96,15 @@ if [ "${SKIP_TESTS:-0}" = "0" ]; then
         python3 -m pytest -q -m "$LANES" "${XDIST[@]}" tests 2>&1 | tee "${LOGS}/${NAME}-pytest.log"
     test_rc=${PIPESTATUS[0]}
     set -e
-    echo "   tests took $((SECONDS - t_tests)) s, exit status ${test_rc}"
+    echo "   tests took $((SECONDS - t_tests)) s (cap ${TEST_LIMIT} s), exit status ${test_rc}"
+    # 124/137 (our timeout) would read as the whole command timing out: report them as 3
+    if [ "$test_rc" -eq 124 ] || [ "$test_rc" -eq 137 ]; then echo "   tests hit their cap"; test_rc=3; fi
     if [ "$test_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$test_rc; fi
 fi
 
 if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",pst,"* ]]; then
     echo "== PST backward variants (python3 -m benchmarks.pst_backward: cuda, cuda-wide, triton)"
-    timeout -s INT 120 python3 -m benchmarks.pst_backward --out-dir "$LOGS" 2>&1 | tee "${LOGS}/${NAME}-pst-bwd.log" || true
+    timeout -s INT -k 10 120 python3 -m benchmarks.pst_backward --out-dir "$LOGS" 2>&1 | tee "${LOGS}/${NAME}-pst-bwd.log" || true
 fi
 
 budget=$((LIMIT - SECONDS - 45))
@@ -109,6 +122,7 @@ else
     timeout -s INT -k 15 "$((budget + 35))" python3 -m benchmarks.run "${bench_args[@]}" 2>&1 | tee "${LOGS}/${NAME}-bench.log"
     bench_rc=${PIPESTATUS[0]}
     set -e
+    if [ "$bench_rc" -eq 124 ] || [ "$bench_rc" -eq 137 ]; then echo "   benchmark hit its cap"; bench_rc=3; fi
     if [ "$bench_rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$bench_rc; fi
 fi
 

@@ -513,6 +513,7 @@ def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch):
         assert kv == [(fused._prefix_table(width), f"prefix<={width}"), (fused._BWD_TABLE, "")]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an offline sm_90 compile check for the CPU lanes; on a GPU the kernels compile for real")
 def test_kernels_compile_for_sm90():
     """Compile every kernel variant for sm_90 with the GPU block sizes (Triton's own toolchain, no GPU
     needed): lowering errors the interpreter cannot see, and shared memory within Hopper's 227 KB."""

@@ -481,6 +481,7 @@ print("compiled")
 
 
 @pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an offline sm_90 compile check for the CPU lanes; on a GPU the kernels compile for real")
 def test_triton_kernel_compiles_for_sm90_and_vectorises():
     """The interpreter is lenient; compile the kernel for sm_90 for real (no GPU needed), and check that
     aligned launches get 128-bit accesses."""

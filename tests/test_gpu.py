@@ -52,3 +52,12 @@ def test_pst_and_optimizer_on_cuda():
     opt.step()
     keep = ak.child_tuning.keep_mask(0, 1, 0, (64, 64), 0.3, "cuda")
     assert torch.equal(keep.cpu(), ak.child_tuning.keep_mask(0, 1, 0, (64, 64), 0.3, "cpu"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_pst_layer_compiles_with_the_extension(backend):
+    """torch.compile(fullgraph=True) of a PSTLinear whose backend selection checks the CUDA extension (the
+    host-simulated compile test removes that check)."""
+    from test_pst import check_compiled_layer
+
+    check_compiled_layer(backend, "cuda", torch.bfloat16)

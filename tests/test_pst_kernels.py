@@ -312,6 +312,7 @@ print("compiled", len(score_kernels) + len(cached) + 2)
 
 
 @pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an offline sm_90 compile check for the CPU lanes; on a GPU the kernels compile for real")
 def test_triton_kernels_compile_for_sm90_with_the_documented_fmas():
     """Compile every Triton kernel for sm_90 (Triton's own ptxas, no GPU needed): lowering errors that the
     interpreter cannot see (histogram, reshapes, dot shapes) show up here, and the score kernels must keep

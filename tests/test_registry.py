@@ -108,3 +108,22 @@ def test_pack_bits_round_trip(n):
     assert torch.equal(bits.pack_bits(full), torch.full((2,), -1, dtype=torch.int32))
     with pytest.raises(ValueError, match="hold fewer than"):
         bits.unpack_bits(words, (n + 64,))
+
+
+def test_backend_checks_trace_as_constants_under_compile():
+    """torch.compile(fullgraph=True) of code selecting a backend before any eager call: the availability
+    checks (importing the extension, finding triton) run eagerly as constants instead of being traced
+    into importlib, which Dynamo refuses."""
+    from apt_kernels import _env
+
+    _env._load_extension.cache_clear()
+    _env._triton_error = _env._UNSET
+
+    def f(x):
+        r = _env.cuda_reason(torch.device("cuda"))
+        t = _env.triton_reason(torch.device("cuda"))
+        return x + (1 if r is None else 2) + (1 if t is None else 2)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(1))
+    assert torch.equal(got, f(torch.zeros(1)))
