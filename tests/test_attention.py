@@ -235,3 +235,20 @@ def test_scale_and_grad_reduction_over_broadcast_dims():
     assert pk.grad.shape == pk.shape and g.grad.shape == g.shape
     want, _ = naive_rows(q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), g.detach(), keep, False, 0.37)
     torch.testing.assert_close(out.detach(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_backend_half_precision_with_a_huge_finite_float_mask():
+    """A float32 mask of -1e9 with fp16 scores: an ordinary (not empty) row. The torch backend keeps it
+    finite (no NaN, no zero row) and, with the rows shifted by their largest value, gives softmax's exact
+    value: the attention of the same row without the offset."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 8, dtype=torch.float16) for n in (3, 4, 4))
+    mask = torch.zeros(1, 1, 3, 4)
+    mask[0, 0, 0] = -1e9
+    mask[0, 0, 1, :2] = -1e9
+    got = ak.gated_prefix_attention(q, k, v, attn_mask=mask, backend="torch")
+    assert torch.isfinite(got).all() and got[0, 0, 0].abs().sum() > 0
+    plain = ak.gated_prefix_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(got[0, 0, 0], plain[0, 0, 0], rtol=2e-3, atol=2e-3)  # -1e9 on every key
+    masked = ak.gated_prefix_attention(q, k, v, attn_mask=mask > -1, backend="reference")
+    torch.testing.assert_close(got[0, 0, 1], masked[0, 0, 1], rtol=2e-3, atol=2e-3)  # -1e9 on two keys

@@ -545,3 +545,31 @@ def test_double_backward_is_refused():
     torch.testing.assert_close(dq, dq_ref.detach(), rtol=1e-4, atol=1e-4)
     (g,) = torch.autograd.grad(dq_ref.square().sum() + 0.0 * q.sum(), q)
     assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 1, 5, 7), (5, 7)])
+@pytest.mark.parametrize("causal,lse", [(False, False), (True, True)])
+def test_float_mask_gradient(shape, causal, lse):
+    """A float attn_mask that requires grad (DeBERTa's relative-position bias, a learned bias) gets the
+    reference's gradient, summed to its broadcast shape, with a gated prefix and with the lse's gradient."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, N, M, P, D = 2, 3, 1, 5, 7, 2, 16
+    q = torch.randn(B, Hq, N, D, requires_grad=True)
+    k, v = torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D)
+    pk, pv = torch.randn(Hkv, P, D), torch.randn(Hkv, P, D)
+    gate = torch.rand(B, 1, N, P)
+    mask = (torch.randn(shape) * 2).requires_grad_()
+    grads = {}
+    for backend in ("reference", "triton"):
+        res = ak.gated_prefix_attention(q, k, v, pk, pv, gate, attn_mask=mask, causal=causal, return_lse=lse,
+                                        backend=backend)
+        out, l = res if lse else (res, None)
+        loss = (out * torch.linspace(-1, 1, D)).sum() + (l.sum() * 0.3 if lse else 0)
+        grads[backend] = torch.autograd.grad(loss, [q, mask])
+    for name, g, want in zip(("dq", "dmask"), grads["triton"], grads["reference"]):
+        assert g.shape == want.shape, name
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # no gradient asked for: nothing is computed for the mask
+        ak.gated_prefix_attention(q, k, v, pk, pv, gate, attn_mask=mask, backend="triton")
+    with pytest.raises(RuntimeError, match="no attn_mask gradient with dropout"):
+        ak.gated_prefix_attention(q, k, v, attn_mask=mask, dropout_p=0.1, backend="triton")

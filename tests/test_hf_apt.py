@@ -475,3 +475,33 @@ def test_bf16_model_runs():
     out.loss.backward()
     assert out.logits.dtype == torch.bfloat16 and model.apt_adapter.prefix_k.grad is not None
     assert ak.gated_prefix_attention is not None
+
+
+@pytest.mark.triton
+def test_deberta_relative_bias_gradients_on_every_backend():
+    """DeBERTa's c2p/p2c terms reach the attention as a float mask computed from q and k: its gradient
+    carries the relative terms' share of the earlier layers' prefix and gate gradients. With trained-size
+    relative embeddings and projections (where that share is large) every backend gives the reference's."""
+    cfg = tf.DebertaV2Config(**COMMON, **NO_DROP, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                             max_relative_positions=16)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for backend in ("reference", "torch", "triton"):
+        torch.manual_seed(0)
+        model = tf.DebertaV2Model(copy.deepcopy(cfg)).eval()
+        with torch.no_grad():
+            model.encoder.rel_embeddings.weight.mul_(50.0)
+            for layer in model.encoder.layer:
+                for lin in (layer.attention.self.query_proj, layer.attention.self.key_proj):
+                    lin.weight.mul_(10.0)
+        torch.manual_seed(1)
+        apply_apt(model, prefix_len=3, backend=backend)
+        with torch.no_grad():
+            for p in model.apt_adapter.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        (model(input_ids=ids).last_hidden_state * upstream).sum().backward()
+        results[backend] = {n: p.grad.clone() for n, p in model.apt_adapter.named_parameters()}
+    for backend in ("torch", "triton"):
+        for n, want in results["reference"].items():
+            torch.testing.assert_close(results[backend][n], want, rtol=1e-4, atol=1e-6, msg=f"{backend} {n}")

@@ -20,6 +20,8 @@ def _triton_supports(probe):
         return f"the Triton kernel takes float16/bfloat16/float32, not {str(probe.dtype).replace('torch.', '')}"
     if "head_dim>256" in probe.features:
         return "the Triton kernel takes head dims up to 256"
+    if "mask_grad" in probe.features and "dropout" in probe.features:
+        return "the Triton kernels give no attn_mask gradient with dropout (the mask requires grad)"
     return None
 
 
@@ -132,6 +134,7 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
 
     features = ("dropout" if dropout_p > 0 else "", "lse" if return_lse else "",
                 "prefix" if prefix_k is not None else "", "gate" if gate is not None else "",
-                "head_dim>256" if D > 256 else "")
+                "head_dim>256" if D > 256 else "",
+                "mask_grad" if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled() else "")
     _, fn = REGISTRY.select(backend, Probe.of(q, *features))
     return fn(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, bool(return_lse))

@@ -21,6 +21,17 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _shift_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A float mask minus each row's largest unmasked value (softmax is unchanged by a per-row constant when
+    every column is a token column, P == 0): large finite values (a float32 mask of -1e9 with half-precision
+    scores) keep their differences in q's dtype, and a row of equal ones stays uniform."""
+    lowest = torch.finfo(mask.dtype).min
+    masked = mask <= lowest
+    top = mask.masked_fill(masked, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    return (mask - top).masked_fill(masked, float("-inf"))
+
+
 def torch_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):
     per_token_gate = gate is not None and gate.shape[2] != 1
     if return_lse or per_token_gate or q.numel() == 0 or k.shape[2] + (0 if prefix_k is None else prefix_k.shape[2]) == 0:
@@ -30,6 +41,8 @@ def torch_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale,
     Hkv, M = k.shape[1], k.shape[2]
     # A gate that differs per query head makes the gated prefix differ per query head.
     heads = Hq if gate is not None and gate.shape[1] != 1 else Hkv
+    if prefix_k is None and attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = _shift_rows(attn_mask)
     mask = additive_mask(attn_mask, causal, N, M, q.dtype, q.device)
     if prefix_k is not None:
         P = prefix_k.shape[2]

@@ -860,7 +860,37 @@ def _backward(ctx, grad_out, grad_lse):
     grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, *ctx.args)
     dq, dk, dv, dpk, dpv, dg = grads
     opt = [g if present else None for g, present in zip((dpk, dpv, dg), ctx.present)]
-    return (dq, dk, dv, *opt, None, None, None, None, None)
+    dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse)
+    return (dq, dk, dv, *opt, dmask, None, None, None, None)
+
+
+def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse):
+    """dL/d(attn_mask) of a float mask that needs one (DeBERTa's relative-position bias, a learned bias):
+    the token scores' gradient dS = P (dO V^T - rowsum(dO O)) (+ dlse P), summed to the mask's shape. The
+    kernels do not produce dS; this recomputes it with torch matmuls in float32, O(B Hq N M) memory, as a
+    materialised mask needs anyway. None when the mask needs no gradient (the usual case: no cost)."""
+    if not ctx.needs_input_grad[6] or attn_mask is None or not attn_mask.is_floating_point():
+        return None
+    causal, scale, dropout_p, _ = ctx.args
+    if dropout_p > 0:  # refused up front (the registry): the kernels' dropout mask is not reproduced here
+        raise RuntimeError("gated_prefix_attention: the triton backend has no attn_mask gradient with dropout")
+    from .reference import additive_mask
+
+    B, Hq, N, _ = q.shape
+    rep = Hq // k.shape[1]
+    kf, vf = (t.float().repeat_interleave(rep, 1) for t in (k, v))
+    s = (q.float() @ kf.transpose(-1, -2)) * scale + additive_mask(attn_mask, causal, N, k.shape[2], torch.float32,
+                                                                   q.device)
+    live = lse[..., None] > float("-inf")
+    p = torch.where(live, torch.exp(s - torch.where(live, lse[..., None], 0.0)), 0.0)  # the token probabilities
+    ds = torch.zeros_like(p)
+    if grad_out is not None:
+        do = grad_out.float()
+        ds = p * (do @ vf.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
+    if grad_lse is not None:
+        ds = ds + p * grad_lse.float()[..., None]
+    dims = [d for d in range(4) if attn_mask.shape[d] == 1 and ds.shape[d] != 1]
+    return (ds.sum(dims, keepdim=True) if dims else ds).to(attn_mask.dtype)
 
 
 torch.library.register_autograd("apt_kernels::gated_prefix_attention_fwd", _backward, setup_context=_setup_context)
@@ -884,7 +914,8 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
         grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
                                    *ctx.args)
-        return (*grads, None, None, None, None, None)
+        dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse)
+        return (*grads, dmask, None, None, None, None)
 
 
 def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):

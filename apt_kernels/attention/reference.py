@@ -25,7 +25,10 @@ def additive_mask(attn_mask: torch.Tensor | None, causal: bool, n: int, m: int, 
     """The token-column mask as an additive 4-D tensor in ``dtype`` (-inf = hidden), or None.
 
     A float mask entry at or below its dtype's most negative finite value counts as masked (-inf),
-    so Hugging Face's ``finfo.min`` masks hide keys exactly.
+    so Hugging Face's ``finfo.min`` masks hide keys exactly. Other entries are added as they are; one
+    beyond ``dtype``'s range (-1e9 of a float32 mask for half-precision scores) saturates to its largest
+    finite value instead of becoming an infinity (which would hide the key: a row of -1e9 is uniform
+    attention, not an empty row).
     """
     out = None
     if attn_mask is not None:
@@ -33,7 +36,10 @@ def additive_mask(attn_mask: torch.Tensor | None, causal: bool, n: int, m: int, 
             out = torch.zeros((), dtype=dtype, device=device).masked_fill(~attn_mask, float("-inf"))
         else:
             lowest = torch.finfo(attn_mask.dtype).min
-            out = attn_mask.to(dtype).masked_fill(attn_mask <= lowest, float("-inf"))
+            out = attn_mask
+            if torch.finfo(dtype).max < torch.finfo(attn_mask.dtype).max:
+                out = out.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+            out = out.to(dtype).masked_fill(attn_mask <= lowest, float("-inf"))
     if causal:
         i = torch.arange(n, device=device)[:, None]
         t = torch.arange(m, device=device)[None, :]
