@@ -95,6 +95,10 @@ class Registry:
 
         return deco
 
+    def backends(self) -> tuple[str, ...]:
+        """The backends registered for this op (``auto`` aside)."""
+        return tuple(b for b in BACKENDS if b in self._entries)
+
     def reason(self, backend: str, probe: Probe) -> str | None:
         """None if ``backend`` can run ``probe`` here, else why not."""
         entry = self._entries.get(backend)

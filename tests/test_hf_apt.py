@@ -505,3 +505,20 @@ def test_deberta_relative_bias_gradients_on_every_backend():
     for backend in ("torch", "triton"):
         for n, want in results["reference"].items():
             torch.testing.assert_close(results[backend][n], want, rtol=1e-4, atol=1e-6, msg=f"{backend} {n}")
+
+
+def test_load_apt_mismatch_names_the_tensor_and_leaves_the_model(tmp_path):
+    """A saved head of another shape is named in the error, and the model is left as it was; backend=
+    overrides the saved backend; apply_apt refuses an unknown backend up front."""
+    with pytest.raises(ValueError, match="backend must be one of"):
+        build("bert", head="cls", backend="trition")
+    model = build("bert", head="cls", backend="reference")
+    save_apt(model, tmp_path)
+    other = tf.BertForSequenceClassification(tf.BertConfig(**COMMON, **NO_DROP, num_labels=3))
+    flags = {n: p.requires_grad for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=r"head\.classifier\.\w+' of shape \(2.*this model's is \(3"):
+        load_apt(other, tmp_path)
+    assert getattr(other, "apt_adapter", None) is None and "_apt_undo" not in other.__dict__
+    assert flags == {n: p.requires_grad for n, p in other.named_parameters()}
+    same = tf.BertForSequenceClassification(tf.BertConfig(**COMMON, **NO_DROP))
+    assert load_apt(same, tmp_path, backend="torch").apt_adapter.cfg.backend == "torch"

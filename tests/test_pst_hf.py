@@ -206,8 +206,9 @@ def test_apply_pst_targets_head_and_bias_options():
         apply_pst(nn.Sequential(nn.Linear(3, 3)))
 
 
-def test_apply_pst_gpt2_conv1d():
+def test_apply_pst_gpt2_conv1d(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
@@ -225,8 +226,11 @@ def test_apply_pst_gpt2_conv1d():
     with torch.no_grad():
         pruned = model(input_ids=x).logits
         export_pst(model)
-        assert type(model.transformer.h[0].attn.c_attn) is nn.Linear
+        assert type(model.transformer.h[0].attn.c_attn) is Conv1D  # GPT-2's own layout comes back
         assert torch.equal(model(input_ids=x).logits, pruned)
+    model.save_pretrained(tmp_path)  # and the exported model is a plain GPT-2 checkpoint
+    with torch.no_grad():
+        assert torch.equal(GPT2LMHeadModel.from_pretrained(tmp_path).eval()(input_ids=x).logits, pruned)
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])

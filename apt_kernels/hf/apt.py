@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import REGISTRY as ATTENTION_REGISTRY
 from ..attention import gated_prefix_attention
 
 ATTN_NAME = "apt"
@@ -338,6 +339,9 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     model_type, fam = _family(model)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
+    backends = ("auto", *ATTENTION_REGISTRY.backends())
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     # an encoder family configured as a decoder (BertLMHeadModel & co.: config.is_decoder) is causal too
     causal = fam.causal or bool(getattr(model.config, "is_decoder", False))
     pool = pool or ("token" if causal else "mean")
@@ -520,8 +524,13 @@ def save_apt(model: nn.Module, path: str | os.PathLike) -> None:
         json.dump(dataclasses.asdict(adapter.cfg), f, indent=2)
 
 
-def load_apt(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply APT to ``base_model`` with the saved config and load the saved parameters (exactly)."""
+def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
+    """Apply APT to ``base_model`` with the saved config and load the saved parameters (exactly).
+
+    ``backend`` overrides the saved one (an adapter trained with ``backend="triton"`` on a GPU, used on a
+    CPU). A saved tensor whose shape does not fit the model is named in the error, and the model is left
+    as it was (the APT applied for the load is removed again).
+    """
     from safetensors.torch import load_file
 
     with open(os.path.join(path, CONFIG_NAME)) as f:
@@ -529,17 +538,31 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     model_type, _ = _family(base_model)
     if cfg.family and cfg.family != model_type:
         raise ValueError(f"the adapter at {path} was trained on {cfg.family}, not {model_type}")
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
     model = apply_apt(base_model, cfg.prefix_len, token_gate=cfg.token_gate, layer_gate=cfg.layer_gate,
                       pool=cfg.pool, reparam_hidden=cfg.reparam_hidden, train_head=cfg.train_head,
-                      backend=cfg.backend)
-    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
-    adapter_state = {n[len("apt."):]: t for n, t in tensors.items() if n.startswith("apt.")}
-    model.apt_adapter.load_state_dict(adapter_state, strict=True)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
+                      backend=cfg.backend if backend is None else backend)
+    try:
+        adapter_params = dict(model.apt_adapter.named_parameters())
+        params = dict(model.named_parameters())
         for n, t in tensors.items():
-            if n.startswith("head."):
-                params[n[len("head."):]].copy_(t)
+            kind, name = n.split(".", 1)
+            target = adapter_params.get(name) if kind == "apt" else params.get(name) if kind == "head" else None
+            if target is None:
+                raise ValueError(f"the adapter at {path} holds {n!r}, which this model has no parameter for")
+            if target.shape != t.shape:
+                raise ValueError(f"the adapter at {path} holds {n!r} of shape {tuple(t.shape)}; this model's is "
+                                 f"{tuple(target.shape)} (another model size or number of labels?)")
+        missing = sorted(set(adapter_params) - {n[len("apt."):] for n in tensors if n.startswith("apt.")})
+        if missing:
+            raise ValueError(f"the adapter at {path} lacks {missing}")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                kind, name = n.split(".", 1)
+                (adapter_params if kind == "apt" else params)[name].copy_(t)
+    except Exception:
+        remove_apt(model)
+        raise
     return model
 
 

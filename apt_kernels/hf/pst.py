@@ -135,7 +135,9 @@ def apply_pst(model: nn.Module, sparsity: float = 0.9, rank_w: int = 8, rank_s: 
 
 @torch.no_grad()
 def export_pst(model: nn.Module, *, semi_structured: bool = False, inplace: bool = True) -> nn.Module:
-    """Replace every PSTLinear by a plain ``nn.Linear`` holding W' (pruned entries exact +0.0).
+    """Replace every PSTLinear by a plain ``nn.Linear`` holding W' (pruned entries exact +0.0), or by the
+    transformers ``Conv1D`` it was made from (GPT-2) holding W' transposed, so the exported model saves and
+    loads as its original architecture.
 
     Each layer is pruned at its current ``sparsity`` (the final one after a full schedule), so the
     realised sparsity of every exported weight equals its target (``floor(out * in * s)`` zeros from
@@ -150,7 +152,7 @@ def export_pst(model: nn.Module, *, semi_structured: bool = False, inplace: bool
     if not layers:
         raise ValueError("export_pst found no PSTLinear layers in the model")
     for name, layer in layers:
-        _set(model, name, layer.to_linear(semi_structured=semi_structured))
+        _set(model, name, layer.to_dense(semi_structured=semi_structured))
     return model
 
 

@@ -123,6 +123,7 @@ class PSTLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(conv.weight.detach().t().contiguous(), conv.bias, **_defaults(kwargs))
+        layer.conv1d_type = type(conv)  # export_pst gives a Conv1D back (checkpoints keep their layout)
         return layer
 
     # -- forward --------------------------------------------------------------------------------------
@@ -213,6 +214,21 @@ class PSTLinear(nn.Module):
             lin.weight = nn.Parameter(w)
         lin.bias = self.bias
         return lin
+
+    @torch.no_grad()
+    def to_dense(self, semi_structured: bool = False) -> nn.Module:
+        """What :func:`apt_kernels.hf.export_pst` puts back: :meth:`to_linear`'s ``nn.Linear``, or, for a
+        layer made from a transformers ``Conv1D`` (GPT-2), a ``Conv1D`` of the same type holding W'
+        transposed, so that the exported model saves and loads as the original architecture
+        (``semi_structured=True`` gives the ``nn.Linear``: torch's sparse kernels take that layout)."""
+        conv_type = getattr(self, "conv1d_type", None)
+        if conv_type is None or semi_structured:
+            return self.to_linear(semi_structured=semi_structured)
+        w = self._masked() + 0.0
+        conv = conv_type(self.out_features, self.in_features)
+        conv.weight = nn.Parameter(w.t().contiguous())
+        conv.bias = self.bias if self.bias is not None else None
+        return conv
 
     def extra_repr(self) -> str:
         sp = f"nm={self.nm}" if self.nm else f"sparsity={self.sparsity:g} (final {self.final_sparsity:g})"
