@@ -507,13 +507,22 @@ def _head_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if id(p) in head and not n.startswith("apt_adapter.")}
 
 
+def _apt_applied(model: nn.Module) -> dict:
+    """The undo record of apply_apt / apply_prefix_tuning, or an error saying what the model has instead."""
+    undo = model.__dict__.get("_apt_undo")
+    if undo is None:
+        raise ValueError("this model has no APT applied")
+    if not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
+        raise ValueError("this model has prompt tuning (apply_prompt_tuning), not APT or prefix tuning: save it "
+                         "with model.apt_adapter.state_dict()")
+    return undo
+
+
 def save_apt(model: nn.Module, path: str | os.PathLike) -> None:
     """Write only the APT parameters (and the trained head) as safetensors, plus a config JSON."""
     from safetensors.torch import save_file
 
-    undo = model.__dict__.get("_apt_undo")
-    if undo is None or not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
-        raise ValueError("this model has no APT applied")
+    _apt_applied(model)
     adapter: APTAdapter = model.apt_adapter
     os.makedirs(path, exist_ok=True)
     tensors = {f"apt.{n}": p.detach().contiguous() for n, p in adapter.named_parameters()}
@@ -577,9 +586,7 @@ def gate_report(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tens
     Returns ``{"layer": (L,), "layer_prefix": (L, P)}``: the gate (lambda_i * alpha) averaged over
     examples, real (non-padded) positions and, for "layer", the prefix tokens too.
     """
-    undo = model.__dict__.get("_apt_undo")
-    if undo is None or not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
-        raise ValueError("this model has no APT applied")
+    undo = _apt_applied(model)
     adapter: APTAdapter = model.apt_adapter
     keep = batch.get("attention_mask")
     keep = keep.bool() if isinstance(keep, torch.Tensor) and keep.dim() == 2 else None
