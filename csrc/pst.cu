@@ -106,19 +106,30 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// W0[f] and W'[f] = x: T is W0's element type (a template parameter of the tile passes: no per-entry dtype
+// branches); the untyped versions serve the per-entry paths (ranks above 32, N:M, the tie cut).
+template <class T>
+__device__ __forceinline__ float load_w0_as(const AptPstProblem& p, int64_t f) {
+  return to_f32(static_cast<const T*>(p.w0)[f]);
+}
+template <class T>
+__device__ __forceinline__ void store_as(void* out, int64_t f, float x) {
+  static_cast<T*>(out)[f] = from_f32<T>(x);
+}
+
 __device__ __forceinline__ float load_w0(const AptPstProblem& p, int64_t f) {
   switch (p.w0_dtype) {
-    case APT_PST_F16: return to_f32(static_cast<const __half*>(p.w0)[f]);
-    case APT_PST_BF16: return to_f32(static_cast<const __nv_bfloat16*>(p.w0)[f]);
-    default: return static_cast<const float*>(p.w0)[f];
+    case APT_PST_F16: return load_w0_as<__half>(p, f);
+    case APT_PST_BF16: return load_w0_as<__nv_bfloat16>(p, f);
+    default: return load_w0_as<float>(p, f);
   }
 }
 
 __device__ __forceinline__ void store_out(const AptPstProblem& p, void* out, int64_t f, float x) {
   switch (p.w0_dtype) {
-    case APT_PST_F16: static_cast<__half*>(out)[f] = from_f32<__half>(x); break;
-    case APT_PST_BF16: static_cast<__nv_bfloat16*>(out)[f] = from_f32<__nv_bfloat16>(x); break;
-    default: static_cast<float*>(out)[f] = x;
+    case APT_PST_F16: store_as<__half>(out, f, x); break;
+    case APT_PST_BF16: store_as<__nv_bfloat16>(out, f, x); break;
+    default: store_as<float>(out, f, x);
   }
 }
 
@@ -202,7 +213,7 @@ __device__ __forceinline__ float weight_of(const float (&u)[RR], const float (&v
 // consecutive columns of one row, the first a multiple of 32). valid: the slot is an entry of W
 // (then w is its weight and key its ordered score key; both 0 otherwise). Blocks own contiguous runs
 // of tiles, rows fastest, so that the column factors are reloaded only when a run crosses columns.
-template <int R, class Visit>
+template <int R, class T, class Visit>
 __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& visit) {
   constexpr int kCpt = cols_per_thread(R), RR = R ? R : 1;
   __shared__ __align__(16) float su[kTileRows][RR];
@@ -258,7 +269,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
         unsigned int key = 0u;
         if (valid) {
           if (R) {  // the documented order, from registers and shared memory
-            w = weight_of(ur, v[q], p.beta, load_w0(p, f));
+            w = weight_of(ur, v[q], p.beta, load_w0_as<T>(p, f));
             float ab = 0.0f;
 #pragma unroll
             for (int j = 0; j < RR; ++j) ab = fma_rn(ar[j], b[q][j], ab);
@@ -369,7 +380,7 @@ struct Stage {
 
 // LIST: pass 1, which lists its candidates when they fit (a variant of its own: the stage costs registers
 // and shared memory the other passes should not pay for); two blocks per SM up to rank 16 (rank 32 would spill).
-template <int R, bool LIST>
+template <int R, bool LIST, class T>
 __global__ void __launch_bounds__(kThreads, R && R <= 16 ? 2 : 1) hist_kernel(AptPstProblem p, int pass, State* st,
                                                            unsigned long long* hist, long long n_pruned,
                                                            Candidates cand) {
@@ -392,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, R && R <= 16 ? 2 : 1) hist_kernel(Ap
     const bool listing = LIST && p.n <= 0xffffffffll && static_cast<unsigned long long>(st->count0) <= cand.cap;
     const int warp_at = LIST ? (threadIdx.x >> 5) * kWarpStage : 0;
     Stage stage{s_keys + warp_at, s_rows + warp_at, 0u};
-    for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+    for_each_score<R, T>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
       const bool in = valid && (pass == 0 || (key >> hi) == (prefix >> hi));
       if (in) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
       if (listing) {
@@ -447,7 +458,7 @@ __device__ void cut(const AptPstProblem& p, State* st, const unsigned long long*
 // Only when the ties are split (need < count): the number of entries of every row whose key is T, added
 // into the zeroed rowcnt (a ballot per warp); the last block to finish then cuts (as the histogram passes
 // pick).
-template <int R>
+template <int R, class T>
 __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt,
                                                             Candidates cand) {
   if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
@@ -458,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, Sta
          e += step)
       if (cand.keys[e] == thr) atomicAdd(&rowcnt[cand.rows[e]], 1ull);
   } else {
-    for_each_score<R>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+    for_each_score<R, T>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
       const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
       if ((threadIdx.x & 31) == 0 && ties) atomicAdd(&rowcnt[i], static_cast<unsigned long long>(__popc(ties)));
     });
@@ -470,7 +481,7 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, Sta
 // column: one whole word when k % 32 == 0 (stored), else the parts of two words (ORed into zeroed words).
 // Lane q keeps the word of column slot q; after the row's last slot lanes 0 .. cols_per_thread(R) - 1
 // write theirs together (one store per row, not one per slot).
-template <int R>
+template <int R, class T>
 __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out,
                                                         uint32_t* words) {
   const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
@@ -480,9 +491,9 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const S
   const int lane = threadIdx.x & 31;
   unsigned int mine = 0u;  // this lane's word, and the flat index of its first entry (-1: none)
   int64_t mine_f = -1;
-  for_each_score<R>(p, [&](int q, int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
+  for_each_score<R, T>(p, [&](int q, int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
     const bool keep = valid & ((key > thr) | ((key == thr) & (f >= f_excl)));  // no branches
-    if (valid) store_out(p, out, f, mul_rn(w, keep ? 1.0f : 0.0f));
+    if (valid) store_as<T>(out, f, mul_rn(w, keep ? 1.0f : 0.0f));
     const unsigned int word = __ballot_sync(0xffffffffu, keep);
     if (lane == q) {
       mine = word;
@@ -716,28 +727,40 @@ unsigned int grid_for(int64_t work, int threads) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
 }
 
-// The selection passes (when n_pruned > 0; the workspace zeroed) and the mask pass, tiles of bucket R.
-template <int R>
+// The selection passes (when n_pruned > 0; the workspace zeroed) and the mask pass, tiles of bucket R, W0 of
+// element type T.
+template <int R, class T>
 cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st, unsigned long long* hist,
                             unsigned long long* rowcnt, void* w_out, uint32_t* words, cudaStream_t stream) {
   const unsigned int grid = tile_grid(p, R);
   if (n_pruned > 0) {
     // the candidate list: keys, then rows, in W''s buffer (n k elements of 2 or 4 bytes)
     const unsigned long long cap =
-        static_cast<unsigned long long>(p.n * p.k) * (p.w0_dtype == APT_PST_F32 ? 4u : 2u) / 8u;
+        static_cast<unsigned long long>(p.n * p.k) * sizeof(T) / 8u;
     const Candidates cand{static_cast<uint32_t*>(w_out), static_cast<uint32_t*>(w_out) + cap, cap};
     for (int pass = 0; pass < kPasses; ++pass) {
       if (pass == 1)
-        hist_kernel<R, true><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
+        hist_kernel<R, true, T><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
       else
-        hist_kernel<R, false><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
+        hist_kernel<R, false, T><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
     }
-    tie_rows_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, rowcnt, cand);
+    tie_rows_kernel<R, T><<<grid, kThreads, 0, stream>>>(p, st, rowcnt, cand);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  mask_kernel<R><<<grid, kThreads, 0, stream>>>(p, st, n_pruned > 0, w_out, words);
+  mask_kernel<R, T><<<grid, kThreads, 0, stream>>>(p, st, n_pruned > 0, w_out, words);
   return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t select_and_mask_ranks(const AptPstProblem& p, int64_t n_pruned, State* st, unsigned long long* hist,
+                                  unsigned long long* rowcnt, void* w_out, uint32_t* words, cudaStream_t stream) {
+  switch (rank_bucket(p.rw, p.rs)) {
+    case 8: return select_and_mask<8, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case 16: return select_and_mask<16, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case 32: return select_and_mask<32, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    default: return select_and_mask<0, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+  }
 }
 
 }  // namespace
@@ -773,11 +796,12 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
   const size_t zeroed = rowcnt_at + sizeof(unsigned long long) * static_cast<size_t>(p.n);  // all counters
   if (n_pruned > 0 && (err = cudaMemsetAsync(ws, 0, zeroed, stream)) != cudaSuccess) return err;
   if (p.k % 32 && (err = cudaMemsetAsync(words, 0, nwords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
-  switch (rank_bucket(p.rw, p.rs)) {
-    case 8: return select_and_mask<8>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    case 16: return select_and_mask<16>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    case 32: return select_and_mask<32>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    default: return select_and_mask<0>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+  switch (p.w0_dtype) {
+    case APT_PST_F16: return select_and_mask_ranks<__half>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case APT_PST_BF16:
+      return select_and_mask_ranks<__nv_bfloat16>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case APT_PST_F32: return select_and_mask_ranks<float>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 
