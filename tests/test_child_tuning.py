@@ -382,3 +382,27 @@ def test_masks_for_f_mode_parameters_are_refused():
     (a(torch.randn(2, 4)).sum() + b(torch.randn(2, 4)).sum()).backward()
     opt.step()
     assert torch.equal(a.weight, before)  # every element masked out
+
+
+def test_parameter_dtypes_and_group_checks():
+    """float64 (rounded to float32 every step) and complex parameters are refused; a rejected param group is
+    not kept; a group's seed is checked like the constructor's."""
+    for dtype in (torch.float64, torch.complex64):
+        with pytest.raises(TypeError, match="float32, bfloat16 and float16 parameters"):
+            ak.ChildTuningAdamW([torch.zeros(4, dtype=dtype, requires_grad=True)], lr=0.1)
+    p1, p2 = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = ak.ChildTuningAdamW([p1], lr=0.1)
+    with pytest.raises(ValueError, match="reserve_p"):
+        opt.add_param_group({"params": [p2], "reserve_p": 0.0})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="seed"):
+        opt.add_param_group({"params": [p2], "seed": -3})
+    assert len(opt.param_groups) == 1
+
+
+def test_fisher_mask_restores_every_module_mode():
+    model = TinyClassifier()
+    model.layers[1].eval()  # a submodule the user froze in eval mode
+    batches = [{"x": torch.randn(5, 6), "labels": torch.randint(0, 3, (5,))}]
+    ak.fisher_mask(model, batches, 0.3, progress=False)
+    assert model.training and not model.layers[1].training and model.layers[0].training

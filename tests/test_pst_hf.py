@@ -309,3 +309,48 @@ def test_train_pst_example_runs(extra):
     assert float(m.group(1)) == pytest.approx(0.5 if extra else 0.9, abs=1e-3)
     assert "exported model matches the PST model: True" in out
     assert "train_pst done in" in out
+
+
+def test_apply_pst_refuses_layers_their_parents_read_directly():
+    """torch.nn.MultiheadAttention reads out_proj.weight, nn.Transformer*Layer's fast path linear1/2.weight:
+    a PSTLinear there would never prune. Refused, with the model left as it was."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    flags = [p.requires_grad for p in enc.parameters()]
+    with pytest.raises(ValueError, match="read directly"):
+        apply_pst(enc, sparsity=0.5)
+    with pytest.raises(ValueError, match="out_proj"):
+        apply_pst(enc, sparsity=0.5, targets=r"out_proj")
+    assert flags == [p.requires_grad for p in enc.parameters()] and not pst_layers(enc)
+
+
+def test_apply_pst_argument_errors_leave_the_model():
+    model = tiny_bert()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for bad in (dict(sparsity=1.5), dict(nm=(2, 64)), dict(backend="cdua"), dict(factor_dtype=3)):
+        with pytest.raises((ValueError, TypeError)):
+            apply_pst(model, **{"sparsity": 0.5, **bad})
+        assert flags == {n: p.requires_grad for n, p in model.named_parameters()} and not pst_layers(model), bad
+    with pytest.raises(TypeError, match="targets must be"):
+        apply_pst(model, sparsity=0.5, targets=5)
+    apply_pst(model, sparsity=0.5, targets=re.compile(r"attention\.self\.query$"))  # a compiled regex
+    assert [n for n, _ in pst_layers(model)] == [f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 1)]
+
+
+def test_export_keeps_the_pruned_weights_frozen():
+    """W' is derived from the frozen W0: exported weights do not require grad (an optimizer over
+    requires_grad parameters would otherwise train them densely)."""
+    model = export_pst(apply_pst(tiny_bert(), sparsity=0.9))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.encoder"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_masks_ignore_autocast(backend):
+    """Under torch.autocast the scores' matrix products stay float32 (math.md 3): the same mask and W'."""
+    torch.manual_seed(0)
+    w0, u, v, a, b = torch.randn(64, 64), torch.randn(64, 8), torch.randn(8, 64), torch.randn(64, 8), torch.randn(8, 64)
+    r, c = torch.randn(64), torch.randn(64)
+    want = ak.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=0.5, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ak.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=0.5, backend=backend)
+    assert torch.equal(got, want)

@@ -149,7 +149,7 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
         raise ValueError("no trainable parameter was selected for a Fisher mask")
 
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in chosen]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # every submodule's, restored as it was
     model.train()
     model.zero_grad(set_to_none=True)
     n_batches = 0
@@ -169,7 +169,8 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
             model.zero_grad(set_to_none=True)
             n_batches += 1
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     if n_batches == 0:
         raise ValueError("batches was empty: the Fisher information needs at least one batch")
     torch._foreach_div_(fisher, float(n_batches))

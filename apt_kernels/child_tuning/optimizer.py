@@ -137,6 +137,19 @@ def _check_hyper(group: dict, where: str) -> None:
     V.number(f"reserve_p{where}", group["reserve_p"], lo=0.0, hi=1.0, lo_open=True)
     V.choice(f"mode{where}", group["mode"], ("F", "D"))
     V.choice(f"semantics{where}", group["semantics"], ("official", "torch"))
+    _check_seed(group["seed"], f"seed{where}")
+    for p in group.get("params", ()):
+        if p.dtype not in PARAM_DTYPES:  # float64 would be rounded to float32 each step, complex lose its imaginary part
+            raise TypeError(f"ChildTuningAdamW takes float32, bfloat16 and float16 parameters (float32 moments); got "
+                            f"{p.dtype} for a parameter of shape {V.shape(p)}{where}")
+
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_seed(seed, name: str = "seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
 
 
 class ChildTuningAdamW(torch.optim.Optimizer):
@@ -173,8 +186,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *, reserve_p=1.0,
                  mode="F", masks=None, seed=0, semantics="official", backend="auto"):
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        _check_seed(seed)
         V.choice("backend", backend, ("auto",) + BACKENDS)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, reserve_p=reserve_p, mode=mode, semantics=semantics,
@@ -195,7 +207,11 @@ class ChildTuningAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        _check_hyper(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
+        try:
+            _check_hyper(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
+        except Exception:  # a rejected group is not kept (its parameters would be stepped with it)
+            self.param_groups.pop()
+            raise
 
     def _set_masks(self, masks) -> None:
         self._plans.clear()

@@ -41,18 +41,42 @@ def _in(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _reads_weight_directly(model: nn.Module, name: str) -> bool:
+    """A linear layer whose parent uses its weight without calling it, which a PSTLinear cannot stand in for:
+    nn.MultiheadAttention's out_proj (its forward reads ``out_proj.weight``), and the linear layers of
+    torch's nn.Transformer*Layer (their inference fast path reads ``linear1.weight`` etc.)."""
+    parent, _, _ = name.rpartition(".")
+    return isinstance(model.get_submodule(parent) if parent else model, _READS_WEIGHTS)
+
+
 def _select(model: nn.Module, targets) -> list[str]:
     names = [n for n, m in model.named_modules() if n and _convertible(m)]
     if targets is None:
         blocks = _block_prefixes(model)
-        return [n for n in names if any(_in(n, b) for b in blocks)]
+        inside = [n for n in names if any(_in(n, b) for b in blocks)]
+        chosen = [n for n in inside if not _reads_weight_directly(model, n)]
+        if inside and not chosen:
+            raise ValueError("apply_pst: the linear layers of these blocks are read directly by their parents "
+                             "(torch.nn.MultiheadAttention / nn.Transformer*Layer use .weight without calling the "
+                             "layer), so a PSTLinear there would never prune them")
+        return chosen
     if callable(targets):
         mods = dict(model.named_modules())
-        return [n for n in names if targets(n, mods[n])]
-    pats = [targets] if isinstance(targets, str) else list(targets)
-    if not all(isinstance(p, str) for p in pats):
-        raise TypeError(f"targets must be None, a regex, a list of regexes or a callable(name, module); got {targets!r}")
-    return [n for n in names if any(re.search(p, n) for p in pats)]
+        chosen = [n for n in names if targets(n, mods[n])]
+    else:
+        pats = [targets] if isinstance(targets, (str, re.Pattern)) else targets
+        if not isinstance(pats, (list, tuple, set)) or not all(isinstance(p, (str, re.Pattern)) for p in pats):
+            raise TypeError("targets must be None, a regex (str or compiled), a list of them or a callable(name, "
+                            f"module); got {targets!r}")
+        chosen = [n for n in names if any(re.search(p, n) for p in pats)]
+    direct = [n for n in chosen if _reads_weight_directly(model, n)]
+    if direct:
+        raise ValueError(f"apply_pst cannot convert {direct}: nn.MultiheadAttention reads out_proj.weight directly "
+                         "(not through the layer), so a PSTLinear there would never prune it")
+    return chosen
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -118,14 +142,24 @@ def apply_pst(model: nn.Module, sparsity: float = 0.9, rank_w: int = 8, rank_s: 
     opts = dict(sparsity=sparsity, rank_w=rank_w, rank_s=rank_s, beta=beta, alpha1=alpha1, alpha2=alpha2, nm=nm,
                 backend=backend, init_std=init_std, factor_dtype=factor_dtype)
     head = _head_parameters(model) if train_head else []
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        mod = model.get_submodule(name)
-        layer = PSTLinear.from_conv1d(mod, **opts) if _is_conv1d(mod) else PSTLinear.from_linear(mod, **opts)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(train_bias)
-        _set(model, name, layer)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    replaced = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in names:
+            mod = model.get_submodule(name)
+            layer = PSTLinear.from_conv1d(mod, **opts) if _is_conv1d(mod) else PSTLinear.from_linear(mod, **opts)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(train_bias)
+            _set(model, name, layer)
+            replaced.append((name, mod))
+    except Exception:  # a bad option (or a layer it does not fit): the model as it was
+        for name, mod in replaced:
+            _set(model, name, mod)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
     converted = {id(p) for _, layer in pst_layers(model) for p in (layer.weight, layer.bias) if p is not None}
     for p in head:
         if id(p) not in converted:

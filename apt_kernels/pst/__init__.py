@@ -189,6 +189,12 @@ def _(backend, grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
             for shape, dt, need in zip(shapes, _grad_dtypes(w0, u, v, a, b), needs)]
 
 
+def _no_autocast(w0: torch.Tensor):
+    """The scores' matrix products in float32 (math.md 3) even inside torch.autocast: the torch and reference
+    backends would otherwise run U @ V and A @ B in bf16/fp16, and the mask would depend on the backend."""
+    return torch.autocast(w0.device.type, enabled=False)
+
+
 class _PSTMaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, beta, alpha1, alpha2, k, nm, w0, u, v, a, b, r, c):
@@ -198,7 +204,8 @@ class _PSTMaskedWeight(torch.autograd.Function):
             w_prime, words = torch.ops.apt_kernels.pst_forward(impl.name, w0, u, v, a, b, r, c, beta, alpha1, alpha2,
                                                                count, nm_n, nm_m)
         else:
-            w_prime, words = impl.forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, int(k), nm)
+            with _no_autocast(w0):
+                w_prime, words = impl.forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, int(k), nm)
         ctx.save_for_backward(words, w0, u, v, a, b, r, c)
         ctx.impl = impl
         ctx.consts = (beta, alpha1, alpha2)
@@ -217,7 +224,8 @@ class _PSTMaskedWeight(torch.autograd.Function):
                                                        list(needs))
             grads = [g if need else None for g, need in zip(grads, needs)]
         else:
-            grads = ctx.impl.backward(grad, words, w0_b, u, v, a, b, *ctx.consts, needs)
+            with _no_autocast(w0):
+                grads = ctx.impl.backward(grad, words, w0_b, u, v, a, b, *ctx.consts, needs)
         return (None,) * 6 + tuple(None if g is None else g.to(t.dtype)
                                    for g, t in zip(grads, (w0, u, v, a, b, r, c)))
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import _validate as V
 from .. import bits
-from . import _check_nm, _run
+from . import REGISTRY, _check_nm, _run
 from .reference import n_pruned
 
 FACTOR_NAMES = ("pst_u", "pst_v", "pst_a", "pst_b", "pst_r", "pst_c")
@@ -76,6 +76,16 @@ class PSTLinear(nn.Module):
         for name, x in (("rank_w", rank_w), ("rank_s", rank_s)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {x!r}")
+        # every option is checked before the weight is touched (from_linear freezes the caller's Parameter)
+        beta, alpha1, alpha2 = V.number("beta", beta), V.number("alpha1", alpha1), V.number("alpha2", alpha2)
+        nm = None if nm is None else _check_nm(nm, in_features)
+        final = (V.number("sparsity", sparsity, lo=0.0, hi=1.0, hi_open=True) if nm is None
+                 else 1.0 - nm[0] / nm[1])
+        backends = ("auto", *REGISTRY.backends())
+        if backend not in backends:
+            raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+        if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
+            raise TypeError(f"factor_dtype must be a floating torch.dtype or None, got {factor_dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         if isinstance(weight, nn.Parameter):  # the same Parameter object (ties and identity survive), frozen
             self.weight = weight.requires_grad_(False)
@@ -85,14 +95,9 @@ class PSTLinear(nn.Module):
             self.bias = bias
         else:
             self.bias = nn.Parameter(bias.detach())
-        self.beta = V.number("beta", beta)
-        self.alpha1 = V.number("alpha1", alpha1)
-        self.alpha2 = V.number("alpha2", alpha2)
-        self.nm = None if nm is None else _check_nm(nm, in_features)
-        if self.nm is None:
-            self.final_sparsity = V.number("sparsity", sparsity, lo=0.0, hi=1.0, hi_open=True)
-        else:
-            self.final_sparsity = 1.0 - self.nm[0] / self.nm[1]
+        self.beta, self.alpha1, self.alpha2 = beta, alpha1, alpha2
+        self.nm = nm
+        self.final_sparsity = final
         self._count = torch.zeros((), dtype=torch.int64, device="cpu")  # kept by the sparsity setter
         self.sparsity = self.final_sparsity
         self.backend = backend
@@ -211,7 +216,7 @@ class PSTLinear(nn.Module):
                 raise ValueError(f"to_sparse_semi_structured failed for a {tuple(w.shape)} {w.dtype} weight: "
                                  f"{type(e).__name__}: {e}") from e
         else:
-            lin.weight = nn.Parameter(w)
+            lin.weight = nn.Parameter(w, requires_grad=False)  # W' is derived: frozen like W0
         lin.bias = self.bias
         return lin
 
@@ -226,7 +231,7 @@ class PSTLinear(nn.Module):
             return self.to_linear(semi_structured=semi_structured)
         w = self._masked() + 0.0
         conv = conv_type(self.out_features, self.in_features)
-        conv.weight = nn.Parameter(w.t().contiguous())
+        conv.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
         conv.bias = self.bias if self.bias is not None else None
         return conv
 
