@@ -522,3 +522,20 @@ def test_load_apt_mismatch_names_the_tensor_and_leaves_the_model(tmp_path):
     assert flags == {n: p.requires_grad for n, p in other.named_parameters()}
     same = tf.BertForSequenceClassification(tf.BertConfig(**COMMON, **NO_DROP))
     assert load_apt(same, tmp_path, backend="torch").apt_adapter.cfg.backend == "torch"
+
+
+def test_prompt_tuning_refuses_heads_that_read_input_positions():
+    """A decoder's sequence classification (last non-pad token from input_ids) and question answering (span
+    positions) would read positions the prompt shifts: refused. A sequence-level head keeps its labels as
+    they are, whatever their width (multi-label with num_labels == sequence length)."""
+    with pytest.raises(ValueError, match="GPT2ForSequenceClassification"):
+        apply_prompt_tuning(build("gpt2", head="cls", apt=False), prefix_len=2)
+    qa = tf.BertForQuestionAnswering(tf.BertConfig(**COMMON, **NO_DROP))
+    with pytest.raises(ValueError, match="BertForQuestionAnswering"):
+        apply_prompt_tuning(qa, prefix_len=2)
+    cfg = tf.BertConfig(**COMMON, **NO_DROP, num_labels=6, problem_type="multi_label_classification")
+    model = apply_prompt_tuning(tf.BertForSequenceClassification(cfg), prefix_len=2)
+    out = model(input_ids=torch.randint(3, 64, (2, 6)), labels=torch.randint(0, 2, (2, 6)).float())
+    assert out.logits.shape == (2, 6) and torch.isfinite(out.loss)
+    remove_apt(model)
+    assert not any("_apt_prompt_of" in m.__dict__ for m in model.modules())

@@ -130,7 +130,8 @@ class APTAdapter(nn.Module):
         P, L, width = self.cfg.prefix_len, self.n_layers, self.kv_heads * self.head_dim
         hidden = self.prefix_mlp[1](self.prefix_mlp[0](self.prefix_embedding.weight))  # (P, reparam_hidden)
         last = self.prefix_mlp[2]
-        rows = torch.cat([torch.arange(width) + (kv * L + layer) * width for kv in (0, 1)]).to(last.weight.device)
+        at = torch.arange(width, device=last.weight.device)
+        rows = torch.cat([at + (kv * L + layer) * width for kv in (0, 1)])
         flat = F.linear(hidden, last.weight[rows], last.bias[rows])  # (P, 2 Hkv D)
         kv = flat.view(P, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
@@ -399,6 +400,7 @@ def remove_apt(model: nn.Module) -> nn.Module:
                 del module._forward_pre_hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
         module.__dict__.pop("_apt_gate_of", None)
+        module.__dict__.pop("_apt_prompt_of", None)
     for attn in undo["patched"]:
         del attn.forward
     for layer in undo["layers"]:
@@ -426,9 +428,10 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
 
     The model is called as usual (input_ids, attention_mask, labels); the prompt is inserted through
     a pre-hook on the base model, and the attention mask is extended to cover it. For token-level
-    outputs (language modelling, token classification) the logits gain P leading positions, and token-level
+    outputs (language modelling, token classification) the logits gain P leading positions, and those heads'
     ``labels`` (the inputs' length) gain P leading -100s (no loss on the prompt), as PEFT's prompt tuning
-    does. ``generate()``, a KV cache and explicit ``position_ids`` are refused: the prompt would be inserted
+    does. Heads that read positions of the input (question answering; a decoder's sequence classification,
+    which pools the last non-pad token found from ``input_ids``) are refused. ``generate()``, a KV cache and explicit ``position_ids`` are refused: the prompt would be inserted
     again at every decoding step (use :func:`apply_prefix_tuning` or :func:`apply_apt`, whose prefixes stay
     out of the cache).
     """
@@ -437,6 +440,13 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     model_type, fam = _family(model)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
+    head = type(model).__name__
+    if head.endswith("ForQuestionAnswering") or (fam.causal and head.endswith("ForSequenceClassification")):
+        # their heads index positions of the input (answer spans; a decoder's last non-pad token from input_ids),
+        # which the prompt shifts by P: refused rather than silently reading the wrong positions
+        raise ValueError(f"apply_prompt_tuning does not support {head}: its head reads positions of the input, "
+                         "which the prompt would shift; use apply_prefix_tuning or apply_apt")
+    token_level = head.endswith(("ForCausalLM", "LMHeadModel", "ForTokenClassification", "ForMaskedLM"))
     hidden = model.config.hidden_size
     prompt = SoftPrompt(prefix_len, hidden).to(next(model.parameters()).device)
     saved_grad = _freeze_backbone(model, train_head)
@@ -445,7 +455,7 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     base.__dict__["_apt_prompt_of"] = {"prompt": prompt, "embed": model.get_input_embeddings()}
     base.register_forward_pre_hook(_insert_prompt, with_kwargs=True)
     hooked = [base]
-    if model is not base:  # a task head model: its token-level labels need the prompt's -100s
+    if model is not base and token_level:  # a token-level head: its labels need the prompt's -100s
         model.__dict__["_apt_prompt_of"] = {"prompt": prompt, "labels_only": True}
         model.register_forward_pre_hook(_insert_prompt, with_kwargs=True)
         hooked.append(model)

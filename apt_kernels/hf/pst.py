@@ -74,8 +74,9 @@ def _select(model: nn.Module, targets) -> list[str]:
         chosen = [n for n in names if any(re.search(p, n) for p in pats)]
     direct = [n for n in chosen if _reads_weight_directly(model, n)]
     if direct:
-        raise ValueError(f"apply_pst cannot convert {direct}: nn.MultiheadAttention reads out_proj.weight directly "
-                         "(not through the layer), so a PSTLinear there would never prune it")
+        raise ValueError(f"apply_pst cannot convert {direct}: their parents (nn.MultiheadAttention, "
+                         "nn.Transformer*Layer) read the weight directly instead of calling the layer, so a "
+                         "PSTLinear there would never prune it")
     return chosen
 
 
