@@ -539,3 +539,17 @@ def test_prompt_tuning_refuses_heads_that_read_input_positions():
     assert out.logits.shape == (2, 6) and torch.isfinite(out.loss)
     remove_apt(model)
     assert not any("_apt_prompt_of" in m.__dict__ for m in model.modules())
+
+
+def test_real_tokens_from_every_mask_form():
+    """Mean pooling reads the real tokens from the diagonal of the mask an encoder layer receives: the "apt"
+    interface's bool mask, DeBERTa's 0/1 product mask, a user's additive float mask (hidden = finfo.min)."""
+    from apt_kernels.hf.apt import _keep_from_mask
+
+    keep = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    bool_mask = keep[:, None, None, :].expand(2, 1, 3, 3)
+    float_mask = torch.zeros(2, 1, 3, 3).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    deberta = (keep[:, None, None, :] * keep[:, None, :, None]).long()
+    for mask in (bool_mask, float_mask, deberta):
+        assert torch.equal(_keep_from_mask(mask), keep), mask.dtype
+    assert _keep_from_mask(None) is None

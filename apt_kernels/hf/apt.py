@@ -262,12 +262,15 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
 
 def _keep_from_mask(mask) -> torch.Tensor | None:
     """(B, N) real tokens of an encoder layer from the attention mask it is called with (the "apt" mask
-    interface's (B, 1, N, M) bool mask, DeBERTa's (B, 1, N, N) 0/1 one; None: no padding): the diagonal,
-    a token's visibility to itself."""
+    interface's (B, 1, N, M) bool mask, DeBERTa's (B, 1, N, N) 0/1 one, a user's additive float one; None:
+    no padding): the diagonal, a token's visibility to itself."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return None
     n, m = mask.shape[-2:]
-    return mask[:, 0].diagonal(offset=m - n, dim1=-2, dim2=-1).bool()
+    diag = mask[:, 0].diagonal(offset=m - n, dim1=-2, dim2=-1)
+    if diag.is_floating_point():  # an additive mask (a user's 4-D float mask): hidden at or below finfo.min
+        return diag > torch.finfo(diag.dtype).min
+    return diag.bool()
 
 
 def _compute_gate(module: nn.Module, args, kwargs) -> None:
