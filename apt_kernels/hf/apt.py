@@ -130,11 +130,12 @@ class APTAdapter(nn.Module):
         P, L, width = self.cfg.prefix_len, self.n_layers, self.kv_heads * self.head_dim
         hidden = self.prefix_mlp[1](self.prefix_mlp[0](self.prefix_embedding.weight))  # (P, reparam_hidden)
         last = self.prefix_mlp[2]
-        at = torch.arange(width, device=last.weight.device)
-        rows = torch.cat([at + (kv * L + layer) * width for kv in (0, 1)])
-        flat = F.linear(hidden, last.weight[rows], last.bias[rows])  # (P, 2 Hkv D)
-        kv = flat.view(P, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        return kv[0], kv[1]
+
+        def rows(kv):  # this layer's rows of the keys (kv = 0) or values (1): a slice, no copy
+            start = (kv * L + layer) * width
+            return F.linear(hidden, last.weight[start:start + width], last.bias[start:start + width])
+
+        return tuple(rows(kv).view(P, self.kv_heads, self.head_dim).transpose(0, 1) for kv in (0, 1))
 
     def gate(self, layer: int, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off.
