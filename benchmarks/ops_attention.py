@@ -150,10 +150,19 @@ def build_sdpa(spec):
         B, Hq, _, D = q.shape
         keep = _keep_matrix(inp, spec)
         pk, pv, gate = inp["prefix_k"], inp["prefix_v"], inp["gate"]
-        # Causal with no padding and no prefix: SDPA's own causal flag (N == M, so top-left == bottom-right).
-        use_is_causal = keep is not None and pk is None and inp["keep"] is None and spec["N"] == spec["M"]
-        if use_is_causal:
+        # Causal with no padding: SDPA's own causal masks, never a materialised one, so that its fastest
+        # (flash) backend runs: is_causal without a prefix (N == M: top-left == bottom-right), else the
+        # bottom-right causal bias over [prefix, tokens] (the prefix columns come first: always visible).
+        causal_only = keep is not None and spec["causal"] and inp["keep"] is None
+        use_is_causal = causal_only and pk is None and spec["N"] == spec["M"]
+        bias = None
+        if causal_only and not use_is_causal:
+            from torch.nn.attention.bias import causal_lower_right
+
+            bias = causal_lower_right(spec["N"], spec["P"] + spec["M"])
+        if causal_only:
             keep = None
+        gqa = [True]  # SDPA's own GQA (no repeated K/V) where this torch takes it with the mask form used
 
         def run():
             kk, vv = k, v
@@ -161,10 +170,15 @@ def build_sdpa(spec):
                 g = _gate_over_keys(gate)  # (B, 1, P, 1)
                 kk = torch.cat([(g * pk[None]).to(q.dtype), kk], dim=2)
                 vv = torch.cat([(g * pv[None]).to(q.dtype), vv], dim=2)
-            if use_is_causal and kk.shape[1] != Hq:  # GQA without a mask: SDPA's own GQA, no repeated K/V
-                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True)
+            if causal_only and kk.shape[1] != Hq and gqa[0]:
+                try:
+                    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, is_causal=use_is_causal,
+                                                          enable_gqa=True)
+                except RuntimeError:
+                    gqa[0] = False
             kk, vv = _repeat_kv(kk, Hq), _repeat_kv(vv, Hq)
-            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=keep, is_causal=use_is_causal)
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=keep if bias is None else bias,
+                                                  is_causal=use_is_causal)
 
         return run
 

@@ -69,8 +69,19 @@ def _zero_at(shape_like: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 PEER_MASKS = {
     "paper_dense_argsort": lambda sd, n: _zero_at(sd, torch.argsort(sd.flatten())[:n]),
     "torch_kthvalue": lambda sd, n: (sd > sd.flatten().kthvalue(n).values).to(sd.dtype),
-    "torch_topk": lambda sd, n: _zero_at(sd, torch.topk(sd.flatten(), n, largest=False, sorted=False).indices),
+    "torch_topk": lambda sd, n: _topk_mask(sd, n),
 }
+
+
+def _topk_mask(sd: torch.Tensor, n: int) -> torch.Tensor:
+    """topk on the smaller side: the n smallest to prune, or (pruning most) the numel - n largest to keep,
+    as a user would write it."""
+    flat = sd.flatten()
+    if 2 * n <= flat.numel():
+        return _zero_at(sd, torch.topk(flat, n, largest=False, sorted=False).indices)
+    m = torch.zeros(flat.numel(), device=sd.device, dtype=sd.dtype)
+    m[torch.topk(flat, flat.numel() - n, largest=True, sorted=False).indices] = 1.0
+    return m.view_as(sd)
 
 
 def build_peer(name: str, n_pruned: int):

@@ -100,9 +100,16 @@ def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
                 res["why"] = f"ours: {why}" if ours is None else f"peers: {why_peer}"
                 out.append(res)
                 continue
+            if t.peers:  # a verdict against fewer peers than the target names says so
+                missing = [n for n in t.peers if not any(r["contender"] == n and r["status"] == "ok" for r in group)]
+                if missing:
+                    res["why"] = "partial: without " + ", ".join(missing)
             if t.kind == "time_ratio":
                 value = ours[time_key] / peer[time_key]
                 ok = value <= t.threshold
+                walls = [r.get("wall_ms") for r in (ours, peer)]
+                if all(walls):  # short calls: the same ratio with host time included, for the reader
+                    res["why"] = "; ".join(filter(None, [res["why"], f"wall-clock ratio {walls[0] / walls[1]:.3g}"]))
             elif t.kind == "speedup":
                 value = peer[time_key] / ours[time_key]
                 ok = value >= t.threshold

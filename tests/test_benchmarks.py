@@ -154,9 +154,20 @@ def test_exact_peers_are_checked_against_the_reference():
         wrong(inp)
 
 
-def test_pst_peer_masks_prune_the_same_n_smallest():
+@pytest.mark.parametrize("Hkv,P", [(1, 3), (2, 3), (1, 0)])
+def test_sdpa_peer_causal_decoder_forms_are_exact(Hkv, P):
+    """The decoder SDPA peer runs SDPA's own causal masks (bottom-right bias over [prefix, tokens], GQA
+    without repeated K/V) and is checked against the reference when it builds."""
+    case = ops_attention.make_case("t", B=2, Hq=2, Hkv=Hkv, N=8, P=P, D=16, causal=True, mask="none",
+                                   gate="per-example", device=CPU, dtype=torch.float32, flex=False)
+    inp = case.make_inputs(0)
+    sdpa = next(c for c in case.contenders if c.name == ("sdpa_concat" if P else "sdpa"))
+    sdpa.build(inp)()
+
+
+@pytest.mark.parametrize("n", [700, 1800])  # topk takes the smaller side: the pruned or the kept entries
+def test_pst_peer_masks_prune_the_same_n_smallest(n):
     sd = torch.rand(37, 53, generator=torch.Generator().manual_seed(2))
-    n = 700
     masks = {name: f(sd, n) for name, f in ops_pst.PEER_MASKS.items()}
     want = (sd > sd.flatten().sort().values[n - 1]).float()
     for name, m in masks.items():
@@ -237,3 +248,19 @@ def test_pst_backward_variants_script_needs_cuda(monkeypatch):
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         pst_backward.main([])
     assert pst_backward.SHAPES[-1] == (4096, 11008)
+
+
+def test_partial_verdicts_and_wall_clock_ratio():
+    """A verdict against fewer peers than the target names says which are missing; short calls also show
+    the ratio with host time included."""
+    from benchmarks import targets
+
+    t = next(x for x in targets.TARGETS if x.kind == "time_ratio" and x.op == "attention")
+    case = "bert-h12-n128-p16"
+    rows = [dict(op="attention", case=case, mode=t.mode, contender=t.ours[0], kind="ours", status="ok",
+                 median_ms=0.09, wall_ms=0.30),
+            dict(op="attention", case=case, mode=t.mode, contender=t.peers[0], kind="peer", status="ok",
+                 median_ms=0.10, wall_ms=0.20)]
+    (res,) = [r for r in targets.evaluate(rows, [t]) if r["case"] == case]
+    assert res["status"] == "PASS" and res["value"] == pytest.approx(0.9)
+    assert "partial: without" in res["why"] and "wall-clock ratio 1.5" in res["why"]
