@@ -12,8 +12,8 @@ the gradients of :func:`apt_kernels.pst_masked_weight`):
   * torch_topk: the indices of the k smallest scores by ``topk(largest=False, sorted=False)``, zeroed in
     a dense mask (CUDA's topk has a multi-block path; kthvalue works one block per slice).
 
-Bytes: the issue's floor, three passes over W's bytes for forward + backward (the forward reads W0 and
-writes W', the backward reads G): fwd 2, bwd 1, fwd+bwd 3 passes.
+Bytes: fwd 2 passes over W's bytes (read W0, write W'), bwd 2 (read G and W0: dS = G * W needs W), and
+fwd+bwd the issue's floor of 3 passes (so its target is stricter than the 4 passes these add up to).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def make_case(n: int, k: int, *, device, wdtype, rank: int = RANK) -> Case:
                                                   w_dtype=str(wdtype).replace("torch.", ""), factor_dtype="float32"),
                 make_inputs=_inputs(n, k, rank, device, wdtype), contenders=contenders,
                 modes=("fwd", "bwd", "fwd+bwd"), grad_names=GRAD_NAMES,
-                bytes={"fwd": 2 * wbytes, "bwd": 1 * wbytes, "fwd+bwd": 3 * wbytes})
+                bytes={"fwd": 2 * wbytes, "bwd": 2 * wbytes, "fwd+bwd": 3 * wbytes})
 
 
 def cases(device, quick: bool) -> list[Case]:
