@@ -95,9 +95,13 @@ class Registry:
 
         return deco
 
-    def backends(self) -> tuple[str, ...]:
-        """The backends registered for this op (``auto`` aside)."""
-        return tuple(b for b in BACKENDS if b in self._entries)
+    def check_backend(self, backend: str) -> str:
+        """``backend`` if it names "auto" or a backend registered for this op, else ValueError (for arguments
+        stored now and selected at a later call)."""
+        names = ("auto", *(b for b in BACKENDS if b in self._entries))
+        if backend not in names:
+            raise ValueError(f"backend must be one of {names}, got {backend!r}")
+        return backend
 
     def reason(self, backend: str, probe: Probe) -> str | None:
         """None if ``backend`` can run ``probe`` here, else why not."""

@@ -508,8 +508,13 @@ def _prefix_table(width: int) -> dict:
             for cls, cfgs in _BWD_TABLE.items()}
 
 
+def _block_d(D: int) -> int:
+    """The head-dim tile: D's next power of two, at least 16."""
+    return max(16, next_power_of_2(D))
+
+
 def _dclass(D: int) -> int:
-    block_d = max(16, next_power_of_2(D))
+    block_d = _block_d(D)
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
@@ -520,7 +525,7 @@ def _compiled(device: torch.device) -> bool:
 def _blocks(D: int, device: torch.device, table=None):
     """(block sizes, launch options) of the fixed choice: the table's first entry on a GPU, 16 x 16 tiles
     in the interpreter."""
-    block_d = max(16, next_power_of_2(D))
+    block_d = _block_d(D)
     if not _compiled(device):
         return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
     m, n, w, st = (table or _FWD_TABLE)[_dclass(D)][0]
@@ -569,7 +574,7 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
         if (kernel, tag) not in _TUNED:
             _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
         _TUNED[kernel, tag][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
-            *args, BLOCK_D=max(16, next_power_of_2(D)), **consts)
+            *args, BLOCK_D=_block_d(D), **consts)
         return
     blocks, launch = _blocks(D, device, table)
     kernel[grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **blocks, **consts, **launch)
@@ -682,7 +687,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
-    block_d = max(16, next_power_of_2(D))
+    block_d = _block_d(D)
     rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
     do_strides = _strides(do)
     _delta_kernel[(cdiv(N, rows) * B * Hq,)](
@@ -889,8 +894,7 @@ def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse):
         ds = p * (do @ vf.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
     if grad_lse is not None:
         ds = ds + p * grad_lse.float()[..., None]
-    dims = [d for d in range(4) if attn_mask.shape[d] == 1 and ds.shape[d] != 1]
-    return (ds.sum(dims, keepdim=True) if dims else ds).to(attn_mask.dtype)
+    return ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
 
 
 torch.library.register_autograd("apt_kernels::gated_prefix_attention_fwd", _backward, setup_context=_setup_context)

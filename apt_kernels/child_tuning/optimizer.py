@@ -139,12 +139,10 @@ def _check_hyper(group: dict, where: str) -> None:
     V.choice(f"semantics{where}", group["semantics"], ("official", "torch"))
     _check_seed(group["seed"], f"seed{where}")
     for p in group.get("params", ()):
-        if p.dtype not in PARAM_DTYPES:  # float64 would be rounded to float32 each step, complex lose its imaginary part
+        if p.dtype not in fused.DTYPES:  # float64 would be rounded to float32 each step, complex lose its imaginary part
             raise TypeError(f"ChildTuningAdamW takes float32, bfloat16 and float16 parameters (float32 moments); got "
                             f"{p.dtype} for a parameter of shape {V.shape(p)}{where}")
 
-
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_seed(seed, name: str = "seed") -> None:

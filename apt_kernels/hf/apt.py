@@ -291,6 +291,11 @@ def _compute_gate(module: nn.Module, args, kwargs) -> None:
     state["gate"] = adapter.gate(state["layer"], h, keep)
 
 
+def _check_prefix_len(prefix_len) -> None:
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
+
+
 def _trainable_head(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the base model (the task head), minus weights tied to the base model."""
     base = {id(p) for p in model.base_model.parameters()}
@@ -342,11 +347,8 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     if getattr(model, "apt_adapter", None) is not None:
         raise ValueError("this model already has APT applied; call remove_apt(model) first")
     model_type, fam = _family(model)
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
-        raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
-    backends = ("auto", *ATTENTION_REGISTRY.backends())
-    if backend not in backends:
-        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    _check_prefix_len(prefix_len)
+    ATTENTION_REGISTRY.check_backend(backend)
     # an encoder family configured as a decoder (BertLMHeadModel & co.: config.is_decoder) is causal too
     causal = fam.causal or bool(getattr(model.config, "is_decoder", False))
     pool = pool or ("token" if causal else "mean")
@@ -442,8 +444,7 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     if getattr(model, "apt_adapter", None) is not None:
         raise ValueError("this model already has APT applied; call remove_apt(model) first")
     model_type, fam = _family(model)
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
-        raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
+    _check_prefix_len(prefix_len)
     head = type(model).__name__
     if head.endswith("ForQuestionAnswering") or (fam.causal and head.endswith("ForSequenceClassification")):
         # their heads index positions of the input (answer spans; a decoder's last non-pad token from input_ids),
@@ -481,9 +482,9 @@ def _insert_prompt(module: nn.Module, args, kwargs):
         ids = args[0]
     if of.get("labels_only"):
         labels = kwargs.get("labels")
-        length = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1] if (
-            ids is not None or kwargs.get("inputs_embeds") is not None) else None
-        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == length:
+        inputs = ids if ids is not None else kwargs.get("inputs_embeds")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and inputs is not None and \
+                labels.shape[1] == inputs.shape[1]:
             kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], P), -100), labels], 1)
         return args, kwargs
     for name in ("past_key_values", "position_ids"):  # generate() passes both (a cache from the first step)
@@ -568,9 +569,11 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | N
     try:
         adapter_params = dict(model.apt_adapter.named_parameters())
         params = dict(model.named_parameters())
+        pairs = []  # (the model's parameter, the saved tensor), all checked before any is copied
         for n, t in tensors.items():
             kind, name = n.split(".", 1)
             target = adapter_params.get(name) if kind == "apt" else params.get(name) if kind == "head" else None
+            pairs.append((target, t))
             if target is None:
                 raise ValueError(f"the adapter at {path} holds {n!r}, which this model has no parameter for")
             if target.shape != t.shape:
@@ -580,9 +583,8 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | N
         if missing:
             raise ValueError(f"the adapter at {path} lacks {missing}")
         with torch.no_grad():
-            for n, t in tensors.items():
-                kind, name = n.split(".", 1)
-                (adapter_params if kind == "apt" else params)[name].copy_(t)
+            for target, t in pairs:
+                target.copy_(t)
     except Exception:
         remove_apt(model)
         raise

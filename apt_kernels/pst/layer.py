@@ -81,9 +81,7 @@ class PSTLinear(nn.Module):
         nm = None if nm is None else _check_nm(nm, in_features)
         final = (V.number("sparsity", sparsity, lo=0.0, hi=1.0, hi_open=True) if nm is None
                  else 1.0 - nm[0] / nm[1])
-        backends = ("auto", *REGISTRY.backends())
-        if backend not in backends:
-            raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+        REGISTRY.check_backend(backend)
         if factor_dtype is not None and not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
             raise TypeError(f"factor_dtype must be a floating torch.dtype or None, got {factor_dtype!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -232,7 +230,7 @@ class PSTLinear(nn.Module):
         w = self._masked() + 0.0
         conv = conv_type(self.out_features, self.in_features)
         conv.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
-        conv.bias = self.bias if self.bias is not None else None
+        conv.bias = self.bias
         return conv
 
     def extra_repr(self) -> str:
