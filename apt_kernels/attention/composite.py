@@ -74,4 +74,5 @@ def torch_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale,
                                          enable_gqa=heads != Hq)
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
-    return out
+    # PyTorch's CPU SDPA kernels return 0 for a query row holding a NaN: it must propagate (docs/math.md)
+    return out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
