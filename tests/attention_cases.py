@@ -14,7 +14,7 @@ def make_inputs(B=2, Hq=4, Hkv=2, N=5, M=7, D=8, P=3, *, shared_prefix=True, gat
         pshape = (Hkv, P, D) if shared_prefix else (B, Hkv, P, D)
         pk, pv = rnd(*pshape), rnd(*pshape)
         gshape = {"none": None, "example": (B, 1, 1, P), "token": (B, 1, N, P), "head": (1, Hq, 1, P),
-                  "full": (B, Hq, N, P)}[gate]
+                  "full": (B, Hq, N, P), "head_scalar": (B, Hq, 1, 1), "token_scalar": (1, 1, N, 1)}[gate]
         g = None if gshape is None else torch.rand(*gshape, dtype=dtype, device=device) * 1.5
     am = None
     if mask == "bool":

@@ -54,7 +54,7 @@ SMALL = dict(B=2, Hq=4, Hkv=2, N=19, M=23, D=24, P=5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gate", ["none", "example", "token", "head", "full"])
+@pytest.mark.parametrize("gate", ["none", "example", "token", "head", "full", "head_scalar", "token_scalar"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gates_and_causal(dtype, gate, causal):
     tensors, keep = make_inputs(**SMALL, gate=gate, dtype=torch.float64)
@@ -135,6 +135,62 @@ def test_nan_propagates():
     q[1, 2, 3, 0] = float("nan")
     out = ak.gated_prefix_attention(q, k, v, pk, pv, g, backend="triton")
     assert torch.isnan(out[1, 2, 3]).all() and int(torch.isnan(out).any(-1).sum()) == 1
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64])
+def test_extreme_finite_mask_values_are_not_hidden(mask_dtype):
+    """Finite float-mask values far beyond any real bias (-3e38, -1e300 in a float64 mask, +3e38) are added
+    (saturated), not turned into -inf (which hides the key) or NaN: a row whose every key carries -3e38 is
+    uniform attention, as in the reference; a key with +3e38 takes the whole row."""
+    (q, k, v, _, _, _), _ = make_inputs(B=1, Hq=2, Hkv=1, N=4, M=6, D=16, P=None, mask="none", dtype=torch.float32,
+                                        device=DEVICE)
+    huge = -1e300 if mask_dtype == torch.float64 else -3e38
+    mask = torch.full((1, 1, 4, 6), huge, dtype=mask_dtype, device=DEVICE)
+    mask[0, 0, 1] = -2.5e38
+    mask[0, 0, 2, 4] = 3e38
+    mask[0, 0, 3] = torch.randn(6, dtype=mask_dtype)
+    out, lse = ak.gated_prefix_attention(q, k, v, attn_mask=mask, backend="triton", return_lse=True)
+    ref = ak.gated_prefix_attention(q, k, v, attn_mask=mask, backend="reference")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0, :, :2], v[0].mean(1, keepdim=True).expand(2, 2, 16), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0, :, 2], v[0, :, 4].expand(2, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_mask_with_its_own_layout():
+    """A float64 mask is copied to float32 for the kernels: a sliced (non-dense) one and an expanded one are
+    read through the copy's strides, not the original's."""
+    (q, k, v, pk, pv, g), _ = make_inputs(**SMALL, gate="example", mask="none", dtype=torch.float32, device=DEVICE)
+    B, N, M = SMALL["B"], SMALL["N"], SMALL["M"]
+    base = torch.randn(B, 1, N, 2 * M, dtype=torch.float64, device=DEVICE)
+    for mask in (base[..., ::2], base[..., :1, :M].expand(B, 1, N, M), base[..., ::2].transpose(0, 2)[:B, :, :1]):
+        out = ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=mask, backend="triton")
+        ref = ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=mask, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_rows_past_2_31_elements():
+    """A (B, 1, N, M) mask whose row offsets pass 2**31 elements (N = M = 46342 materialised; here a 2-GB
+    row stride over a lazily allocated buffer, three rows touched): the key-side backward's query rows come
+    from a 32-bit loop, so their offsets must be widened (it read another row, or faulted)."""
+    S, N, M = 2 ** 30 + 64, 3, 5
+    try:
+        buf = torch.empty((N - 1) * S + M, dtype=torch.bool, device=DEVICE)  # never touched but three rows
+    except RuntimeError:
+        pytest.skip("cannot reserve 2 GB of address space here")
+    rows = torch.rand(N, M, device=DEVICE) > 0.4
+    rows[:, 0] = True
+    for i in range(N):
+        buf[i * S:i * S + M] = rows[i]
+    mask = buf.as_strided((1, 1, N, M), (0, 0, S, 1))
+    (q, k, v, pk, pv, g), _ = make_inputs(B=1, Hq=2, Hkv=1, N=N, M=M, D=16, P=2, gate="token", mask="none",
+                                          dtype=torch.float32, device=DEVICE, requires_grad=True)
+    grads = {}
+    for backend, m in (("triton", mask), ("reference", rows[None, None])):
+        out = ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=m, backend=backend)
+        grads[backend] = [out] + list(torch.autograd.grad(out.square().sum(), [q, k, v, pk, pv, g]))
+    for name, a, b in zip(NAMES, grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_non_contiguous_inputs_honour_strides():

@@ -40,7 +40,7 @@ def _normalise_mask(attn_mask, B, Hq, N, M, q):
         if attn_mask.dim() == 2:  # (B, M) keep-mask
             if tuple(attn_mask.shape) != (B, M):
                 raise ValueError(f"a 2-D bool attn_mask must be (B, M) = ({B}, {M}), got {V.shape(attn_mask)}")
-            return attn_mask[:, None, None, :]
+            return attn_mask.view(B, 1, 1, M)
     elif not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
     V.broadcastable("attn_mask", attn_mask, (B, Hq, N, M), "(B, Hq, N, M) =")
@@ -125,7 +125,7 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
     if gate is not None:
         V.tensor("gate", gate, like=q, like_name="q")
         V.broadcastable("gate", gate, (B, Hq, N, P), "(B, Hq, N, P) =")
-        gate = gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape)) if P else None
+        gate = None if not P else gate if gate.dim() == 4 else gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape))
     attn_mask = _normalise_mask(attn_mask, B, Hq, N, M, q)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")

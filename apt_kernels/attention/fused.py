@@ -37,6 +37,9 @@ from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
 DROPOUT_TAG = tl.constexpr(0x41505400)
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels' scores are in base 2 (exp2)
+# About the largest float-mask value whose base-2 score stays finite (float32 max / log2 e = 2.3587e38): finite entries
+# beyond it saturate there (an entry of -3e38 would otherwise become -inf and hide its key, +3e38 NaN).
+MASK_LIM = tl.constexpr(2.35e38)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -69,9 +72,11 @@ def _dropout_keep(seed_lo, seed_hi, bh, row0, start, PART: tl.constexpr, thresho
 
 @triton.jit
 def _load_rows(base, rows, offs_d, s_row, s_d, row_ok, d_ok):
-    """A (rows, BLOCK_D) tile at ``base`` with the given strides; 0 outside the valid rows and head dims."""
-    return tl.load(base + rows[:, None] * s_row + offs_d[None, :] * s_d, mask=row_ok[:, None] & d_ok[None, :],
-                   other=0.0)
+    """A (rows, BLOCK_D) tile at ``base`` with the given strides; 0 outside the valid rows and head dims.
+    Row offsets in int64: the key-side backward's query rows come from a 32-bit loop, and (N - 1) * s_row
+    passes 2**31 at N = 524289 for a (B, N, 32 x 128) layout."""
+    return tl.load(base + rows.to(tl.int64)[:, None] * s_row + offs_d[None, :] * s_d,
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -91,7 +96,7 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
     if IS_PREFIX and HAS_GATE and not GATE_N1:
         # loaded before the dot, kept in its dtype until after it: its tile of addresses is dead by then
         # (loaded after, the addresses and the dot's operands were live together: ptxas spilled)
-        g = tl.load(G + gb + gh + offs_m[:, None] * sg_n + offs_n[None, :] * sg_p,
+        g = tl.load(G + gb + gh + offs_m.to(tl.int64)[:, None] * sg_n + offs_n[None, :] * sg_p,
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
     raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * qk2
     s = raw
@@ -107,13 +112,16 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
             if MASK_N1:
                 mk = tl.load(Mk + mb + mh + offs_n * sm_m, mask=n_ok, other=1 if MASK_KIND == 1 else 0.0)[None, :]
             else:
-                mk = tl.load(Mk + mb + mh + offs_m[:, None] * sm_n + offs_n[None, :] * sm_m,
+                # int64 rows: a (B, 1, N, M) mask's (N - 1) * M passes 2**31 at N = M = 46342 (long-context
+                # Hugging Face masks that are not plain causal come materialised)
+                mk = tl.load(Mk + mb + mh + offs_m.to(tl.int64)[:, None] * sm_n + offs_n[None, :] * sm_m,
                              mask=m_ok[:, None] & n_ok[None, :], other=1 if MASK_KIND == 1 else 0.0)
             if MASK_KIND == 1:
                 s = tl.where(mk != 0, s, float("-inf"))
             else:
                 add = mk.to(tl.float32)
-                s = s + tl.where(add <= mask_min, float("-inf"), add) * LOG2E
+                add = tl.where(add < -MASK_LIM, -MASK_LIM, tl.where(add > MASK_LIM, MASK_LIM, add))  # NaN stays
+                s = s + tl.where(mk.to(tl.float32) <= mask_min, float("-inf"), add) * LOG2E
         if CAUSAL and EDGE:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
     if EDGE:
@@ -518,8 +526,11 @@ def _dclass(D: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
+_INTERPRET = triton_interpret()  # read once, as triton.jit does when the kernels are defined
+
+
 def _compiled(device: torch.device) -> bool:
-    return device.type == "cuda" and not triton_interpret()
+    return device.type == "cuda" and not _INTERPRET
 
 
 def _blocks(D: int, device: torch.device, table=None):
@@ -593,7 +604,7 @@ class _Prepared:
         self.P = 0 if pk is None else pk.shape[2]
         self.REP = self.Hq // self.Hkv
         self.q_strides, self.k_strides, self.v_strides = _strides(q), _strides(k), _strides(v)
-        dummy = q.new_empty(1)
+        dummy = q  # the pointer of an absent tensor: its kernel branches are compiled out, never read
         self.pk = dummy if pk is None else pk
         self.pv = dummy if pv is None else pv
         self.pk_strides = (0, 0, 0, 0) if pk is None else _strides(pk)
@@ -603,15 +614,20 @@ class _Prepared:
         self.g_strides = _strides(gate) if self.has_gate else (0, 0, 0, 0)
         self.gate_n1 = self.has_gate and gate.shape[2] == 1  # the same gate row for every query
         self.mask_min = 0.0
+        self.m_strides = _strides(mask)
         if mask is None:
             self.mask_kind, self.mask = 0, dummy
         elif mask.dtype == torch.bool:
             self.mask_kind, self.mask = 1, mask.view(torch.uint8)
-        else:
-            m = mask if mask.dtype in (torch.float16, torch.bfloat16, torch.float32) else mask.float().masked_fill(
-                mask <= torch.finfo(mask.dtype).min, float("-inf"))
-            self.mask_kind, self.mask, self.mask_min = 2, m, float(torch.finfo(m.dtype).min)
-        self.m_strides = _strides(mask) if mask is not None else (0, 0, 0, 0)
+        elif mask.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            self.mask_kind, self.mask, self.mask_min = 2, mask, float(torch.finfo(mask.dtype).min)
+        else:  # float64: a float32 copy, finite values saturated at float32's range (a plain cast would make
+            # -1e300 an -inf, hiding its key) and only -inf hiding a key
+            f32 = torch.finfo(torch.float32).max
+            m = mask.clamp(-f32, f32).float().masked_fill(mask <= torch.finfo(mask.dtype).min, float("-inf"))
+            # the copy's own strides (it may be laid out anew), 0 where the mask is broadcast (equal values)
+            self.m_strides = tuple(0 if so == 0 else sm for so, sm in zip(self.m_strides, _strides(m)))
+            self.mask_kind, self.mask, self.mask_min = 2, m, float("-inf")
         self.mask_n1 = mask is not None and self.m_strides[2] == 0  # one mask row for every query (padding)
         self.dropout = dropout_p > 0.0
         self.keep_thr = keep_threshold(dropout_p) if self.dropout else 0
@@ -737,8 +753,10 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
     (per query split, per batch and head); their sums over the splits and the broadcast dims and the casts
     run as one launch of _sums_kernel (a fixed order: no atomics, the same bits every run) instead of a torch
     sum and cast per gradient (up to six launches' host time, which short sequences pay in full)."""
+    # a gate shared along the prefix (last dim 1, P > 1; rare) is summed over P by torch below, in float32
+    gate_p1 = a.has_gate and gate.shape[3] == 1 and dg_parts.shape[-1] != 1
     specs = [_prefix_spec(dpk_parts, pk), _prefix_spec(dpv_parts, pv),
-             _gate_spec(dg_parts, gate) if a.has_gate else None]
+             _gate_spec(dg_parts, gate) if a.has_gate and not gate_p1 else None]
     outs, segs = [], []
     for spec in specs:
         if spec is None:
@@ -756,6 +774,8 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
         args = [x for seg in (segs + [dummy] * 3)[:3] for x in seg]
         _sums_kernel[(sum(seg[-1] for seg in segs),)](*args[:-1], BLOCK=_SUM_BLOCK, num_warps=4)
     dpk, dpv, dg = outs
+    if gate_p1:
+        dg = dg_parts.sum(0).sum_to_size(gate.shape).to(gate.dtype)
     if gate is not None:
         dg = torch.zeros_like(gate) if dg is None else dg if dg.shape == gate.shape else dg.expand(gate.shape)
     return dq, dk, dv, dpk, dpv, dg
