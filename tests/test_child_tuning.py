@@ -406,3 +406,17 @@ def test_fisher_mask_restores_every_module_mode():
     batches = [{"x": torch.randn(5, 6), "labels": torch.randint(0, 3, (5,))}]
     ak.fisher_mask(model, batches, 0.3, progress=False)
     assert model.training and not model.layers[1].training and model.layers[0].training
+
+
+def test_fisher_mask_refuses_non_finite_fisher_information():
+    """A NaN gradient in one batch would make the quantile NaN and keep nothing (D mode then trains nothing):
+    refused, naming the parameter."""
+    model = TinyClassifier()
+    batches = [{"x": torch.randn(5, 6), "labels": torch.randint(0, 3, (5,))} for _ in range(2)]
+
+    def loss_fn(m, batch):
+        loss = m(**batch)["loss"]
+        return loss + m.layers[0].bias.sum() * float("nan")  # NaN reaches layers.0.bias only
+
+    with pytest.raises(ValueError, match=r"layers\.0\.bias is not finite"):
+        ak.fisher_mask(model, batches, 0.3, loss_fn=loss_fn, max_grad_norm=None, progress=False)

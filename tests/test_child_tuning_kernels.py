@@ -286,7 +286,7 @@ def test_optimizer_drops_cached_tables_when_it_replaces_state(monkeypatch):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("semantics", ["official", "torch"])
-@pytest.mark.parametrize("mode,reserve_p", [("F", 0.4), ("F", 1.0), ("D", 0.3)])
+@pytest.mark.parametrize("mode,reserve_p", [("F", 0.4), ("F", 1.0), ("F", 1e-39), ("D", 0.3)])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 def test_triton_backend_matches_torch(small_chunks, dtype, semantics, mode, reserve_p, weight_decay):
     kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay, reserve_p=reserve_p, mode=mode,
@@ -592,7 +592,7 @@ def test_cuda_philox_known_answers_and_stream(cuda_on_host):
 @pytest.mark.nvcc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("semantics", ["official", "torch"])
-@pytest.mark.parametrize("mode,reserve_p", [("F", 0.4), ("F", 1.0), ("D", 0.3)])
+@pytest.mark.parametrize("mode,reserve_p", [("F", 0.4), ("F", 1.0), ("F", 1e-39), ("D", 0.3)])
 def test_cuda_kernel_code_matches_torch(cuda_on_host, dtype, semantics, mode, reserve_p):
     # (300, 257): three 32768-element chunks and a tail that is not a multiple of 4.
     sizes = ((300, 257), (29,), (1000,), (5, 3, 7))

@@ -136,6 +136,9 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
 
     Returns:
         {parameter: bool mask of its shape} for the selected trainable parameters.
+
+    Raises:
+        ValueError: if a selected parameter's Fisher information is not finite (a NaN or inf gradient).
     """
     reserve_p = V.number("reserve_p", reserve_p, lo=0.0, hi=1.0, lo_open=True)
     if max_grad_norm is not None:
@@ -144,7 +147,8 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
     if select is None:
         stack = layer_stack_parameters(model)
         select = lambda name, p: id(p) in stack  # noqa: E731
-    chosen = [p for name, p in model.named_parameters() if p.requires_grad and select(name, p)]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and select(name, p)]
+    chosen = [p for _, p in named]
     if not chosen:
         raise ValueError("no trainable parameter was selected for a Fisher mask")
 
@@ -174,6 +178,11 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
     if n_batches == 0:
         raise ValueError("batches was empty: the Fisher information needs at least one batch")
     torch._foreach_div_(fisher, float(n_batches))
+    finite = torch.stack([torch.isfinite(f).all() for f in fisher]).tolist()  # one sync
+    if not all(finite):  # a NaN quantile would keep nothing, silently
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        raise ValueError(f"the Fisher information of {', '.join(bad)} is not finite (NaN or inf gradients in "
+                         "some batch): no mask can be chosen from it; check the loss on these batches")
 
     threshold = quantile_threshold(fisher, 1.0 - reserve_p)
     return {p: f.double() >= threshold for p, f in zip(chosen, fisher)}

@@ -70,7 +70,7 @@ def _update_range(p_ptr, g_ptr, m_ptr, v_ptr, b_ptr, first, bound, offset, step,
         if MODE == MODE_F_C:  # F: keep ~ Bernoulli(reserve_p) from the counter-based stream, rescaled
             group = (first + s + offset) // 4 + tl.arange(0, BLOCK // 4)
             keep = philox_keep4(group, step, index, seed_lo, seed_hi, threshold)
-            g = g * (keep.to(tl.float32) * inv_reserve_p)
+            g = g * tl.where(keep, inv_reserve_p, 0.0)  # (not keep * inv: 0 * inf is NaN for a tiny reserve_p)
         elif MODE == MODE_D_C:  # D: bit idx of the packed words, LSB first
             word = tl.load(b_ptr + (idx >> 5), mask=ok, other=0)
             g = g * ((word >> (idx & 31).to(tl.int32)) & 1).to(tl.float32)
