@@ -255,3 +255,27 @@ def test_torch_backend_half_precision_with_a_huge_finite_float_mask():
     torch.testing.assert_close(got[0, 0, 0], plain[0, 0, 0], rtol=2e-3, atol=2e-3)  # -1e9 on every key
     masked = ak.gated_prefix_attention(q, k, v, attn_mask=mask > -1, backend="reference")
     torch.testing.assert_close(got[0, 0, 1], masked[0, 0, 1], rtol=2e-3, atol=2e-3)  # -1e9 on two keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    """Under torch.autocast q, k, v and the prefix are cast to the autocast dtype (mixed float32 and bf16 inputs,
+    as rotary embeddings leave them, are accepted), as F.scaled_dot_product_attention does."""
+    (q, k, v, pk, pv, g), keep = make_inputs(gate="example", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ak.gated_prefix_attention(q, k, v.bfloat16(), pk, pv, g, attn_mask=keep, backend=backend)
+    want = ak.gated_prefix_attention(*(t.bfloat16() for t in (q, k, v, pk, pv)), g, attn_mask=keep, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_torch_backend_without_prefix_compiles_fullgraph():
+    """No prefix, a padding mask that empties a row: the torch backend's empty-row guard has no data-dependent
+    branch (it synced with the GPU and broke fullgraph tracing)."""
+    (q, k, v, _, _, _), keep = make_inputs(P=None, dtype=torch.float32)
+    keep[0] = False  # batch 0 sees no key at all
+    fn = torch.compile(lambda *a: ak.gated_prefix_attention(*a, attn_mask=keep, backend="torch"), fullgraph=True,
+                       backend="eager")
+    out = fn(q, k, v)
+    torch.testing.assert_close(out, ak.gated_prefix_attention(q, k, v, attn_mask=keep, backend="reference"))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))

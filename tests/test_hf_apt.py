@@ -474,7 +474,21 @@ def test_bf16_model_runs():
     out = model(input_ids=ids, labels=torch.tensor([0, 1]))
     out.loss.backward()
     assert out.logits.dtype == torch.bfloat16 and model.apt_adapter.prefix_k.grad is not None
-    assert ak.gated_prefix_attention is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_under_autocast(family):
+    """torch.autocast (Trainer(bf16=True)): rotary families hand over float32 q, k beside a bf16 v, without a
+    cache to promote v; the op runs in the autocast dtype as SDPA does. The loss is near the float32 one."""
+    model = build(family, head="cls")
+    ids = torch.randint(3, 64, (2, 6))
+    labels = torch.tensor([0, 1])
+    want = model(input_ids=ids, labels=labels, use_cache=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=labels, use_cache=False)
+    out.loss.backward()
+    assert model.apt_adapter.prefix_k.grad is not None and torch.isfinite(model.apt_adapter.prefix_k.grad).all()
+    torch.testing.assert_close(out.loss.float(), want, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.triton

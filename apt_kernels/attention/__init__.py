@@ -32,6 +32,13 @@ def _triton_attention(*args):
     return triton_attention(*args)
 
 
+def _autocast(dtype, *tensors):
+    """Floating tensors other than float64 in ``dtype``, as autocast casts an op's inputs (under
+    ``torch.autocast`` Hugging Face's rotary embeddings return float32 q and k beside a bf16 v)."""
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            else t for t in tensors]
+
+
 def _normalise_mask(attn_mask, B, Hq, N, M, q):
     if attn_mask is None:
         return None
@@ -72,6 +79,8 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         scale: score scale, default D ** -0.5.
         dropout_p: probability of dropping attention weights (prefix and token columns alike), applied
             whenever > 0, as in ``F.scaled_dot_product_attention``: pass 0.0 at evaluation.
+        (Under ``torch.autocast`` q, k, v and the prefix run in the autocast dtype, as in
+        ``F.scaled_dot_product_attention``; the gate and a float mask keep theirs.)
         return_lse: also return the logsumexp of each row's scores, (B, Hq, N), float32 (float64 for
             float64 inputs).
         backend: "auto", "reference", "torch", "triton" or "cuda" (see ``python -m apt_kernels``).
@@ -90,6 +99,8 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         torch.Size([2, 4, 8, 16])
     """
     V.tensor("q", q, ndim=4)
+    if torch.is_autocast_enabled(q.device.type):  # as F.scaled_dot_product_attention: in the autocast dtype
+        q, k, v, prefix_k, prefix_v = _autocast(torch.get_autocast_dtype(q.device.type), q, k, v, prefix_k, prefix_v)
     V.tensor("k", k, ndim=4, like=q, like_name="q")
     V.tensor("v", v, ndim=4, like=q, like_name="q")
     V.same_dtype(("q", "k", "v"), (q, k, v))

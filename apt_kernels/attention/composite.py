@@ -61,14 +61,11 @@ def torch_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale,
     dead = None
     if mask is not None and prefix_k is None:
         # Rows with no visible key: SDPA would return NaN. Open one column so it computes finite
-        # numbers (and finite gradients), then return 0 there as the spec says.
+        # numbers (and finite gradients), then return 0 there as the spec says. (Always, without asking
+        # whether there are any: that would sync with a GPU and break torch.compile(fullgraph=True).)
         dead = (mask == float("-inf")).all(-1, keepdim=True)
-        if bool(dead.any()):
-            first = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
-            first[0] = True
-            mask = mask.masked_fill(dead & first, 0.0)
-        else:
-            dead = None
+        first = torch.arange(mask.shape[-1], device=mask.device) == 0
+        mask = mask.masked_fill(dead & first, 0.0)
 
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                          enable_gqa=heads != Hq)
