@@ -66,7 +66,7 @@ def test_pstlinear_constructor_state_dict_and_repr():
     assert set(names) == {"weight", "pst_u", "pst_v", "pst_a", "pst_b", "pst_r", "pst_c"}
     assert names["pst_u"].shape == (8, 3) and names["pst_v"].shape == (3, 16) and names["pst_b"].shape == (2, 16)
     assert torch.count_nonzero(layer.pst_v) == 0 and torch.count_nonzero(layer.pst_c) == 0
-    assert set(layer.state_dict()) == set(names)
+    assert set(layer.state_dict()) == set(names) | {"_extra_state"}  # the sparsity
     assert "sparsity=0.75" in repr(layer) and "rank_w=3" in repr(layer)
     assert int((layer.masked_weight() == 0).sum()) == 96
     with pytest.raises(ValueError, match="sparsity must lie in"):
@@ -168,6 +168,53 @@ def test_scheduler_as_trainer_callback():
     assert logs["pst_sparsity"] == pytest.approx(0.9, abs=1e-3) and "pst_realised_sparsity" in logs
     with pytest.raises(AttributeError):
         sched.not_an_event
+
+
+def test_scheduler_values_reach_the_trainer_log_history(tmp_path):
+    """A real Trainer: the values land in state.log_history (Trainer copies the logs there before on_log)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = apply_pst(tiny_bert(), sparsity=0.9)
+    data = [{"input_ids": ids()[0], "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.add_callback(ak.SparsityScheduler(model))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all("pst_sparsity" in h and "pst_realised_sparsity" in h for h in logged)
+
+
+def test_state_dict_keeps_the_sparsity_and_the_conv1d_layout():
+    """A checkpoint reloads at the sparsity it was saved at (a schedule's position; .to(dtype) keeps it exact),
+    and a GPT-2 layer's W0 is saved in Conv1D's (in, out) layout under Conv1D's key, so the base class reads
+    the same weights (a square c_proj loaded transposed before)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    layer = ak.PSTLinear(24, 16, sparsity=0.9)
+    layer.sparsity = 0.6337
+    fresh = ak.PSTLinear(24, 16, sparsity=0.9)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.sparsity == 0.6337 and torch.equal(fresh.masked_weight(), layer.masked_weight())
+    assert layer.to(torch.bfloat16).state_dict()["_extra_state"].item() == 0.6337
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    base = GPT2LMHeadModel(cfg).eval()
+    want = {k: v.clone() for k, v in base.state_dict().items()}
+    model = apply_pst(base, sparsity=0.5)
+    sd = model.state_dict()
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"):
+        assert torch.equal(sd[key], want[key])
+    torch.manual_seed(1)
+    other = apply_pst(GPT2LMHeadModel(cfg).eval(), sparsity=0.9)
+    other.load_state_dict(sd)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=x).logits, model(input_ids=x).logits)
+    assert all(layer.sparsity == 0.5 for _, layer in pst_layers(other))
+    assert torch.equal(sd["transformer.h.0.attn.c_proj.weight"], want["transformer.h.0.attn.c_proj.weight"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -233,6 +233,36 @@ class PSTLinear(nn.Module):
         conv.bias = self.bias
         return conv
 
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The sparsity of the next forward (a schedule's position): in ``state_dict()``, so a checkpoint
+        reloads at the sparsity it was saved at (float64, not a buffer: ``.to(dtype)`` leaves it alone)."""
+        return torch.tensor(self._sparsity, dtype=torch.float64)
+
+    def set_extra_state(self, state) -> None:
+        self.sparsity = float(state)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A layer made from a Conv1D (GPT-2) saves W0 in Conv1D's (in, out) layout, under Conv1D's key: its
+        # checkpoints keep the original architecture's layout (a square weight loaded silently transposed)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if getattr(self, "conv1d_type", None) is not None and prefix + "weight" in destination:
+            destination[prefix + "weight"] = destination[prefix + "weight"].t()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        saved = state_dict.get(key) if getattr(self, "conv1d_type", None) is not None else None
+        if saved is not None:
+            state_dict[key] = saved.t()  # back to (out, in), for this call only: the caller's dict is restored
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            if saved is not None:
+                state_dict[key] = saved
+
     def extra_repr(self) -> str:
         sp = f"nm={self.nm}" if self.nm else f"sparsity={self.sparsity:g} (final {self.final_sparsity:g})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

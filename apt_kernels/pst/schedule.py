@@ -42,7 +42,10 @@ class SparsityScheduler:
 
     transformers ``Trainer``: ``trainer.add_callback(SparsityScheduler(model))``; it reads
     ``state.max_steps`` at ``on_train_begin`` (when ``total_steps`` is None) and sets s(global_step)
-    before every step; ``on_log`` adds ``pst_sparsity`` and ``pst_realised_sparsity`` to the logs.
+    before every step; ``on_log`` adds ``pst_sparsity`` and ``pst_realised_sparsity`` to the logs and to
+    ``state.log_history`` (``trainer_state.json``). Passed as ``Trainer(callbacks=[sched])`` it runs before
+    the progress printer, so the printed logs show them too (``add_callback`` puts it after the printer;
+    reporting integrations such as TensorBoard run before any user callback either way).
 
     Args:
         model: a module containing PSTLinear layers, or an iterable of them.
@@ -141,9 +144,14 @@ class SparsityScheduler:
         self.apply()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {"pst_sparsity": round(self.current_sparsity, 6),
+                  "pst_realised_sparsity": round(self.realised_sparsity(), 6)}
         if logs is not None:
-            logs["pst_sparsity"] = round(self.current_sparsity, 6)
-            logs["pst_realised_sparsity"] = round(self.realised_sparsity(), 6)
+            logs.update(values)
+        # Trainer has already copied these logs into state.log_history (trainer_state.json): add them there
+        history = getattr(state, "log_history", None)
+        if history and isinstance(history[-1], dict) and history[-1].get("step") == getattr(state, "global_step", None):
+            history[-1].update(values)
 
     def __getattr__(self, name):
         # Every other Trainer event (on_epoch_begin, on_save, ... and future ones) is a no-op.
