@@ -1,6 +1,6 @@
 """APT vs prefix tuning vs full fine-tuning on a sequence-classification task.
 
-Default (no downloads, well under a minute on 2 CPU cores): a small BERT-style classifier built
+Default (no downloads, about a minute on 2 CPU cores): a small BERT-style classifier built
 from a config, on a task generated on the fly (is token 7 in the sequence?), trained with a plain
 loop. Each method starts from the same weights. A randomly initialised, frozen backbone gives the
 prefix methods little to adapt: with the default, expect full fine-tuning to win; give --model a
@@ -8,7 +8,8 @@ pretrained checkpoint for the comparison that matters.
 
     python examples/train_apt.py                          # the embedded default
     python examples/train_apt.py --trainer                # the same with transformers' Trainer
-    python examples/train_apt.py --model bert-base-uncased --dataset glue/sst2      # real data, if you have it
+    python examples/train_apt.py --model bert-base-uncased --dataset nyu-mll/glue --dataset-config sst2
+    python examples/train_apt.py --dataset ./saved_dataset                          # datasets' save_to_disk
     python examples/train_apt.py --train-file train.csv --eval-file dev.csv         # local files: text,label
 
 Prints trainable-parameter counts and eval accuracy per method, and saves the APT gate probe as a
@@ -20,10 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib.util
 import json
 import os
 import sys
 import time
+import zlib
 
 import torch
 from tqdm.auto import tqdm
@@ -34,13 +37,14 @@ from apt_kernels.hf import apply_apt, apply_prefix_tuning, gate_report  # noqa: 
 
 
 class HashTokenizer:
-    """A tokenizer for the embedded default: whitespace words hashed into a small vocabulary."""
+    """A tokenizer for the embedded default: whitespace words hashed into a small vocabulary (crc32: the same
+    ids in every process, unlike Python's salted hash)."""
 
     def __init__(self, vocab_size: int, max_len: int):
         self.vocab_size, self.max_len = vocab_size, max_len
 
     def __call__(self, texts):
-        ids = [[2 + (int(w) if w.isdigit() else hash(w)) % (self.vocab_size - 2) for w in t.split()][: self.max_len]
+        ids = [[2 + (int(w) if w.isdigit() else zlib.crc32(w.encode())) % (self.vocab_size - 2) for w in t.split()][: self.max_len]
                for t in texts]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])
@@ -65,29 +69,56 @@ def generated_task(n: int, seed: int, vocab: int = 60, length=(8, 24), target: i
 
 
 def read_local(path: str):
-    """A CSV (text,label columns) or JSON-lines ({"text":..., "label":...}) file."""
-    texts, labels = [], []
+    """Rows of a CSV (text,label columns), a JSON array or a JSON-lines file ({"text": ..., "label": ...};
+    "sentence" is read where "text" is missing). Labels are kept as written (numbers or names)."""
     with open(path, newline="") as f:
         if path.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in f if line.strip()]
+            body = f.read()
+            try:
+                rows = json.loads(body)  # a JSON array
+            except json.JSONDecodeError:
+                rows = [json.loads(line) for line in body.splitlines() if line.strip()]  # JSON lines
+            if not isinstance(rows, list):
+                raise SystemExit(f"{path}: expected a JSON array or JSON lines of {{'text': ..., 'label': ...}}")
         else:
             rows = list(csv.DictReader(f))
-    for r in rows:
-        texts.append(r.get("text") or r.get("sentence"))
-        labels.append(int(r["label"]))
-    return texts, labels
+    try:
+        return [r.get("text") or r.get("sentence") for r in rows], [r["label"] for r in rows]
+    except (KeyError, AttributeError) as e:
+        raise SystemExit(f"{path}: every row needs a 'text' (or 'sentence') and a 'label' field") from e
+
+
+def label_ids(train, evald):
+    """Labels as 0..K-1 in sorted order (1..K, names, '0'/'1' strings all work); K."""
+    def key(x):
+        try:
+            return (0, float(x), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(x))
+
+    names = sorted(set(train[1]), key=key)
+    ids = {name: i for i, name in enumerate(names)}
+    unknown = set(evald[1]) - set(ids)
+    if unknown:
+        raise SystemExit(f"evaluation labels {sorted(unknown, key=key)} never occur in the training data")
+    return (train[0], [ids[x] for x in train[1]]), (evald[0], [ids[x] for x in evald[1]]), len(names)
 
 
 def load_data(args):
     if args.train_file:
         return read_local(args.train_file), read_local(args.eval_file or args.train_file)
     if args.dataset:
-        import datasets  # only needed for hub datasets
+        import datasets  # only needed for --dataset
 
-        name, _, config = args.dataset.partition("/")
-        ds = datasets.load_dataset(name, config or None) if config else datasets.load_dataset(name)
+        if os.path.isdir(args.dataset) and any(os.path.exists(os.path.join(args.dataset, f))
+                                               for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(args.dataset)  # written by save_to_disk
+        else:  # a hub name (org/name) or a directory of data files
+            ds = datasets.load_dataset(args.dataset, args.dataset_config)
+        if not isinstance(ds, datasets.DatasetDict) or "train" not in ds:
+            raise SystemExit(f"--dataset {args.dataset}: expected a dataset with a 'train' split")
         text_key = "sentence" if "sentence" in ds["train"].column_names else "text"
-        split = "validation" if "validation" in ds else "test"
+        split = next((s for s in ("validation", "test") if s in ds), "train")
         return ((ds["train"][text_key][: args.train_size], ds["train"]["label"][: args.train_size]),
                 (ds[split][text_key][: args.eval_size], ds[split]["label"][: args.eval_size]))
     return generated_task(args.train_size, args.seed), generated_task(args.eval_size, args.seed + 1)
@@ -99,6 +130,10 @@ def build_model(args, num_labels: int):
     if args.model:
         tok = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
+        if tok.pad_token is None:  # GPT-2, Llama: no pad token; batches pad with the end-of-text token
+            tok.pad_token = tok.eos_token
+        if model.config.pad_token_id is None:  # decoders' classification heads find the last real token by it
+            model.config.pad_token_id = tok.pad_token_id
 
         def tokenize(texts):
             return dict(tok(list(texts), padding=True, truncation=True, max_length=args.max_len, return_tensors="pt"))
@@ -110,7 +145,7 @@ def build_model(args, num_labels: int):
     return BertForSequenceClassification(cfg), HashTokenizer(64, args.max_len)
 
 
-def batches(texts, labels, tokenize, batch_size, shuffle_seed=None):
+def batches(texts, labels, tokenize, batch_size, shuffle_seed=None, device="cpu"):
     order = list(range(len(texts)))
     if shuffle_seed is not None:
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
@@ -118,14 +153,14 @@ def batches(texts, labels, tokenize, batch_size, shuffle_seed=None):
         idx = order[i: i + batch_size]
         enc = tokenize([texts[j] for j in idx])
         enc["labels"] = torch.tensor([labels[j] for j in idx])
-        yield enc
+        yield {k: v.to(device) for k, v in enc.items()}
 
 
 @torch.no_grad()
-def accuracy(model, data, tokenize, batch_size):
+def accuracy(model, data, tokenize, batch_size, device):
     model.eval()
     right = total = 0
-    for b in batches(*data, tokenize, batch_size):
+    for b in batches(*data, tokenize, batch_size, device=device):
         pred = model(**b).logits.argmax(-1)
         right += int((pred == b["labels"]).sum())
         total += len(pred)
@@ -139,7 +174,7 @@ def train_loop(model, train, tokenize, args, desc):
     bar = tqdm(total=steps, desc=desc, disable=args.quiet)
     for epoch in range(args.epochs):
         model.train()
-        for b in batches(*train, tokenize, args.batch_size, shuffle_seed=args.seed + epoch):
+        for b in batches(*train, tokenize, args.batch_size, shuffle_seed=args.seed + epoch, device=args.device):
             loss = model(**b).loss
             loss.backward()
             opt.step()
@@ -171,12 +206,16 @@ def train_trainer(model, train, tokenize, args, desc):
                               per_device_train_batch_size=args.batch_size,
                               learning_rate=args.lr_full if desc == "full" else args.lr, report_to=[],
                               save_strategy="no", logging_strategy="no", disable_tqdm=args.quiet,
-                              use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=args.seed)
+                              use_cpu=args.device == "cpu", remove_unused_columns=False, seed=args.seed)
     Trainer(model=model, args=targs, train_dataset=Listed(*train), data_collator=collate).train()
 
 
 def save_heatmap(report, path):
-    import matplotlib
+    """The gate probe as a heatmap PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,12 +230,15 @@ def save_heatmap(report, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a hub model name or local directory (default: a small BERT from a config)")
-    ap.add_argument("--dataset", help="a `datasets` name, e.g. glue/sst2 (needs the datasets package and the data)")
+    ap.add_argument("--dataset", help="a `datasets` hub name (e.g. nyu-mll/glue), a directory of data files or one "
+                    "written by save_to_disk (needs the datasets package and the data)")
+    ap.add_argument("--dataset-config", help="the dataset's configuration, e.g. sst2")
     ap.add_argument("--train-file", help="local CSV (text,label) or JSON-lines training file")
     ap.add_argument("--eval-file", help="local evaluation file (default: the training file)")
     ap.add_argument("--methods", default="apt,prefix,full")
@@ -210,37 +252,42 @@ def main(argv=None):
     ap.add_argument("--lr-full", type=float, default=1e-3, help="learning rate of full fine-tuning")
     ap.add_argument("--trainer", action="store_true", help="train with transformers' Trainer instead of a plain loop")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=".", help="where gates.png (and Trainer scratch) go")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ("apt", "prefix", "full")]
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown or methods}; choose from apt, prefix, full")
+    if args.trainer and importlib.util.find_spec("accelerate") is None:
+        raise SystemExit("--trainer needs transformers' Trainer, which needs accelerate: pip install accelerate")
     os.makedirs(args.out, exist_ok=True)
 
-    train, evald = load_data(args)
-    num_labels = len(set(train[1]))
+    train, evald, num_labels = label_ids(*load_data(args))
     base, tokenize = build_model(args, num_labels)
+    base.to(args.device)
     print(f"data: {len(train[0])} train / {len(evald[0])} eval examples, {num_labels} labels")
     results = {}
-    for method in args.methods.split(","):
+    for method in methods:
         model = copy.deepcopy(base)
         if method == "apt":
             apply_apt(model, args.prefix_len, backend=args.backend)
         elif method == "prefix":
             apply_prefix_tuning(model, args.prefix_len, backend=args.backend)
-        elif method != "full":
-            raise SystemExit(f"unknown method {method!r}")
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_adapter = sum(p.numel() for p in model.apt_adapter.parameters()) if method != "full" else n_train
         t0 = time.perf_counter()
         (train_trainer if args.trainer else train_loop)(model, train, tokenize, args, method)
-        acc = accuracy(model, evald, tokenize, args.batch_size)
+        acc = accuracy(model, evald, tokenize, args.batch_size, args.device)
         results[method] = (n_train, n_adapter, acc, time.perf_counter() - t0)
         if method == "apt":
-            b = next(batches(*evald, tokenize, args.batch_size))
+            b = next(batches(*evald, tokenize, args.batch_size, device=args.device))
             report = gate_report(model, {k: v for k, v in b.items() if k != "labels"})
-            save_heatmap(report, os.path.join(args.out, "gates.png"))
-            print("APT gate per layer:", [round(float(x), 3) for x in report["layer"]],
-                  f"(heatmap: {os.path.join(args.out, 'gates.png')})")
+            png = os.path.join(args.out, "gates.png")
+            where = f"heatmap: {png}" if save_heatmap(report, png) else "no heatmap: pip install matplotlib"
+            print("APT gate per layer:", [round(float(x), 3) for x in report["layer"]], f"({where})")
     print(f"\n{'method':8s} {'trainable':>10s} {'adapter':>9s} {'accuracy':>9s} {'time':>7s}")
     for method, (n_train, n_adapter, acc, secs) in results.items():
         print(f"{method:8s} {n_train:10d} {n_adapter:9d} {acc:9.3f} {secs:6.1f}s")

@@ -39,3 +39,34 @@ def test_trainer_and_local_files(tmp_path):
     res = ex.main(["--train-file", str(path), "--methods", "apt", "--epochs", "1", "--trainer", "--quiet",
                    "--out", str(tmp_path)])
     assert set(res) == {"apt"}
+
+
+def test_local_decoder_without_pad_token_and_json_labels(tmp_path):
+    """--model a local GPT-2 checkpoint whose tokenizer has no pad token (as the real ones), data as a JSON
+    array with labels 1..3 given as strings: padded with the end-of-text token, labels mapped to 0..2."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[EOS]"] + [str(i) for i in range(60)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(words), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                             num_labels=3)).save_pretrained(tmp_path / "m")
+    ex = load_example()
+    texts, labels = ex.generated_task(24, seed=1)
+    rows = [{"text": t, "label": str(1 + (i % 3))} for i, t in enumerate(texts)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    res = ex.main(["--model", str(tmp_path / "m"), "--train-file", str(tmp_path / "train.json"), "--methods",
+                   "apt, prefix", "--epochs", "1", "--quiet", "--out", str(tmp_path), "--device", "cpu"])
+    assert set(res) == {"apt", "prefix"}
+
+
+def test_bad_methods_are_refused_before_training():
+    ex = load_example()
+    with pytest.raises(SystemExit, match="unknown"):
+        ex.main(["--methods", "apt,prefx", "--quiet"])
