@@ -134,8 +134,12 @@ class Registry:
             why = self.reason(name, probe)
             lines.append(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
         why = self.order_reason.get(probe.device.type)
-        lines.append(f"  auto ->   {self.select('auto', probe)[0]}"
-                     + (f" (order {' > '.join(self.auto_order(probe.device.type))}: {why})" if why else ""))
+        pick = self.select("auto", probe)[0]
+        if self.reason(pick, probe):
+            lines.append("  auto ->   none: no backend runs these inputs")
+        else:
+            lines.append(f"  auto ->   {pick}"
+                         + (f" (order {' > '.join(self.auto_order(probe.device.type))}: {why})" if why else ""))
         return "\n".join(lines)
 
 

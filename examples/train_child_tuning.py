@@ -59,6 +59,10 @@ def parse_args(argv=None):
     args.modes = [m.strip().upper() for m in args.modes.split(",") if m.strip()]
     if args.steps < 0 or any(m not in ("F", "D") for m in args.modes):
         p.error("--steps must be >= 0 and --modes a list of F and D")
+    if args.fisher_batches < 1:
+        p.error("--fisher-batches must be >= 1")
+    if args.save_masks and "D" not in args.modes:
+        p.error("--save-masks saves the Fisher mask of mode D: add D to --modes")
     return args
 
 
@@ -145,7 +149,7 @@ def main(argv=None) -> None:
 
     masks = None
     if "D" in args.modes:
-        masks = fisher_mask(model, train_batches[:max(1, args.fisher_batches)], args.reserve_p,
+        masks = fisher_mask(model, train_batches[:args.fisher_batches], args.reserve_p,
                             progress=not args.no_progress)
         kept, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
         print(f"Fisher mask: {len(masks)} parameters of the encoder layers, {kept} of {total} elements kept "

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 import apt_kernels
 from apt_kernels import SparsityScheduler
 from apt_kernels.hf import apply_pst, export_pst, pst_layers, trainable_parameters
+from apt_kernels.pst import REGISTRY as PST_REGISTRY
+from apt_kernels.registry import Probe
 
 VOCAB, SEQ, PAD = 100, 16, 0
 
@@ -133,6 +135,8 @@ def main(argv=None):
     test_pre = [pretrain_batch(test_gen, 256, args.device) for _ in range(4)]
     test = [task_batch(test_gen, 256, args.device) for _ in range(4)]
 
+    # say now, not after the dense pre-training, if the backend cannot run here
+    PST_REGISTRY.select(args.backend, Probe(torch.device(args.device), torch.float32))
     model = build_model(args.device)
     train(model, args.pretrain_steps, gen, args, "dense pre-training", model.parameters(), lr=1e-3)
     print(f"pre-trained: all 4 marker labels right on {accuracy(model, test_pre):.3f} of the sequences")

@@ -805,3 +805,11 @@ def test_gpu_fisher_quantile_uses_the_radix_select_and_matches_numpy():
     parts = [vals[:400_000].cuda(), vals[400_000:].cuda()]
     for k in (1, 500_000, 1_000_003):
         assert radix_kth(parts, k, chunk=300_000) == float(srt[k - 1]), k
+
+
+@pytest.mark.parametrize("argv,error", [(["--save-masks", "m.safetensors", "--modes", "F"], "add D to --modes"),
+                                        (["--fisher-batches", "0"], "--fisher-batches must be >= 1")])
+def test_train_child_tuning_example_argument_errors(argv, error):
+    res = subprocess.run([sys.executable, "examples/train_child_tuning.py", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 2 and error in res.stderr

@@ -567,3 +567,16 @@ def test_real_tokens_from_every_mask_form():
     for mask in (bool_mask, float_mask, deberta):
         assert torch.equal(_keep_from_mask(mask), keep), mask.dtype
     assert _keep_from_mask(None) is None
+
+
+def test_argument_errors_name_what_is_wrong():
+    model = build("bert", apt=False)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="reparam_hidden must be None"):
+            apply_apt(model, 3, reparam_hidden=bad)
+    assert getattr(model, "apt_adapter", None) is None
+    apply_prompt_tuning(model, 3)
+    with pytest.raises(ValueError, match="already has prompt tuning applied"):
+        apply_prompt_tuning(model, 3)
+    with pytest.raises(ValueError, match="already has prompt tuning applied"):
+        apply_apt(model, 3)

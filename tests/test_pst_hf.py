@@ -401,3 +401,11 @@ def test_masks_ignore_autocast(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = ak.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=0.5, backend=backend)
     assert torch.equal(got, want)
+
+
+def test_train_pst_example_refuses_an_unavailable_backend_before_training():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "examples/train_pst.py", "--backend", "cuda", "--device", "cpu"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "cannot run here" in res.stderr and "pre-trained" not in res.stdout

@@ -127,3 +127,17 @@ def test_backend_checks_trace_as_constants_under_compile():
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(1))
     assert torch.equal(got, f(torch.zeros(1)))
+
+
+def test_explain_reads_the_dtype_as_the_ops_do():
+    """explain(op, device, dtype) agrees with what a call in that dtype does: float64 PST inputs never reach the
+    fused kernels; ChildTuningAdamW refuses float64 parameters on every backend."""
+    import apt_kernels as ak
+
+    text = ak.explain("pst_masked_weight", "cuda", torch.float64)
+    assert "triton    unavailable: the fused PST kernels compute in float32" in text
+    text = ak.explain("child_tuning_adamw", "cpu", torch.float64)
+    assert "torch     unavailable: ChildTuningAdamW takes float32" in text and "auto ->   none" in text
+    assert "auto ->   torch" in ak.explain("child_tuning_adamw", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="lr must lie in"):
+        ak.ChildTuningAdamW([torch.nn.Parameter(torch.zeros(2))], lr=float("inf"))

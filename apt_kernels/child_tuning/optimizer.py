@@ -23,19 +23,22 @@ from .update import Masking, foreach_update, reference_update
 
 OP = "child_tuning_adamw"
 REGISTRY = registry(OP)
-REGISTRY.register("reference")(reference_update)
-REGISTRY.register("torch")(foreach_update)
 
 
-def _fused_dtypes(probe: Probe) -> str | None:
-    if probe.dtype not in fused.DTYPES:
-        return f"the fused kernels take float32/bfloat16/float16 parameters, not {str(probe.dtype).replace('torch.', '')}"
+def _param_dtypes(probe: Probe) -> str | None:
+    if probe.dtype not in fused.DTYPES:  # the moments are float32: float64 would be rounded every step
+        return ("ChildTuningAdamW takes float32/bfloat16/float16 parameters (float32 moments), not "
+                f"{str(probe.dtype).replace('torch.', '')}")
     return None
+
+
+REGISTRY.register("reference", _param_dtypes)(reference_update)
+REGISTRY.register("torch", _param_dtypes)(foreach_update)
 
 
 # The fused launchers are left out of torch.compile's graphs (a graph break around one launch that is
 # already the whole update): ``torch.compile(opt.step)`` traces the rest and runs the kernel eagerly.
-@REGISTRY.register("triton", _fused_dtypes)
+@REGISTRY.register("triton", _param_dtypes)
 @torch.compiler.disable
 def triton_update(*args, **kwargs):
     """The fused Triton kernel (``triton_update.py``): F bits drawn in-kernel, D bits read packed."""
@@ -57,7 +60,7 @@ def _cuda_launch(t: fused.Tables, h: fused.Hyper, s: fused.Steps) -> None:
 _CUDA_KERNEL = fused.Kernel(chunk=CUDA_CHUNK, group_chunks=False, split_vector=False, launch=_cuda_launch)
 
 
-@REGISTRY.register("cuda", _fused_dtypes)
+@REGISTRY.register("cuda", _param_dtypes)
 @torch.compiler.disable
 def cuda_update(*args, **kwargs):
     """The CUDA C++ multi-tensor kernel (``csrc/child_tuning.cu``), one launch per dtype group and mode."""
@@ -126,8 +129,8 @@ def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_hyper(group: dict, where: str) -> None:
-    V.number(f"lr{where}", group["lr"], lo=0.0)
-    V.number(f"eps{where}", group["eps"], lo=0.0)
+    V.number(f"lr{where}", group["lr"], lo=0.0, hi=math.inf, hi_open=True)
+    V.number(f"eps{where}", group["eps"], lo=0.0, hi=math.inf, hi_open=True)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
@@ -224,7 +227,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         mode_of = {id(q): g["mode"] for g in self.param_groups for q in g["params"]}
         for p, mask in masks.items():
             if id(p) not in mode_of:
-                raise ValueError(f"masks holds a tensor of shape {V.shape(p) if isinstance(p, torch.Tensor) else p!r} "
+                raise ValueError(f"masks holds a tensor of shape {V.shape(p) if isinstance(p, torch.Tensor) else repr(p)} "
                                  "that is not a parameter of this optimizer")
             if mode_of[id(p)] != "D":  # an F-mode group draws its masks: a given one would be ignored
                 raise ValueError(f'masks holds the mask of a parameter of shape {V.shape(p)} whose param group is '

@@ -291,6 +291,13 @@ def _compute_gate(module: nn.Module, args, kwargs) -> None:
     state["gate"] = adapter.gate(state["layer"], h, keep)
 
 
+def _check_not_applied(model) -> None:
+    adapter = getattr(model, "apt_adapter", None)
+    if adapter is not None:
+        what = "prompt tuning" if isinstance(adapter, SoftPrompt) else "APT (or prefix tuning)"
+        raise ValueError(f"this model already has {what} applied; call remove_apt(model) first")
+
+
 def _check_prefix_len(prefix_len) -> None:
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
@@ -344,10 +351,12 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
         >>> sorted({n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("apt")})
         ['gate_bias', 'gate_weight', 'layer_scale', 'prefix_k', 'prefix_v']
     """
-    if getattr(model, "apt_adapter", None) is not None:
-        raise ValueError("this model already has APT applied; call remove_apt(model) first")
+    _check_not_applied(model)
     model_type, fam = _family(model)
     _check_prefix_len(prefix_len)
+    if reparam_hidden is not None and (isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, int)
+                                       or reparam_hidden < 1):
+        raise ValueError(f"reparam_hidden must be None (no reparameterisation) or an int >= 1, got {reparam_hidden!r}")
     ATTENTION_REGISTRY.check_backend(backend)
     # an encoder family configured as a decoder (BertLMHeadModel & co.: config.is_decoder) is causal too
     causal = fam.causal or bool(getattr(model.config, "is_decoder", False))
@@ -441,8 +450,7 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     again at every decoding step (use :func:`apply_prefix_tuning` or :func:`apply_apt`, whose prefixes stay
     out of the cache).
     """
-    if getattr(model, "apt_adapter", None) is not None:
-        raise ValueError("this model already has APT applied; call remove_apt(model) first")
+    _check_not_applied(model)
     model_type, fam = _family(model)
     _check_prefix_len(prefix_len)
     head = type(model).__name__

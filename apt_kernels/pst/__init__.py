@@ -73,7 +73,7 @@ def _cuda_backward(*args):
 
 
 def _float32_only(probe: Probe) -> str | None:
-    if "float64" in probe.features:
+    if "float64" in probe.features or probe.dtype == torch.float64:
         return "the fused PST kernels compute in float32; float64 inputs run on the reference/torch backends"
     return None
 
