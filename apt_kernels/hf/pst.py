@@ -126,7 +126,8 @@ def apply_pst(model: nn.Module, sparsity: float = 0.9, rank_w: int = 8, rank_s: 
         train_head: leave the task head trainable (parameters outside ``model.base_model`` for
             transformers models, else modules named classifier/score/qa_outputs/lm_head/head;
             parameters tied to the body stay frozen). The paper's script froze it; here it trains.
-        nm: (N, M), e.g. (2, 4): N:M sparsity instead of a global top-k in every converted layer.
+        nm: (N, M), e.g. (2, 4): N:M sparsity instead of a global top-k in every converted layer; the
+            sparsity is then 1 - N/M whatever ``sparsity`` says.
         backend: the PST backend of every layer ("auto", "torch", "triton", "cuda", "reference").
         beta, alpha1, alpha2, init_std, factor_dtype: see :class:`~apt_kernels.PSTLinear`.
         train_bias: leave the biases of the converted layers trainable (default: frozen like W0).
