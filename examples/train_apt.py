@@ -78,6 +78,8 @@ def read_local(path: str):
                 rows = json.loads(body)  # a JSON array
             except json.JSONDecodeError:
                 rows = [json.loads(line) for line in body.splitlines() if line.strip()]  # JSON lines
+            if isinstance(rows, dict):  # a single JSON-lines record
+                rows = [rows]
             if not isinstance(rows, list):
                 raise SystemExit(f"{path}: expected a JSON array or JSON lines of {{'text': ..., 'label': ...}}")
         else:
@@ -89,13 +91,17 @@ def read_local(path: str):
 
 
 def label_ids(train, evald):
-    """Labels as 0..K-1 in sorted order (1..K, names, '0'/'1' strings all work); K."""
-    def key(x):
+    """Labels as 0..K-1 in sorted order (1..K, names, '0'/'1' strings all work: a CSV's "1" is a JSON file's 1); K."""
+    def norm(x):
         try:
-            return (0, float(x), "")
+            return int(x)
         except (TypeError, ValueError):
-            return (1, 0.0, str(x))
+            return str(x)
 
+    def key(x):
+        return (0, x, "") if isinstance(x, int) else (1, 0, x)
+
+    train, evald = (train[0], [norm(x) for x in train[1]]), (evald[0], [norm(x) for x in evald[1]])
     names = sorted(set(train[1]), key=key)
     ids = {name: i for i, name in enumerate(names)}
     unknown = set(evald[1]) - set(ids)

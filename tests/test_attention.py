@@ -279,3 +279,11 @@ def test_torch_backend_without_prefix_compiles_fullgraph():
     out = fn(q, k, v)
     torch.testing.assert_close(out, ak.gated_prefix_attention(q, k, v, attn_mask=keep, backend="reference"))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_meta_tensors_give_shapes():
+    """Shape inference on the meta device (no autocast there to ask about)."""
+    q = torch.empty(2, 4, 5, 8, device="meta")
+    k = torch.empty(2, 2, 7, 8, device="meta")
+    pk = torch.empty(2, 3, 8, device="meta")
+    assert ak.gated_prefix_attention(q, k, k, pk, pk, backend="torch").shape == (2, 4, 5, 8)

@@ -569,6 +569,19 @@ def test_real_tokens_from_every_mask_form():
     assert _keep_from_mask(None) is None
 
 
+def test_load_apt_reads_old_configs_with_reparam_hidden_0(tmp_path):
+    import json
+
+    model = build("bert", head="cls")
+    save_apt(model, tmp_path)
+    cfg = json.loads((tmp_path / "apt_config.json").read_text())
+    assert cfg["reparam_hidden"] is None
+    cfg["reparam_hidden"] = 0  # what an adapter saved with reparam_hidden=0 holds
+    (tmp_path / "apt_config.json").write_text(json.dumps(cfg))
+    fresh = load_apt(build("bert", head="cls", apt=False), tmp_path)
+    assert fresh.apt_adapter.cfg.reparam_hidden is None
+
+
 def test_argument_errors_name_what_is_wrong():
     model = build("bert", apt=False)
     for bad in (0, -1, 2.5, True):

@@ -215,6 +215,17 @@ def test_state_dict_keeps_the_sparsity_and_the_conv1d_layout():
         assert torch.equal(other(input_ids=x).logits, model(input_ids=x).logits)
     assert all(layer.sparsity == 0.5 for _, layer in pst_layers(other))
     assert torch.equal(sd["transformer.h.0.attn.c_proj.weight"], want["transformer.h.0.attn.c_proj.weight"])
+    # a checkpoint from before (no _extra_state, W0 stored (out, in)) still loads, strict, as it was saved
+    old = {k: v.t() if k.endswith("attn.c_proj.weight") or k.endswith("c_attn.weight") or ".mlp.c_" in k and
+           k.endswith("weight") else v for k, v in sd.items() if not k.endswith("_extra_state")}
+    third = apply_pst(GPT2LMHeadModel(cfg).eval(), sparsity=0.5)
+    third.load_state_dict(old)
+    assign = apply_pst(GPT2LMHeadModel(cfg).eval(), sparsity=0.9)
+    assign.load_state_dict(sd, assign=True)
+    with torch.no_grad():
+        assert torch.equal(third(input_ids=x).logits, model(input_ids=x).logits)
+        assert torch.equal(assign(input_ids=x).logits, model(input_ids=x).logits)
+    assert all(layer.weight.is_contiguous() for _, layer in pst_layers(assign))
 
 
 # --------------------------------------------------------------------------------------------------

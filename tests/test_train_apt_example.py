@@ -70,3 +70,19 @@ def test_bad_methods_are_refused_before_training():
     ex = load_example()
     with pytest.raises(SystemExit, match="unknown"):
         ex.main(["--methods", "apt,prefx", "--quiet"])
+
+
+def test_single_record_json_lines_and_labels_across_formats(tmp_path):
+    """A one-record .jsonl file; a CSV's "0"/"1" labels and a JSON file's 0/1 are the same labels."""
+    import json
+
+    ex = load_example()
+    texts, labels = ex.generated_task(16, seed=2)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(zip(texts, labels))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": texts[0], "label": labels[0]}) + "\n")
+    res = ex.main(["--train-file", str(tmp_path / "train.csv"), "--eval-file", str(tmp_path / "one.jsonl"),
+                   "--methods", "full", "--epochs", "1", "--quiet", "--out", str(tmp_path)])
+    assert set(res) == {"full"}

@@ -99,7 +99,8 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         torch.Size([2, 4, 8, 16])
     """
     V.tensor("q", q, ndim=4)
-    if torch.is_autocast_enabled(q.device.type):  # as F.scaled_dot_product_attention: in the autocast dtype
+    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):  # (meta: not)
+        # as F.scaled_dot_product_attention: in the autocast dtype
         q, k, v, prefix_k, prefix_v = _autocast(torch.get_autocast_dtype(q.device.type), q, k, v, prefix_k, prefix_v)
     V.tensor("k", k, ndim=4, like=q, like_name="q")
     V.tensor("v", v, ndim=4, like=q, like_name="q")

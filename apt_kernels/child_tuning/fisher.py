@@ -182,7 +182,7 @@ def fisher_mask(model: torch.nn.Module, batches: Iterable, reserve_p: float, *,
     if not all(finite):  # a NaN quantile would keep nothing, silently
         bad = [name for (name, _), ok in zip(named, finite) if not ok]
         raise ValueError(f"the Fisher information of {', '.join(bad)} is not finite (NaN or inf gradients in "
-                         "some batch): no mask can be chosen from it; check the loss on these batches")
+                         "some batch, or squares past float32's range): no mask can be chosen from it; check the loss on these batches")
 
     threshold = quantile_threshold(fisher, 1.0 - reserve_p)
     return {p: f.double() >= threshold for p, f in zip(chosen, fisher)}

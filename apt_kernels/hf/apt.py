@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import types
 from typing import Any
@@ -354,9 +355,11 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     _check_not_applied(model)
     model_type, fam = _family(model)
     _check_prefix_len(prefix_len)
-    if reparam_hidden is not None and (isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, int)
-                                       or reparam_hidden < 1):
-        raise ValueError(f"reparam_hidden must be None (no reparameterisation) or an int >= 1, got {reparam_hidden!r}")
+    if reparam_hidden is not None:
+        if isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, numbers.Integral) or reparam_hidden < 1:
+            raise ValueError(f"reparam_hidden must be None (no reparameterisation) or an int >= 1, "
+                             f"got {reparam_hidden!r}")
+        reparam_hidden = int(reparam_hidden)
     ATTENTION_REGISTRY.check_backend(backend)
     # an encoder family configured as a decoder (BertLMHeadModel & co.: config.is_decoder) is causal too
     causal = fam.causal or bool(getattr(model.config, "is_decoder", False))
@@ -567,6 +570,8 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | N
 
     with open(os.path.join(path, CONFIG_NAME)) as f:
         cfg = APTConfig(**json.load(f))
+    if not cfg.reparam_hidden:  # adapters saved before reparam_hidden=0 was refused: 0 meant none
+        cfg.reparam_hidden = None
     model_type, _ = _family(base_model)
     if cfg.family and cfg.family != model_type:
         raise ValueError(f"the adapter at {path} was trained on {cfg.family}, not {model_type}")

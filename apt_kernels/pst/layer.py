@@ -252,16 +252,20 @@ class PSTLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key = prefix + "weight"
-        saved = state_dict.get(key) if getattr(self, "conv1d_type", None) is not None else None
+        key, extra = prefix + "weight", prefix + "_extra_state"
+        # (out, in) for this call only (the caller's dict is restored); a checkpoint without _extra_state predates
+        # the Conv1D layout and the saved sparsity: its W0 is already (out, in), its layers keep their sparsity
+        saved = state_dict.get(key) if getattr(self, "conv1d_type", None) is not None and extra in state_dict else None
         if saved is not None:
-            state_dict[key] = saved.t()  # back to (out, in), for this call only: the caller's dict is restored
+            state_dict[key] = saved.t().contiguous()  # contiguous: load_state_dict(assign=True) keeps it as W0
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         finally:
             if saved is not None:
                 state_dict[key] = saved
+        if extra not in state_dict and extra in missing_keys:
+            missing_keys.remove(extra)
 
     def extra_repr(self) -> str:
         sp = f"nm={self.nm}" if self.nm else f"sparsity={self.sparsity:g} (final {self.final_sparsity:g})"
