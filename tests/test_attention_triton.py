@@ -157,6 +157,28 @@ def test_extreme_finite_mask_values_are_not_hidden(mask_dtype):
     torch.testing.assert_close(out[0, :, 2], v[0, :, 4].expand(2, 16), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [-1e4, -1e9, -3e38])
+def test_gradients_of_rows_whose_every_key_has_a_huge_mask_offset(offset):
+    """A row whose every key carries the same huge finite offset is uniform attention (the offset swamps q.k in
+    float32, in the reference too). Its gradients need the row's log-sum-exp to the last bit: the forward keeps
+    it as hi + lo in base 2 (hi alone dropped log2(#keys) at -1e9: gradients off by up to the key count)."""
+    (q, k, v, _, _, _), _ = make_inputs(B=1, Hq=2, Hkv=1, N=3, M=5, D=16, P=None, mask="none", dtype=torch.float32,
+                                        device=DEVICE)
+    mask = torch.zeros(1, 1, 3, 5, device=DEVICE)
+    mask[0, 0, 0] = offset
+    mask[0, 0, 1, :2] = offset
+    res = {}
+    for backend in ("triton", "reference"):
+        ts = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = ak.gated_prefix_attention(*ts, attn_mask=mask, backend=backend)
+        res[backend] = [out] + list(torch.autograd.grad(out.square().sum(), ts))
+    # at -1e4 q.k keeps about 10 bits next to the offset, rounded differently in the kernel's base-2 scores and
+    # the reference's natural ones (both float32); past that both see uniform rows
+    tol = 3e-3 if offset == -1e4 else 1e-5
+    for name, a, b in zip(NAMES, res["triton"], res["reference"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
 def test_float64_mask_with_its_own_layout():
     """A float64 mask is copied to float32 for the kernels: a sliced (non-dense) one and an expanded one are
     read through the copy's strides, not the original's."""
@@ -220,8 +242,8 @@ def test_every_output_element_is_written(nan_empty):
     from apt_kernels.attention import fused
 
     (q, k, v, pk, pv, g), keep = make_inputs(**SMALL, gate="token", dtype=torch.float32, device=DEVICE)
-    out, lse = fused.attention_forward(q, k, v, pk[None], pv[None], g, keep[:, None, None, :], True, 0.2, 0.0, 0)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    out, lse, stat = fused.attention_forward(q, k, v, pk[None], pv[None], g, keep[:, None, None, :], True, 0.2, 0.0, 0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all() and torch.isfinite(stat).all()
 
 
 @pytest.mark.parametrize("gate,shared,causal", [("example", True, True), ("token", False, False),
@@ -461,7 +483,7 @@ def build(fn, dt, consts, opts):
             sig[a] = "fp32"
         elif a in INT_ARGS or a.startswith("s"):
             sig[a] = "i32"
-        elif a in ("G", "Lse", "Delta", "DG", "DLse"):
+        elif a in ("G", "Lse", "Stat", "Delta", "DG", "DLse"):
             sig[a] = "*fp32"
         elif a == "Mk":
             sig[a] = "*u8" if consts.get("MASK_KIND") == 1 else "*fp32"

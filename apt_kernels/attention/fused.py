@@ -203,7 +203,7 @@ def _fwd_tiles(acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, o
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
+def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse, Stat,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
                 sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m,
@@ -239,23 +239,36 @@ def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse,
                 DROPOUT, PREC)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    # The base-2 lse m + log2(l) as an unevaluated float32 sum hi + lo (TwoSum), kept for the backward: with
+    # huge finite mask offsets on every key of a row, hi alone drops log2(l) (ulp 128 at m = -1.44e9)
+    m = tl.where(empty, 0.0, m_i)
+    t = tl.log2(tl.where(empty, 1.0, l_i))
+    hi = m + t
+    bb = hi - m
+    lo = (m - (hi - bb)) + (t - bb)
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + bh * N + offs_m, lse, mask=m_ok)
+    tl.store(Lse + bh * N + offs_m, tl.where(empty, float("-inf"), hi * LN2), mask=m_ok)
+    # rows that saw no key: hi = +inf, every probability exp2(s - inf) = 0
+    tl.store(Stat + 2 * (bh * N + offs_m), tl.where(empty, float("inf"), hi), mask=m_ok)
+    tl.store(Stat + 2 * (bh * N + offs_m) + 1, tl.where(empty, 0.0, lo), mask=m_ok)
 
 
 @triton.jit
-def _lse2(lse):
-    """Rows' lse in base 2, +inf where lse = -inf (a row that saw no key: every probability 0)."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+def _row_stat(Stat, bh, N, offs_m, m_ok):
+    """Rows' base-2 lse as the forward left it, hi + lo (``Stat``: (B, Hq, N, 2) float32)."""
+    at = Stat + 2 * (bh * N + offs_m)
+    return tl.load(at, mask=m_ok, other=float("inf")), tl.load(at + 1, mask=m_ok, other=0.0)
 
 
 @triton.jit
-def _probs(s2, lse2):
-    """Softmax probabilities of the base-2 score tile s2 given its rows' ``_lse2``: one subtraction (fused
-    with the score's scaling where nothing comes between) and one exp2 per score."""
-    return tl.exp2(s2 - lse2[:, None])
+def _probs(s2, lse_hi, lse_lo, MASK_KIND: tl.constexpr):
+    """Softmax probabilities of the base-2 score tile s2 given its rows' lse hi + lo: one subtraction (fused
+    with the score's scaling where nothing comes between) and one exp2 per score; with a float mask (the only
+    way to huge score offsets) a second subtraction, of lo, after hi's exact one."""
+    if MASK_KIND == 2:
+        return tl.exp2((s2 - lse_hi[:, None]) - lse_lo[:, None])
+    return tl.exp2(s2 - lse_hi[:, None])
 
 
 @triton.jit
@@ -302,25 +315,26 @@ def _delta_kernel(DO, Out, DLse, Delta, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, 
 
 @triton.jit
 def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sdo_d, gb, gh, sg_n, sg_p, mb, mh,
-               sm_n, sm_m, dg_base, sdg_n, sdg_p, Lse, Delta, bh, offs_n, offs_d, n_ok, d_ok, col0, N, M, qk2,
+               sm_n, sm_m, dg_base, sdg_n, sdg_p, Stat, Delta, bh, offs_n, offs_d, n_ok, d_ok, col0, N, M, qk2,
                mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_PREFIX: tl.constexpr, EDGE: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
                MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                PREC: tl.constexpr):
     """dk (unscaled), dv of one key tile accumulated over query tiles lo, lo + BLOCK_M, .. < hi of one query
-    head (bases Qh, DOh; row bh of Lse/Delta); for a gated prefix also its dgate, added at ``dg_base``.
+    head (bases Qh, DOh; row bh of Stat/Delta); for a gated prefix also its dgate, added at ``dg_base``.
     EDGE: apply the causal select (see ``_scores``)."""
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
         q = _load_rows(Qh, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
         do = _load_rows(DOh, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
-        lse2 = _lse2(tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf")))
+        lse_hi, lse_lo = _row_stat(Stat, bh, N, offs_m, m_ok)
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
         s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
                             mask_min, N, M, qk2, IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
                             PREC)
-        p = _probs(s, lse2)
+        # (a prefix launch's rows all see the prefix: no huge offsets, lo is noise there)
+        p = _probs(s, lse_hi, lse_lo, 0 if IS_PREFIX else MASK_KIND)
         u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
         z = tl.zeros_like(p) + 1.0
         if DROPOUT:
@@ -352,7 +366,7 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
 
 
 @triton.jit
-def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
+def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Stat, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
                    sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sdg_b, sdg_h, sdg_n, sdg_p,
@@ -403,7 +417,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
         dk, dv = _dkv_tiles(
             dk, dv, kt, vt, lo, hi, Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, G, Mk, DG, sq_n, sq_d,
             sdo_n, sdo_d, b * sg_b, h * sg_h, sg_n, sg_p, b * sm_b, h * sm_h, sm_n, sm_m,
-            (sp * sdg_s if SPLIT else 0) + b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Lse, Delta,
+            (sp * sdg_s if SPLIT else 0) + b * sdg_b + (kvh if GATE_H1 else h) * sdg_h, sdg_n, sdg_p, Stat, Delta,
             b * Hq + h, offs_n, offs_d, n_ok,
             d_ok, pid_n * BLOCK_N, N, M, scale * LOG2E, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
             BLOCK_M, BLOCK_N,
@@ -419,7 +433,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Lse, Delta, DK, DV, DG,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
+def _dq_tiles(dq, q, do, lse_hi, lse_lo, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, offs_m, offs_d, m_ok, d_ok,
               gb, gh, sg_n, sg_p, mb, mh, sm_n, sm_m, mask_min, N, M, qk2, seed_lo, seed_hi, keep_thr, inv_keep,
               bh, row0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, EDGE: tl.constexpr,
               HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr,
@@ -433,7 +447,7 @@ def _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, 
         s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
                             mask_min, N, M, qk2, PART == 0, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
                             PREC)
-        p = _probs(s, lse2)
+        p = _probs(s, lse_hi, lse_lo, MASK_KIND)
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         if DROPOUT:
             keep = _dropout_keep(seed_lo, seed_hi, bh, row0, start, PART, keep_thr, BLOCK_M, BLOCK_N)
@@ -450,7 +464,7 @@ def _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, 
 
 
 @triton.jit
-def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
+def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Stat, Delta, DQ,
                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
                   sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
@@ -464,7 +478,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
     BLOCK_P: tl.constexpr = PW if PW < BLOCK_N else BLOCK_N  # prefix tiles no wider than the prefix
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
-    lse2 = _lse2(tl.load(Lse + bh * N + offs_m, mask=m_ok, other=float("-inf")))
+    lse_hi, lse_lo = _row_stat(Stat, bh, N, offs_m, m_ok)
     delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
@@ -472,7 +486,7 @@ def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Lse, Delta, DQ,
             part == 0, b, kvh, K, V, PK, PV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
             spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d, pid_m, N, M, P, BLOCK_M, BLOCK_N, CAUSAL)
         for edge in tl.static_range(1 - part, 2):  # interior token tiles, then the edge tiles
-            dq = _dq_tiles(dq, q, do, lse2, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
+            dq = _dq_tiles(dq, q, do, lse_hi, lse_lo, delta, Kp, Vp, skn, skd, svn, svd, L, mid if edge else 0,
                            hi if edge else mid, G, Mk, offs_m, offs_d, m_ok, d_ok, b * sg_b, h * sg_h, sg_n, sg_p,
                            b * sm_b, h * sm_h, sm_n, sm_m, mask_min, N, M, scale * LOG2E, seed_lo, seed_hi, keep_thr,
                            inv_keep, bh, pid_m * BLOCK_M, BLOCK_M, BLOCK_P if part == 0 else BLOCK_N, part,
@@ -637,7 +651,8 @@ class _Prepared:
 
 
 def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, dropout_p: float, seed: int):
-    """(out, lse) from the fused forward kernel."""
+    """(out, lse, stat) from the fused forward kernel; stat (B, Hq, N, 2) float32 holds each row's base-2 lse as
+    hi + lo for the backward (the kernels' own; lse is the user's, in natural units)."""
     with on_device(q.device):
         return _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, seed)
 
@@ -646,32 +661,33 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
     a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    stat = torch.empty(q.shape[:3] + (2,), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
-        return out, lse
+        return out, lse, stat
     _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (cdiv(a.N, bm) * a.B * a.Hq,),
-            (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse,
+            (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse, stat,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *out.stride(),
              a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
              max(a.N, a.M + a.P)),
             dict(D=a.D, PW=_prefix_width(a.P), HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, MASK_KIND=a.mask_kind,
                  MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype)), q.device)
-    return out, lse
+    return out, lse, stat
 
 
-def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal: bool, scale: float,
+def attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, stat, causal: bool, scale: float,
                        dropout_p: float, seed: int):
     """(dq, dk, dv, dprefix_k, dprefix_v, dgate), each reduced to its input's (broadcast) shape."""
     with on_device(q.device):
-        return _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal, scale,
+        return _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, stat, causal, scale,
                                    dropout_p, seed)
 
 
-def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, lse, causal, scale, dropout_p, seed):
+def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, stat, causal, scale, dropout_p, seed):
     a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
     B, Hq, N, D, Hkv, M, P = a.B, a.Hq, a.N, a.D, a.Hkv, a.M, a.P
-    lse = lse.contiguous()
+    stat = stat.contiguous()
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
     do = grad_out
@@ -702,7 +718,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
     if nothing:
         return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
-    dlse = lse if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
+    dlse = stat if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     block_d = _block_d(D)
     rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
     do_strides = _strides(do)
@@ -729,7 +745,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
         table, tag = prefix_table if is_prefix else (_BWD_TABLE, "")
         _launch(_bwd_kv_kernel, table,
                 lambda bm, bn, L=L, n_split=n_split: (n_split * cdiv(L, bn) * B * Hkv,),
-                (q, Kt, Vt, a.gate, a.mask, do, lse, delta, DKt, DVt, DGt,
+                (q, Kt, Vt, a.gate, a.mask, do, stat, delta, DKt, DVt, DGt,
                  *a.q_strides, *k_st, *v_st, *a.g_strides, *a.m_strides, *do_strides,
                  *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
                  n_split, DKt.stride(0), DVt.stride(0), DGt.stride(0) if DGt.shape[0] > 1 else 0,
@@ -737,7 +753,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, ls
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
                      GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=tag)
     _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
-            (q, k, v, a.pk, a.pv, a.gate, a.mask, do, lse, delta, dq,
+            (q, k, v, a.pk, a.pv, a.gate, a.mask, do, stat, delta, dq,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *do_strides, *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
@@ -832,29 +848,30 @@ _EMPTY = (0,)
 @torch.library.custom_op("apt_kernels::gated_prefix_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
             prefix_v: torch.Tensor | None, gate: torch.Tensor | None, attn_mask: torch.Tensor | None,
-            causal: bool, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+            causal: bool, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32),
+            q.new_empty(q.shape[:3] + (2,), dtype=torch.float32))
 
 
 @torch.library.custom_op("apt_kernels::gated_prefix_attention_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None, gate: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+            attn_mask: torch.Tensor | None, out: torch.Tensor, stat: torch.Tensor, causal: bool, scale: float,
             dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor, torch.Tensor]:
-    grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
+    grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat,
                                causal, scale, dropout_p, seed)
     # custom ops return tensors only: an absent gradient travels as an empty tensor
     return tuple(q.new_empty(_EMPTY) if g is None else g for g in grads)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, causal, scale,
+def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat, causal, scale,
               dropout_p, seed):
     like = [q, k, v, prefix_k, prefix_v, gate]
     return tuple(q.new_empty(_EMPTY) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -863,8 +880,8 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse)
+    out, lse, stat = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, stat)
     ctx.args = (causal, scale, dropout_p, seed)
     ctx.present = tuple(t is not None for t in (prefix_k, prefix_v, gate))
 
@@ -879,10 +896,10 @@ def _no_double_backward():
                            "create_graph=True); use backend='torch' or 'reference' for higher-order gradients")
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, grad_stat=None):  # (stat is the kernels' own: never differentiated)
     _no_double_backward()
-    q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
-    grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, *ctx.args)
+    q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, stat = ctx.saved_tensors
+    grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat, *ctx.args)
     dq, dk, dv, dpk, dpv, dg = grads
     opt = [g if present else None for g, present in zip((dpk, dpv, dg), ctx.present)]
     dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse)
@@ -926,17 +943,18 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed):
-        out, lse = attention_forward(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed)
+        out, lse, stat = attention_forward(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p,
+                                           seed)
         ctx.set_materialize_grads(False)  # an unused lse (or out) brings None, not a tensor of zeros
         _setup_context(ctx, (q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed),
-                       (out, lse))
+                       (out, lse, stat))
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         _no_double_backward()
-        q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse = ctx.saved_tensors
-        grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse,
+        q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, stat = ctx.saved_tensors
+        grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat,
                                    *ctx.args)
         dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse)
         return (*grads, dmask, None, None, None, None)
@@ -947,7 +965,7 @@ def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale
     seed = int(torch.randint(0, 2 ** 62, (), device="cpu")) if dropout_p > 0 else 0
     args = (q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, float(scale), float(dropout_p), seed)
     if torch.compiler.is_compiling():
-        out, lse = torch.ops.apt_kernels.gated_prefix_attention_fwd(*args)
+        out, lse, _ = torch.ops.apt_kernels.gated_prefix_attention_fwd(*args)
     else:
         out, lse = _EagerAttention.apply(*args)
     return (out, lse) if return_lse else out
