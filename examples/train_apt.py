@@ -24,7 +24,9 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 
@@ -191,7 +193,7 @@ def train_loop(model, train, tokenize, args, desc):
 
 
 def train_trainer(model, train, tokenize, args, desc):
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     class Listed(torch.utils.data.Dataset):
         def __init__(self, texts, labels):
@@ -208,12 +210,17 @@ def train_trainer(model, train, tokenize, args, desc):
         enc["labels"] = torch.tensor([r[1] for r in rows])
         return enc
 
-    targs = TrainingArguments(output_dir=os.path.join(args.out, f"trainer-{desc}"), num_train_epochs=args.epochs,
+    scratch = tempfile.mkdtemp(prefix=f"trainer-{desc}-")  # nothing is saved (save_strategy="no")
+    targs = TrainingArguments(output_dir=scratch, num_train_epochs=args.epochs,
                               per_device_train_batch_size=args.batch_size,
                               learning_rate=args.lr_full if desc == "full" else args.lr, report_to=[],
                               save_strategy="no", logging_strategy="no", disable_tqdm=args.quiet,
                               use_cpu=args.device == "cpu", remove_unused_columns=False, seed=args.seed)
-    Trainer(model=model, args=targs, train_dataset=Listed(*train), data_collator=collate).train()
+    trainer = Trainer(model=model, args=targs, train_dataset=Listed(*train), data_collator=collate)
+    if args.quiet:  # the printer of the final metrics
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_heatmap(report, path):
@@ -259,7 +266,7 @@ def main(argv=None):
     ap.add_argument("--trainer", action="store_true", help="train with transformers' Trainer instead of a plain loop")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=".", help="where gates.png (and Trainer scratch) go")
+    ap.add_argument("--out", default=".", help="where gates.png goes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

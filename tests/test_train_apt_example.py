@@ -39,6 +39,7 @@ def test_trainer_and_local_files(tmp_path):
     res = ex.main(["--train-file", str(path), "--methods", "apt", "--epochs", "1", "--trainer", "--quiet",
                    "--out", str(tmp_path)])
     assert set(res) == {"apt"}
+    assert not list(tmp_path.glob("trainer-*"))  # the Trainer's scratch directory is gone
 
 
 def test_local_decoder_without_pad_token_and_json_labels(tmp_path):
