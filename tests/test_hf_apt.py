@@ -593,3 +593,100 @@ def test_argument_errors_name_what_is_wrong():
         apply_prompt_tuning(model, 3)
     with pytest.raises(ValueError, match="already has prompt tuning applied"):
         apply_apt(model, 3)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deberta-v2"])
+def test_switching_the_attention_implementation_away_is_refused(family):
+    """After apply_apt, set_attn_implementation('sdpa') would run the model without the prefix while the gates
+    still train nothing: the next forward raises instead; switching back works."""
+    model = build(family)
+    ids = torch.randint(3, 64, (2, 5))
+    want = hidden(model, ids)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="prefix would be ignored"):
+        hidden(model, ids)
+    model.set_attn_implementation("apt")
+    torch.testing.assert_close(hidden(model, ids), want)
+
+
+def test_encoder_decoder_encoder_gets_the_prefix():
+    """EncoderDecoderModel(encoder=..., decoder=...) gives the encoder a new config object that its layers do
+    not hold: the layers' own configs are switched too (APT was silently inactive), and restored by remove_apt."""
+    enc_cfg, _ = configs()["bert"]
+    dec_cfg = tf.BertConfig(**COMMON, **NO_DROP, is_decoder=True, add_cross_attention=True)
+    torch.manual_seed(0)
+    ed = tf.EncoderDecoderModel(encoder=tf.BertModel(copy.deepcopy(enc_cfg)), decoder=tf.BertLMHeadModel(dec_cfg)).eval()
+    ids = torch.randint(3, 64, (2, 5))
+    with torch.no_grad():
+        base = ed.encoder(input_ids=ids).last_hidden_state
+        apply_apt(ed.encoder, 3)
+        with_apt = ed.encoder(input_ids=ids).last_hidden_state
+        assert (with_apt - base).abs().max() > 1e-3
+        remove_apt(ed.encoder)
+        torch.testing.assert_close(ed.encoder(input_ids=ids).last_hidden_state, base)
+
+
+def test_deepcopy_after_a_training_step():
+    """The gate is used once and dropped: a copy (EMA, AveragedModel) after a forward with grad works, and no
+    forward's graph stays alive on the attention modules."""
+    model = build("llama", head="cls")
+    model(input_ids=torch.randint(3, 64, (2, 5)), labels=torch.tensor([0, 1])).loss.backward()
+    copy.deepcopy(model)
+    torch.optim.swa_utils.AveragedModel(model)
+    assert all("gate" not in m.__dict__.get("_apt_state", {}) for m in model.modules())
+
+
+def test_compiled_wrappers_and_lm_heads(tmp_path):
+    """apply/save/load/gate_report/remove accept a torch.compile wrapper (its module underneath); a causal LM's
+    output embeddings (an untied lm_head: vocabulary-sized) are not a task head and stay frozen."""
+    cfg = tf.LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=False, **DEC)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    compiled = torch.compile(model, backend="eager")
+    assert apply_apt(compiled, 3) is compiled
+    assert not model.lm_head.weight.requires_grad
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"apt_adapter"}
+    ids = torch.randint(3, 64, (2, 5))
+    assert gate_report(compiled, {"input_ids": ids})["layer"].shape == (2,)
+    with torch.no_grad():
+        model.apt_adapter.prefix_k.add_(1.0)
+    saved = model.apt_adapter.prefix_k.detach().clone()
+    save_apt(compiled, tmp_path)
+    remove_apt(compiled)
+    assert not hasattr(model, "apt_adapter") and model.config._attn_implementation != "apt"
+    torch.manual_seed(0)
+    fresh = torch.compile(tf.LlamaForCausalLM(cfg).eval(), backend="eager")
+    assert load_apt(fresh, tmp_path) is fresh
+    assert torch.equal(fresh._orig_mod.apt_adapter.prefix_k, saved)
+
+
+def test_first_token_pool_reads_the_first_real_token():
+    """pool='first' under left padding pools the first real token, not the pad before it."""
+    model = build("roberta", pool="first")
+    ids = torch.randint(3, 64, (1, 5))
+    want = hidden(model, ids)
+    padded = torch.cat([torch.ones(1, 2, dtype=torch.long), ids], 1)  # RoBERTa's pad id 1, on the left
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], 1)
+    pos = torch.cat([torch.ones(1, 2, dtype=torch.long), torch.arange(2, 7)[None]], 1)
+    got = model(input_ids=padded, attention_mask=mask, position_ids=pos).last_hidden_state[:, 2:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_output_attentions_warns_and_prompt_length_is_checked():
+    model = build("bert")
+    with pytest.warns(UserWarning, match="returns no attention weights"):
+        model(input_ids=torch.randint(3, 64, (1, 4)), output_attentions=True)
+    cfg = copy.deepcopy(configs()["bert"][0])
+    cfg.max_position_embeddings = 8
+    m = tf.BertModel(cfg)
+    apply_prompt_tuning(m, 4)
+    with pytest.raises(ValueError, match="more than the model's max_position_embeddings = 8"):
+        m(input_ids=torch.randint(3, 64, (1, 6)))
+
+
+def test_peft_wrappers_are_refused_clearly():
+    peft = pytest.importorskip("peft")
+    model = build("llama", head="lm", apt=False)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not a PEFT wrapper"):
+        apply_apt(wrapped, 3)

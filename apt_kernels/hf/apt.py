@@ -13,11 +13,13 @@ P-Tuning v2). Math: docs/math.md, section 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
 import os
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -67,12 +69,20 @@ class APTConfig:
     prompt_tuning: bool = False
 
 
-def _family(model: nn.Module) -> tuple[str, Family]:
+def _family(model: nn.Module, caller: str = "apply_apt") -> tuple[str, Family]:
+    if type(model).__module__.split(".")[0] == "peft":
+        raise ValueError(f"{caller} takes the Hugging Face model itself, not a PEFT wrapper "
+                         f"({type(model).__name__}): apply it before wrapping, or pass model.get_base_model()")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"apply_apt supports the model families {sorted(FAMILIES)}; got "
+        raise ValueError(f"{caller} supports the model families {sorted(FAMILIES)}; got "
                          f"{type(model).__name__} with model_type {model_type!r}")
     return model_type, FAMILIES[model_type]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its parameters and modules are that module's)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -147,8 +157,12 @@ class APTAdapter(nn.Module):
             hf = h.to(self.gate_weight.dtype)
             if cfg.pool == "token":
                 pooled = hf  # (B, N, d)
-            elif cfg.pool == "first":
-                pooled = hf[:, :1]
+            elif cfg.pool == "first":  # the first real token (left padding puts pads first)
+                if keep is None or keep.shape[-1] < h.shape[1]:
+                    pooled = hf[:, :1]
+                else:
+                    first = keep[:, -h.shape[1]:].to(torch.int8).argmax(1)  # first True (0 for a row of pads)
+                    pooled = hf[torch.arange(hf.shape[0], device=hf.device), first][:, None]
             else:  # mean over real tokens
                 if keep is None or keep.shape[-1] < h.shape[1]:
                     pooled = hf.mean(1, keepdim=True)
@@ -168,6 +182,8 @@ def _apt_state(module: nn.Module):
 
 def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The "apt" AttentionInterface function: gated-prefix attention, (B, N, H, D) out, no weights."""
+    if kwargs.get("output_attentions"):
+        _warn_no_weights()
     state = _apt_state(module)
     causal = bool(getattr(module, "is_causal", False)) and attention_mask is None
     rows = getattr(attention_mask, "apt_causal_rows", None)
@@ -179,11 +195,17 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
         return out.transpose(1, 2).contiguous(), None
     adapter, layer = state["adapter"], state["layer"]
     pk, pv = adapter.layer_prefix(layer)
-    gate = state.get("gate")
+    gate = state.pop("gate", None)  # used once: nothing of a forward stays on the module (deepcopy, memory)
     out = gated_prefix_attention(query, key, value, pk.to(query.dtype), pv.to(query.dtype), gate,
                                  attn_mask=attention_mask, causal=causal, scale=scaling, dropout_p=dropout,
                                  backend=adapter.cfg.backend)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_weights() -> None:
+    warnings.warn("output_attentions=True: the APT attention (a fused kernel) returns no attention weights",
+                  stacklevel=3)
 
 
 def apt_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -255,7 +277,7 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
     if state is not None:
         adapter, layer = state["adapter"], state["layer"]
         pk, pv = adapter.layer_prefix(layer)
-        pk, pv, gate, backend = pk.to(q.dtype), pv.to(q.dtype), state.get("gate"), adapter.cfg.backend
+        pk, pv, gate, backend = pk.to(q.dtype), pv.to(q.dtype), state.pop("gate", None), adapter.cfg.backend
     out = gated_prefix_attention(q4, k4, v4, pk, pv, gate, attn_mask=mask, scale=1.0 / math.sqrt(D * scale_factor),
                                  dropout_p=getattr(self.dropout, "p", getattr(self.dropout, "drop_prob", 0.0)) if self.training else 0.0, backend=backend)
     out = out.permute(0, 2, 1, 3).reshape(B, N, H * D)
@@ -286,8 +308,13 @@ def _compute_gate(module: nn.Module, args, kwargs) -> None:
     state = attn.__dict__["_apt_state"]
     h = args[0] if args else kwargs["hidden_states"]
     adapter = state["adapter"]
+    config = getattr(attn, "config", None) if state.get("interface") else None
+    if config is not None and config._attn_implementation != ATTN_NAME:
+        raise RuntimeError(f"APT is applied, but this model's attention implementation is now "
+                           f"{config._attn_implementation!r}: the prefix would be ignored. Switch back with "
+                           f"model.set_attn_implementation({ATTN_NAME!r}), or call remove_apt(model) first")
     keep = None
-    if adapter.cfg.token_gate and adapter.cfg.pool == "mean":
+    if adapter.cfg.token_gate and adapter.cfg.pool in ("mean", "first"):
         keep = _keep_from_mask(args[1] if len(args) > 1 else kwargs.get("attention_mask"))
     state["gate"] = adapter.gate(state["layer"], h, keep)
 
@@ -305,9 +332,13 @@ def _check_prefix_len(prefix_len) -> None:
 
 
 def _trainable_head(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters outside the base model (the task head), minus weights tied to the base model."""
-    base = {id(p) for p in model.base_model.parameters()}
-    return [p for p in model.parameters() if id(p) not in base]
+    """Parameters outside the base model (the task head), minus weights tied to the base model and a language
+    model's output embeddings (its vocabulary-sized LM head: 131 M parameters in Llama-2-7B, not a task head)."""
+    frozen = {id(p) for p in model.base_model.parameters()}
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(lm_head, nn.Module):
+        frozen |= {id(p) for p in lm_head.parameters()}
+    return [p for p in model.parameters() if id(p) not in frozen]
 
 
 def _freeze_backbone(model: nn.Module, train_head: bool) -> dict[str, bool]:
@@ -340,7 +371,8 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
             causal-safe choice for decoders).
         reparam_hidden: hidden size of a P-Tuning v2 reparameterisation MLP producing the prefix
             (None: the prefix is a plain parameter).
-        train_head: keep the parameters outside the base model (classifier, score) trainable.
+        train_head: keep the task head trainable: the parameters outside the base model (classifier, score),
+            minus weights tied to it and a language model's output embeddings (lm_head).
         backend: gated_prefix_attention backend ("auto", "triton", "torch", "reference").
 
     Example:
@@ -352,6 +384,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
         >>> sorted({n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("apt")})
         ['gate_bias', 'gate_weight', 'layer_scale', 'prefix_k', 'prefix_v']
     """
+    wrapper, model = model, _unwrap(model)
     _check_not_applied(model)
     model_type, fam = _family(model)
     _check_prefix_len(prefix_len)
@@ -382,7 +415,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     patched, hooked = [], []
     for i, layer in enumerate(layers):
         attn = _get(layer, fam.attention)
-        attn.__dict__["_apt_state"] = {"adapter": adapter, "layer": i}
+        attn.__dict__["_apt_state"] = {"adapter": adapter, "layer": i, "interface": not fam.patch}
         source = _get(layer, fam.gate_source)
         source.__dict__["_apt_gate_of"] = attn  # module references: a deep copy of the model maps them
         source.register_forward_pre_hook(_compute_gate, with_kwargs=True)
@@ -392,12 +425,19 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
             patched.append(attn)
 
     previous = model.config._attn_implementation
+    configs = []  # (config, implementation) of attention modules whose config the model's switch missed
     if not fam.patch:
         _register_interfaces()
         model.set_attn_implementation(ATTN_NAME)
-    model.__dict__["_apt_undo"] = {"hooked": hooked, "patched": patched, "attn": previous,
+        for layer in layers:  # e.g. an EncoderDecoderModel's encoder: it replaced encoder.config, not the layers'
+            config = getattr(_get(layer, fam.attention), "config", None)
+            if config is not None and config._attn_implementation != ATTN_NAME:
+                if all(c is not config for c, _ in configs):
+                    configs.append((config, config._attn_implementation))
+                config._attn_implementation = ATTN_NAME
+    model.__dict__["_apt_undo"] = {"hooked": hooked, "patched": patched, "attn": previous, "configs": configs,
                                    "requires_grad": saved_grad, "layers": layers, "family": fam}
-    return model
+    return wrapper
 
 
 def apply_prefix_tuning(model: nn.Module, prefix_len: int = 16, *, reparam_hidden: int | None = None,
@@ -409,6 +449,7 @@ def apply_prefix_tuning(model: nn.Module, prefix_len: int = 16, *, reparam_hidde
 
 def remove_apt(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_apt` (or the prefix / prompt variants): hooks, attention, flags, parameters."""
+    wrapper, model = model, _unwrap(model)
     undo = model.__dict__.pop("_apt_undo", None)
     if undo is None:
         raise ValueError("this model has no APT applied")
@@ -428,9 +469,11 @@ def remove_apt(model: nn.Module) -> nn.Module:
     del model.apt_adapter
     if undo["attn"] != model.config._attn_implementation:
         model.set_attn_implementation(undo["attn"])
+    for config, implementation in undo.get("configs", ()):
+        config._attn_implementation = implementation
     for n, p in model.named_parameters():
         p.requires_grad_(undo["requires_grad"].get(n, p.requires_grad))
-    return model
+    return wrapper
 
 
 class SoftPrompt(nn.Module):
@@ -453,8 +496,9 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     again at every decoding step (use :func:`apply_prefix_tuning` or :func:`apply_apt`, whose prefixes stay
     out of the cache).
     """
+    wrapper, model = model, _unwrap(model)
     _check_not_applied(model)
-    model_type, fam = _family(model)
+    model_type, fam = _family(model, "apply_prompt_tuning")
     _check_prefix_len(prefix_len)
     head = type(model).__name__
     if head.endswith("ForQuestionAnswering") or (fam.causal and head.endswith("ForSequenceClassification")):
@@ -478,7 +522,7 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     model.__dict__["_apt_undo"] = {"hooked": hooked, "patched": [], "attn": model.config._attn_implementation,
                                    "requires_grad": saved_grad, "layers": [], "family": fam}
     model.__dict__["_apt_prompt"] = prompt
-    return model
+    return wrapper
 
 
 def _insert_prompt(module: nn.Module, args, kwargs):
@@ -510,6 +554,10 @@ def _insert_prompt(module: nn.Module, args, kwargs):
     if embeds is None:
         embeds = of["embed"](ids)
     B = embeds.shape[0]
+    limit = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and embeds.shape[1] + P > limit:
+        raise ValueError(f"apply_prompt_tuning: {embeds.shape[1]} tokens and the {P}-token prompt make "
+                         f"{embeds.shape[1] + P} positions, more than the model's max_position_embeddings = {limit}")
     p = of["prompt"].embedding.to(embeds.dtype)[None].expand(B, -1, -1)
     kwargs["inputs_embeds"] = torch.cat([p, embeds], 1)
     mask = kwargs.get("attention_mask")
@@ -535,7 +583,7 @@ def _head_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _apt_applied(model: nn.Module) -> dict:
     """The undo record of apply_apt / apply_prefix_tuning, or an error saying what the model has instead."""
-    undo = model.__dict__.get("_apt_undo")
+    undo = _unwrap(model).__dict__.get("_apt_undo")
     if undo is None:
         raise ValueError("this model has no APT applied")
     if not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
@@ -548,6 +596,7 @@ def save_apt(model: nn.Module, path: str | os.PathLike) -> None:
     """Write only the APT parameters (and the trained head) as safetensors, plus a config JSON."""
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     _apt_applied(model)
     adapter: APTAdapter = model.apt_adapter
     os.makedirs(path, exist_ok=True)
@@ -568,6 +617,7 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | N
     """
     from safetensors.torch import load_file
 
+    wrapper, base_model = base_model, _unwrap(base_model)
     with open(os.path.join(path, CONFIG_NAME)) as f:
         cfg = APTConfig(**json.load(f))
     if not cfg.reparam_hidden:  # adapters saved before reparam_hidden=0 was refused: 0 meant none
@@ -601,7 +651,7 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | N
     except Exception:
         remove_apt(model)
         raise
-    return model
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,6 +665,7 @@ def gate_report(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tens
     Returns ``{"layer": (L,), "layer_prefix": (L, P)}``: the gate (lambda_i * alpha) averaged over
     examples, real (non-padded) positions and, for "layer", the prefix tokens too.
     """
+    model = _unwrap(model)  # (run eagerly: the probe's hooks are not for a compiled graph)
     undo = _apt_applied(model)
     adapter: APTAdapter = model.apt_adapter
     keep = batch.get("attention_mask")
