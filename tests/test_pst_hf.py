@@ -420,3 +420,13 @@ def test_train_pst_example_refuses_an_unavailable_backend_before_training():
     res = subprocess.run([sys.executable, "examples/train_pst.py", "--backend", "cuda", "--device", "cpu"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "cannot run here" in res.stderr and "pre-trained" not in res.stdout
+
+
+def test_train_head_leaves_a_language_models_output_embeddings_frozen():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, vocab_size=64, tie_word_embeddings=False)
+    model = apply_pst(LlamaForCausalLM(cfg), sparsity=0.5)
+    assert not model.lm_head.weight.requires_grad
+    assert all(n.split(".")[-1].startswith("pst_") for n, p in model.named_parameters() if p.requires_grad)

@@ -89,11 +89,15 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 def _head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The task head: parameters outside ``model.base_model`` (transformers), else modules named like a head.
 
-    Parameters shared with the body (tied embeddings) are not part of the head.
+    Parameters shared with the body (tied embeddings) are not part of the head, nor is a language model's
+    output embeddings (a vocabulary-sized lm_head: trained densely it would dwarf the sparse training).
     """
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
         body = {id(p) for p in base.parameters()}
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(lm_head, nn.Module):
+            body |= {id(p) for p in lm_head.parameters()}
         return [p for p in model.parameters() if id(p) not in body]
     out = []
     for name, mod in model.named_modules():
@@ -125,7 +129,8 @@ def apply_pst(model: nn.Module, sparsity: float = 0.9, rank_w: int = 8, rank_s: 
             anywhere in the model. A callable ``(name, module) -> bool``: every linear layer it accepts.
         train_head: leave the task head trainable (parameters outside ``model.base_model`` for
             transformers models, else modules named classifier/score/qa_outputs/lm_head/head;
-            parameters tied to the body stay frozen). The paper's script froze it; here it trains.
+            parameters tied to the body and a transformers language model's output embeddings stay
+            frozen). The paper's script froze it; here it trains.
         nm: (N, M), e.g. (2, 4): N:M sparsity instead of a global top-k in every converted layer; the
             sparsity is then 1 - N/M whatever ``sparsity`` says.
         backend: the PST backend of every layer ("auto", "torch", "triton", "cuda", "reference").
