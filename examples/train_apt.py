@@ -219,8 +219,10 @@ def train_trainer(model, train, tokenize, args, desc):
     trainer = Trainer(model=model, args=targs, train_dataset=Listed(*train), data_collator=collate)
     if args.quiet:  # the printer of the final metrics
         trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_heatmap(report, path):

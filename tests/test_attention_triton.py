@@ -169,13 +169,13 @@ def test_gradients_of_rows_whose_every_key_has_a_huge_mask_offset(offset):
     mask[0, 0, 1, :2] = offset
     res = {}
     for backend in ("triton", "reference"):
-        ts = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        out = ak.gated_prefix_attention(*ts, attn_mask=mask, backend=backend)
-        res[backend] = [out] + list(torch.autograd.grad(out.square().sum(), ts))
+        ts = [t.clone().requires_grad_(True) for t in (q, k, v)] + [mask.clone().requires_grad_(True)]
+        out = ak.gated_prefix_attention(*ts[:3], attn_mask=ts[3], backend=backend)
+        res[backend] = [out] + list(torch.autograd.grad(out.square().sum(), ts))  # dq, dk, dv and the mask's
     # at -1e4 q.k keeps about 10 bits next to the offset, rounded differently in the kernel's base-2 scores and
     # the reference's natural ones (both float32); past that both see uniform rows
     tol = 3e-3 if offset == -1e4 else 1e-5
-    for name, a, b in zip(NAMES, res["triton"], res["reference"]):
+    for name, a, b in zip(NAMES[:4] + ["dmask"], res["triton"], res["reference"]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
 
 
@@ -410,6 +410,8 @@ def test_custom_op_opcheck_and_compile():
     torch.library.opcheck(torch.ops.apt_kernels.gated_prefix_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                       "test_aot_dispatch_dynamic"))
+    out, lse, stat = torch.ops.apt_kernels.gated_prefix_attention_fwd(*args)
+    assert out.requires_grad and lse.requires_grad and not stat.requires_grad  # the kernels' own row statistics
 
     def f(q, k, v, pk, pv, g):
         return ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=keep, causal=True, backend="triton")

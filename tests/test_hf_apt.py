@@ -680,13 +680,37 @@ def test_output_attentions_warns_and_prompt_length_is_checked():
     cfg.max_position_embeddings = 8
     m = tf.BertModel(cfg)
     apply_prompt_tuning(m, 4)
-    with pytest.raises(ValueError, match="more than the model's max_position_embeddings = 8"):
+    with pytest.raises(ValueError, match="more than the model.s 8 position embeddings"):
         m(input_ids=torch.randint(3, 64, (1, 6)))
+    cfg = copy.deepcopy(configs()["roberta"][0])  # positions start after the padding index (1): 8 - 2 usable
+    cfg.max_position_embeddings = 8
+    m = tf.RobertaModel(cfg)
+    apply_prompt_tuning(m, 4)
+    m(input_ids=torch.randint(3, 64, (1, 2)))
+    with pytest.raises(ValueError, match="more than the model.s 6 position embeddings"):
+        m(input_ids=torch.randint(3, 64, (1, 3)))
+    cfg = copy.deepcopy(configs()["llama"][0])  # rotary positions: no table to run past
+    cfg.max_position_embeddings = 8
+    m = tf.LlamaModel(cfg)
+    apply_prompt_tuning(m, 4)
+    m(input_ids=torch.randint(3, 64, (1, 6)))
 
 
-def test_peft_wrappers_are_refused_clearly():
+def test_peft_beside_apt(tmp_path):
+    """LoRA beside APT, as docs/apt_hf.md says: APT first, then PEFT, then the adapter re-enabled; both train.
+    apply_apt on the wrapper is refused (freezing the backbone would freeze LoRA); save_apt, gate_report and
+    remove_apt see through it."""
     peft = pytest.importorskip("peft")
-    model = build("llama", head="lm", apt=False)
+    model = build("llama", head="lm")
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="not a PEFT wrapper"):
         apply_apt(wrapped, 3)
+    wrapped.get_base_model().apt_adapter.requires_grad_(True)
+    ids = torch.randint(3, 64, (2, 5))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    trained = [n for n, p in wrapped.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any("lora_B" in n for n in trained) and any("apt_adapter.prefix_k" in n for n in trained)
+    save_apt(wrapped, tmp_path)
+    assert gate_report(wrapped, {"input_ids": ids})["layer"].shape == (2,)
+    remove_apt(wrapped)
+    assert not hasattr(model, "apt_adapter")

@@ -880,8 +880,8 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed = inputs
-    out, lse, stat = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, stat)
+    out, _, stat = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat)
     ctx.args = (causal, scale, dropout_p, seed)
     ctx.present = tuple(t is not None for t in (prefix_k, prefix_v, gate))
 
@@ -898,19 +898,21 @@ def _no_double_backward():
 
 def _backward(ctx, grad_out, grad_lse, grad_stat=None):  # (stat is the kernels' own: never differentiated)
     _no_double_backward()
-    q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, stat = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat = ctx.saved_tensors
     grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat, *ctx.args)
     dq, dk, dv, dpk, dpv, dg = grads
     opt = [g if present else None for g, present in zip((dpk, dpv, dg), ctx.present)]
-    dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse)
+    dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, stat)
     return (dq, dk, dv, *opt, dmask, None, None, None, None)
 
 
-def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse):
+def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, stat):
     """dL/d(attn_mask) of a float mask that needs one (DeBERTa's relative-position bias, a learned bias):
     the token scores' gradient dS = P (dO V^T - rowsum(dO O)) (+ dlse P), summed to the mask's shape. The
     kernels do not produce dS; this recomputes it with torch matmuls in float32, O(B Hq N M) memory, as a
-    materialised mask needs anyway. None when the mask needs no gradient (the usual case: no cost)."""
+    materialised mask needs anyway. None when the mask needs no gradient (the usual case: no cost).
+    The probabilities are the kernels' own: base-2 scores, the mask saturated as they read it, normalised by
+    the forward's hi + lo (a row whose every key carries -1e9 needs every bit of its log-sum-exp)."""
     if not ctx.needs_input_grad[6] or attn_mask is None or not attn_mask.is_floating_point():
         return None
     causal, scale, dropout_p, _ = ctx.args
@@ -921,10 +923,10 @@ def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse):
     B, Hq, N, _ = q.shape
     rep = Hq // k.shape[1]
     kf, vf = (t.float().repeat_interleave(rep, 1) for t in (k, v))
-    s = (q.float() @ kf.transpose(-1, -2)) * scale + additive_mask(attn_mask, causal, N, k.shape[2], torch.float32,
-                                                                   q.device)
-    live = lse[..., None] > float("-inf")
-    p = torch.where(live, torch.exp(s - torch.where(live, lse[..., None], 0.0)), 0.0)  # the token probabilities
+    add = additive_mask(attn_mask, causal, N, k.shape[2], torch.float32, q.device)
+    add = torch.where(add == float("-inf"), add, add.clamp(-MASK_LIM.value, MASK_LIM.value))
+    s2 = (q.float() @ kf.transpose(-1, -2)) * (scale * LOG2E.value) + add * LOG2E.value
+    p = torch.exp2((s2 - stat[..., :1]) - stat[..., 1:])  # the token probabilities (0 on rows that saw no key)
     ds = torch.zeros_like(p)
     if grad_out is not None:
         do = grad_out.float()
@@ -934,7 +936,12 @@ def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse):
     return ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
 
 
-torch.library.register_autograd("apt_kernels::gated_prefix_attention_fwd", _backward, setup_context=_setup_context)
+def _setup_op_context(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[2])  # the kernels' row statistics
+
+
+torch.library.register_autograd("apt_kernels::gated_prefix_attention_fwd", _backward, setup_context=_setup_op_context)
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -953,10 +960,10 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         _no_double_backward()
-        q, k, v, prefix_k, prefix_v, gate, attn_mask, out, lse, stat = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat = ctx.saved_tensors
         grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat,
                                    *ctx.args)
-        dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, lse)
+        dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, stat)
         return (*grads, dmask, None, None, None, None)
 
 

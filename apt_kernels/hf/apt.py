@@ -13,7 +13,6 @@ P-Tuning v2). Math: docs/math.md, section 2.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import numbers
@@ -70,9 +69,10 @@ class APTConfig:
 
 
 def _family(model: nn.Module, caller: str = "apply_apt") -> tuple[str, Family]:
-    if type(model).__module__.split(".")[0] == "peft":
+    if _is_peft(model):  # (its get_base_model() would do, but freezing the backbone would freeze PEFT's weights)
         raise ValueError(f"{caller} takes the Hugging Face model itself, not a PEFT wrapper "
-                         f"({type(model).__name__}): apply it before wrapping, or pass model.get_base_model()")
+                         f"({type(model).__name__}): apply APT first, then wrap it, then re-enable the adapter "
+                         "with wrapped.get_base_model().apt_adapter.requires_grad_(True) (docs/apt_hf.md)")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"{caller} supports the model families {sorted(FAMILIES)}; got "
@@ -80,9 +80,15 @@ def _family(model: nn.Module, caller: str = "apply_apt") -> tuple[str, Family]:
     return model_type, FAMILIES[model_type]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper holds (its parameters and modules are that module's)."""
-    return getattr(model, "_orig_mod", model)
+def _is_peft(model: nn.Module) -> bool:
+    return type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model")
+
+
+def _unwrap(model: nn.Module, peft: bool = False) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its parameters and modules are that module's); with
+    ``peft``, also the model under a PEFT wrapper (for functions that only read or undo what APT added)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.get_base_model() if peft and _is_peft(model) else model
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -202,7 +208,6 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
     return out.transpose(1, 2).contiguous(), None
 
 
-@functools.lru_cache(maxsize=None)
 def _warn_no_weights() -> None:
     warnings.warn("output_attentions=True: the APT attention (a fused kernel) returns no attention weights",
                   stacklevel=3)
@@ -255,6 +260,8 @@ def _register_interfaces() -> None:
 def _deberta_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
                      relative_pos=None, rel_embeddings=None):
     """DeBERTa-v2 DisentangledSelfAttention.forward with the gated prefix (zero relative terms on it)."""
+    if output_attentions:
+        _warn_no_weights()
     if query_states is None:
         query_states = hidden_states
     H = self.num_attention_heads
@@ -372,7 +379,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
         reparam_hidden: hidden size of a P-Tuning v2 reparameterisation MLP producing the prefix
             (None: the prefix is a plain parameter).
         train_head: keep the task head trainable: the parameters outside the base model (classifier, score),
-            minus weights tied to it and a language model's output embeddings (lm_head).
+            minus weights tied to it and a language model's output embeddings (its vocabulary projection).
         backend: gated_prefix_attention backend ("auto", "triton", "torch", "reference").
 
     Example:
@@ -385,8 +392,8 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
         ['gate_bias', 'gate_weight', 'layer_scale', 'prefix_k', 'prefix_v']
     """
     wrapper, model = model, _unwrap(model)
-    _check_not_applied(model)
     model_type, fam = _family(model)
+    _check_not_applied(model)
     _check_prefix_len(prefix_len)
     if reparam_hidden is not None:
         if isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, numbers.Integral) or reparam_hidden < 1:
@@ -449,7 +456,7 @@ def apply_prefix_tuning(model: nn.Module, prefix_len: int = 16, *, reparam_hidde
 
 def remove_apt(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_apt` (or the prefix / prompt variants): hooks, attention, flags, parameters."""
-    wrapper, model = model, _unwrap(model)
+    wrapper, model = model, _unwrap(model, peft=True)
     undo = model.__dict__.pop("_apt_undo", None)
     if undo is None:
         raise ValueError("this model has no APT applied")
@@ -497,8 +504,8 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     out of the cache).
     """
     wrapper, model = model, _unwrap(model)
-    _check_not_applied(model)
     model_type, fam = _family(model, "apply_prompt_tuning")
+    _check_not_applied(model)
     _check_prefix_len(prefix_len)
     head = type(model).__name__
     if head.endswith("ForQuestionAnswering") or (fam.causal and head.endswith("ForSequenceClassification")):
@@ -523,6 +530,21 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
                                    "requires_grad": saved_grad, "layers": [], "family": fam}
     model.__dict__["_apt_prompt"] = prompt
     return wrapper
+
+
+def _position_limit(config) -> int | None:
+    """How many positions a model's learned absolute position embeddings hold (RoBERTa's start after the
+    padding index); None for rotary (Llama, Qwen2, Mistral) or relative-only (DeBERTa-v2) positions."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("llama", "qwen2", "mistral") or (model_type == "deberta-v2" and
+                                                       not getattr(config, "position_biased_input", True)):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if model_type in ("roberta", "xlm-roberta"):
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
 
 
 def _insert_prompt(module: nn.Module, args, kwargs):
@@ -554,10 +576,10 @@ def _insert_prompt(module: nn.Module, args, kwargs):
     if embeds is None:
         embeds = of["embed"](ids)
     B = embeds.shape[0]
-    limit = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and embeds.shape[1] + P > limit:
+    limit = _position_limit(getattr(module, "config", None))
+    if limit is not None and embeds.shape[1] + P > limit:
         raise ValueError(f"apply_prompt_tuning: {embeds.shape[1]} tokens and the {P}-token prompt make "
-                         f"{embeds.shape[1] + P} positions, more than the model's max_position_embeddings = {limit}")
+                         f"{embeds.shape[1] + P} positions, more than the model's {limit} position embeddings")
     p = of["prompt"].embedding.to(embeds.dtype)[None].expand(B, -1, -1)
     kwargs["inputs_embeds"] = torch.cat([p, embeds], 1)
     mask = kwargs.get("attention_mask")
@@ -583,7 +605,7 @@ def _head_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _apt_applied(model: nn.Module) -> dict:
     """The undo record of apply_apt / apply_prefix_tuning, or an error saying what the model has instead."""
-    undo = _unwrap(model).__dict__.get("_apt_undo")
+    undo = _unwrap(model, peft=True).__dict__.get("_apt_undo")
     if undo is None:
         raise ValueError("this model has no APT applied")
     if not isinstance(getattr(model, "apt_adapter", None), APTAdapter):
@@ -596,7 +618,7 @@ def save_apt(model: nn.Module, path: str | os.PathLike) -> None:
     """Write only the APT parameters (and the trained head) as safetensors, plus a config JSON."""
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = _unwrap(model, peft=True)
     _apt_applied(model)
     adapter: APTAdapter = model.apt_adapter
     os.makedirs(path, exist_ok=True)
@@ -622,7 +644,7 @@ def load_apt(base_model: nn.Module, path: str | os.PathLike, *, backend: str | N
         cfg = APTConfig(**json.load(f))
     if not cfg.reparam_hidden:  # adapters saved before reparam_hidden=0 was refused: 0 meant none
         cfg.reparam_hidden = None
-    model_type, _ = _family(base_model)
+    model_type, _ = _family(base_model, "load_apt")
     if cfg.family and cfg.family != model_type:
         raise ValueError(f"the adapter at {path} was trained on {cfg.family}, not {model_type}")
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))
@@ -665,7 +687,7 @@ def gate_report(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tens
     Returns ``{"layer": (L,), "layer_prefix": (L, P)}``: the gate (lambda_i * alpha) averaged over
     examples, real (non-padded) positions and, for "layer", the prefix tokens too.
     """
-    model = _unwrap(model)  # (run eagerly: the probe's hooks are not for a compiled graph)
+    model = _unwrap(model, peft=True)  # (run eagerly: the probe's hooks are not for a compiled graph)
     undo = _apt_applied(model)
     adapter: APTAdapter = model.apt_adapter
     keep = batch.get("attention_mask")
