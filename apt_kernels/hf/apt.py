@@ -27,6 +27,7 @@ from torch import nn
 
 from ..attention import REGISTRY as ATTENTION_REGISTRY
 from ..attention import gated_prefix_attention
+from ._heads import task_head
 
 ATTN_NAME = "apt"
 
@@ -338,23 +339,13 @@ def _check_prefix_len(prefix_len) -> None:
         raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
 
 
-def _trainable_head(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters outside the base model (the task head), minus weights tied to the base model and a language
-    model's output embeddings (its vocabulary-sized LM head: 131 M parameters in Llama-2-7B, not a task head)."""
-    frozen = {id(p) for p in model.base_model.parameters()}
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(lm_head, nn.Module):
-        frozen |= {id(p) for p in lm_head.parameters()}
-    return [p for p in model.parameters() if id(p) not in frozen]
-
-
 def _freeze_backbone(model: nn.Module, train_head: bool) -> dict[str, bool]:
     """Freeze every parameter but the task head (if ``train_head``); return the flags to restore later."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     if train_head:
-        for p in _trainable_head(model):
+        for p in task_head(model) or ():  # (a base model has none)
             p.requires_grad_(True)
     return saved
 
@@ -599,7 +590,7 @@ WEIGHTS_NAME = "apt_adapter.safetensors"
 
 
 def _head_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    head = {id(p) for p in _trainable_head(model)}
+    head = {id(p) for p in task_head(model) or ()}
     return {n: p.detach() for n, p in model.named_parameters() if id(p) in head and not n.startswith("apt_adapter.")}
 
 

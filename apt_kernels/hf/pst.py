@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..pst.layer import PSTLinear
+from ._heads import task_head
 
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "head", "pre_classifier")
 
@@ -87,18 +88,10 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The task head: parameters outside ``model.base_model`` (transformers), else modules named like a head.
-
-    Parameters shared with the body (tied embeddings) are not part of the head, nor is a language model's
-    output embeddings (a vocabulary-sized lm_head: trained densely it would dwarf the sparse training).
-    """
-    base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model:
-        body = {id(p) for p in base.parameters()}
-        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(lm_head, nn.Module):
-            body |= {id(p) for p in lm_head.parameters()}
-        return [p for p in model.parameters() if id(p) not in body]
+    """The task head: that of a transformers model (``_heads.task_head``), else modules named like a head."""
+    head = task_head(model)
+    if head is not None:
+        return head
     out = []
     for name, mod in model.named_modules():
         if name and name.split(".")[-1] in HEAD_NAMES:
