@@ -107,7 +107,8 @@ def _hf_cache_prefix(P):
 
     def setup(model):
         import transformers as tf
-        from apt_kernels.hf.apt import _dims, _family, _get, _trainable_head
+        from apt_kernels.hf._heads import task_head
+        from apt_kernels.hf.apt import _dims, _family, _get
 
         _, fam = _family(model)
         if model.config.model_type != "llama":
@@ -116,7 +117,7 @@ def _hf_cache_prefix(P):
         L = len(_get(model.base_model, fam.layers))
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in _trainable_head(model):
+        for p in task_head(model) or ():
             p.requires_grad_(True)
         dev = next(model.parameters()).device
         model.prefix_kv = torch.nn.Parameter(torch.randn(2, L, kvh, P, hd, device=dev) * 0.02)
