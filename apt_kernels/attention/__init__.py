@@ -79,8 +79,6 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         scale: score scale, default D ** -0.5.
         dropout_p: probability of dropping attention weights (prefix and token columns alike), applied
             whenever > 0, as in ``F.scaled_dot_product_attention``: pass 0.0 at evaluation.
-        (Under ``torch.autocast`` q, k, v and the prefix run in the autocast dtype, as in
-        ``F.scaled_dot_product_attention``; the gate and a float mask keep theirs.)
         return_lse: also return the logsumexp of each row's scores, (B, Hq, N), float32 (float64 for
             float64 inputs).
         backend: "auto", "reference", "torch", "triton" or "cuda" (see ``python -m apt_kernels``).
@@ -88,7 +86,8 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
     Returns:
         out (B, Hq, N, D) in q's dtype, or (out, lse). A row that sees no key at all (P == 0 and every
         token masked) gives out = 0 and lse = -inf, never NaN. NaN in any input propagates to the
-        rows it touches; it is never hidden.
+        rows it touches; it is never hidden. Under ``torch.autocast`` q, k, v and the prefix run in the
+        autocast dtype, as in ``F.scaled_dot_product_attention`` (the gate and a float mask keep theirs).
 
     Example:
         >>> import torch, apt_kernels

@@ -120,8 +120,8 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
                 s = tl.where(mk != 0, s, float("-inf"))
             else:
                 add = mk.to(tl.float32)
-                add = tl.where(add < -MASK_LIM, -MASK_LIM, tl.where(add > MASK_LIM, MASK_LIM, add))  # NaN stays
-                s = s + tl.where(mk.to(tl.float32) <= mask_min, float("-inf"), add) * LOG2E
+                sat = tl.where(add < -MASK_LIM, -MASK_LIM, tl.where(add > MASK_LIM, MASK_LIM, add))  # NaN stays
+                s = s + tl.where(add <= mask_min, float("-inf"), sat) * LOG2E
         if CAUSAL and EDGE:
             s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
     if EDGE:

@@ -27,7 +27,7 @@ REGISTRY = registry(OP)
 
 def _param_dtypes(probe: Probe) -> str | None:
     if probe.dtype not in fused.DTYPES:  # the moments are float32: float64 would be rounded every step
-        return ("ChildTuningAdamW takes float32/bfloat16/float16 parameters (float32 moments), not "
+        return ("ChildTuningAdamW takes float32, bfloat16 and float16 parameters (float32 moments), not "
                 f"{str(probe.dtype).replace('torch.', '')}")
     return None
 
@@ -141,11 +141,10 @@ def _check_hyper(group: dict, where: str) -> None:
     V.choice(f"mode{where}", group["mode"], ("F", "D"))
     V.choice(f"semantics{where}", group["semantics"], ("official", "torch"))
     _check_seed(group["seed"], f"seed{where}")
-    for p in group.get("params", ()):
-        if p.dtype not in fused.DTYPES:  # float64 would be rounded to float32 each step, complex lose its imaginary part
-            raise TypeError(f"ChildTuningAdamW takes float32, bfloat16 and float16 parameters (float32 moments); got "
-                            f"{p.dtype} for a parameter of shape {V.shape(p)}{where}")
-
+    for p in group.get("params", ()):  # (complex parameters would lose their imaginary part too)
+        why = _param_dtypes(Probe(p.device, p.dtype))
+        if why:
+            raise TypeError(f"{why}: a parameter of shape {V.shape(p)}{where}")
 
 
 def _check_seed(seed, name: str = "seed") -> None:
