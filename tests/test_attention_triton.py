@@ -457,6 +457,35 @@ def test_autotuned_path_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_cached_launches_give_the_same_bits_on_gpu(monkeypatch, autotune):
+    """apt_kernels._launch: launches from the cache (the second call of a shape and later) compute the same
+    bits as the usual launch path; tests/test_launch.py checks their arguments on CPU."""
+    from apt_kernels import _launch
+
+    monkeypatch.setenv("APT_KERNELS_AUTOTUNE", autotune)
+    assert _launch.ENABLED, "the launch cache is off here (APT_KERNELS_FAST_LAUNCH=0 or an unchecked triton)"
+    tensors, keep = make_inputs(B=2, Hq=8, Hkv=2, N=150, M=150, D=64, P=16, gate="token", device="cuda",
+                                dtype=torch.bfloat16, requires_grad=True)
+    keep = keep.cuda()
+    grad = torch.randn(2, 8, 150, 64, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        out = ak.gated_prefix_attention(*tensors, attn_mask=keep, causal=True, backend="triton")
+        return [out] + list(torch.autograd.grad(out, [t for t in tensors if t is not None], grad))
+
+    _launch.clear()
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    usual = run()
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    before = dict(_launch.stats)
+    first, cached = run(), run()
+    assert _launch.stats["cached"] - before["cached"] >= 6  # forward, delta, 2 key side, query side, sums
+    for a, b, c in zip(usual, first, cached):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [dict(B=4, Hq=12, Hkv=12, N=128, M=128, D=64, P=16),
                                    dict(B=2, Hq=32, Hkv=8, N=300, M=300, D=128, P=64)])

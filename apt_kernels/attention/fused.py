@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device, triton_interpret
+from .._launch import run
 from .._intmath import cdiv, next_power_of_2
 from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
@@ -202,7 +203,7 @@ def _fwd_tiles(acc, m_i, l_i, q, Kp, Vp, skn, skd, svn, svd, L, lo, hi, G, Mk, o
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # per-call dropout seeds: one compilation
 def _fwd_kernel(Q, K, V, PK, PV, G, Mk, Out, Lse, Stat,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
@@ -365,7 +366,7 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # per-call dropout seeds: one compilation
 def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Stat, Delta, DK, DV, DG,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
@@ -463,7 +464,7 @@ def _dq_tiles(dq, q, do, lse_hi, lse_lo, delta, Kp, Vp, skn, skd, svn, svd, L, l
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # per-call dropout seeds: one compilation
 def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Stat, Delta, DQ,
                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
@@ -598,11 +599,16 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
     if _compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
         if (kernel, tag) not in _TUNED:
             _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
-        _TUNED[kernel, tag][lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](
-            *args, BLOCK_D=_block_d(D), **consts)
+        _run(_TUNED[kernel, tag], lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
+             dict(BLOCK_D=_block_d(D), **consts), device)
         return
-    blocks, launch = _blocks(D, device, table)
-    kernel[grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **blocks, **consts, **launch)
+    blocks, options = _blocks(D, device, table)
+    _run(kernel, grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"]), args, dict(**blocks, **consts, **options), device)
+
+
+def _run(kernel, grid, args, kwargs, device):
+    """kernel[grid](*args, **kwargs); compiled kernels through the launch cache (apt_kernels._launch)."""
+    run(kernel, grid, args, kwargs, _compiled(device))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -722,9 +728,8 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     block_d = _block_d(D)
     rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
     do_strides = _strides(do)
-    _delta_kernel[(cdiv(N, rows) * B * Hq,)](
-        do, out, dlse, delta, *do_strides, *_strides(out), Hq, N, D=D, BLOCK_D=block_d, BLOCK_M=rows,
-        HAS_DLSE=grad_lse is not None, num_warps=4)
+    _run(_delta_kernel, (cdiv(N, rows) * B * Hq,), (do, out, dlse, delta, *do_strides, *_strides(out), Hq, N),
+         dict(D=D, BLOCK_D=block_d, BLOCK_M=rows, HAS_DLSE=grad_lse is not None, num_warps=4), q.device)
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
                   PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
@@ -788,7 +793,8 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
     if any(seg[-1] for seg in segs):
         dummy = (dq, dq, 0, 0, 0, 0, 0)
         args = [x for seg in (segs + [dummy] * 3)[:3] for x in seg]
-        _sums_kernel[(sum(seg[-1] for seg in segs),)](*args[:-1], BLOCK=_SUM_BLOCK, num_warps=4)
+        _run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]), dict(BLOCK=_SUM_BLOCK, num_warps=4),
+             dq.device)
     dpk, dpv, dg = outs
     if gate_p1:
         dg = dg_parts.sum(0).sum_to_size(gate.shape).to(gate.dtype)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
+from .._launch import run
 from .fused import MODE_D, MODE_F, ROW_WORDS, Hyper, Kernel, Steps, Tables
 from .triton_rng import group_tile, philox_keep4
 
@@ -142,12 +143,12 @@ def _child_tuning_adamw_kernel(
 
 def _launch(t: Tables, h: Hyper, s: Steps) -> None:
     with on_device(t.device):
-        _child_tuning_adamw_kernel[(t.chunks.shape[0],)](
-            t.rows, t.chunks, s.step, s.step_size, s.bc2_sqrt,
-            h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.inv_reserve_p,
-            h.seed_lo, h.seed_hi, h.threshold,
-            P_DTYPE=_TL_DTYPE[t.dtype], MODE=t.mode, OFFICIAL=h.official, HAS_DECAY=h.has_decay,
-            ALIGNED=t.vector, CHUNK=CHUNK, BLOCK=BLOCK)
+        run(_child_tuning_adamw_kernel, (t.chunks.shape[0],),
+            (t.rows, t.chunks, s.step, s.step_size, s.bc2_sqrt,
+             h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.inv_reserve_p,
+             h.seed_lo, h.seed_hi, h.threshold),
+            dict(P_DTYPE=_TL_DTYPE[t.dtype], MODE=t.mode, OFFICIAL=h.official, HAS_DECAY=h.has_decay,
+                 ALIGNED=t.vector, CHUNK=CHUNK, BLOCK=BLOCK), t.device.type == "cuda")
 
 
 def kernel() -> Kernel:

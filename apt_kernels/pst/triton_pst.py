@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
+from .._launch import run
 from .._intmath import cdiv, next_power_of_2
 from .reference import float_of_key
 
@@ -141,7 +142,7 @@ def _tile_setup(n, k, BN: tl.constexpr, BK: tl.constexpr):
     return rows, cols, rows < n, cols < k
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
 def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cache_ptr, n, k, ldu, RW, RS,
                  beta, alpha1, alpha2, k_target,
                  PASS: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -172,7 +173,7 @@ def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cac
     tl.atomic_add(hist_ptr + PASS * NBINS + tl.arange(0, NBINS), h, mask=h > 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
 def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, n, k, ldu, RW, RS,
                      beta, alpha1, alpha2, k_target,
                      NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr,
@@ -188,7 +189,7 @@ def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr,
         tl.atomic_add(rowcnt_ptr + rows, per_row, mask=rmask & (per_row > 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
 def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, state_ptr, n, k, ldu, RW, RS,
                 beta, alpha1, alpha2, k_target,
                 NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, ROWB: tl.constexpr,
@@ -273,7 +274,7 @@ def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, word
         tl.atomic_or(words_ptr + lo_w + 1, hi.to(tl.int32), mask=hi != 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
 def _threshold_kernel(hist_ptr, state_ptr, k_target, NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr):
     """One program: the unsigned key of the k_target-th smallest score, from the finished histograms."""
     thr, _, _ = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
@@ -402,8 +403,9 @@ def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
 def _radix_passes(grid, args, hist, cache, scal, k_target, cache_bits: int, bn: int, bk: int) -> None:
     """The NPASS histogram passes selecting the k_target-th smallest score (state in ``hist``)."""
     for p in range(NPASS):
-        _hist_kernel[grid](*args, hist, cache, *scal, k_target, PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk,
-                           CACHE_BITS=cache_bits, **_SCORE_OPTS)
+        run(_hist_kernel, grid, (*args, hist, cache, *scal, k_target),
+            dict(PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, CACHE_BITS=cache_bits, **_SCORE_OPTS),
+            args[0].is_cuda)
 
 
 def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
@@ -438,15 +440,16 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
         cache_bits = {2: 16, 4: 32}.get(out.element_size(), 0)
         cache = out.view({16: torch.int16, 32: torch.int32}[cache_bits]) if cache_bits else hist
         _radix_passes(grid, args, hist, cache, scal, n_pruned, cache_bits, bn, bk)
-        _tie_rows_kernel[grid](*args, hist, rowcnt, *scal, n_pruned, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS,
-                               BN=bn, BK=bk, **_SCORE_OPTS)
+        run(_tie_rows_kernel, grid, (*args, hist, rowcnt, *scal, n_pruned),
+            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, **_SCORE_OPTS), w0.is_cuda)
         # one program scans the row counts, then the one row holding the cut: wide blocks, few iterations
-        _cut_kernel[(1,)](*args, hist, rowcnt, state, *scal, n_pruned, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS,
-                          ROWB=1024, BK=max(bk, min(CUT_BLOCK, _pow2_at_least(k, 32))), **_SCORE_OPTS)
+        run(_cut_kernel, (1,), (*args, hist, rowcnt, state, *scal, n_pruned),
+            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, ROWB=1024, BK=max(bk, min(CUT_BLOCK, _pow2_at_least(k, 32))),
+                 **_SCORE_OPTS), w0.is_cuda)
     # n_pruned == 0: state (T, F) = (0, 0) keeps everything (every key is >= 0 and every index >= 0)
     nm_n, nm_m = (0, 0) if nm is None else nm
-    _mask_kernel[grid](*args, out, words, state, *scal, NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BN=bn, BK=bk,
-                       **_SCORE_OPTS)
+    run(_mask_kernel, grid, (*args, out, words, state, *scal),
+        dict(NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BN=bn, BK=bk, **_SCORE_OPTS), w0.is_cuda)
     return out, words
 
 
@@ -483,7 +486,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
             hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=device)
             state = torch.zeros(1, dtype=torch.int64, device=device)
             _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
-            _threshold_kernel[(1,)](hist, state, k, NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS)
+            run(_threshold_kernel, (1,), (hist, state, k), dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS), w0.is_cuda)
             out.append(float_of_key(int(state.item())))
     return out
 
@@ -520,10 +523,10 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
         ins = [w0.contiguous(), _columns(u, ldu), _factor(v), _columns(a, ldu), _factor(b)]
         outs = [t if t.numel() else _factor(t) for t in (du, dv, da, db, dr, dc)]
         split = _split(cdiv(n, bn), cdiv(k, bk), dev)
-        _bwd_kernel[(cdiv(n, bn), split)](
-            grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
-            n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2), split,
-            RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
-            num_warps=BWD_WARPS)
+        run(_bwd_kernel, (cdiv(n, bn), split),
+            (grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
+             n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2), split),
+            dict(RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
+                 num_warps=BWD_WARPS), dev.type == "cuda")
     grads = [dw0, du, dv, da, db, dr, dc]
     return [g if need else None for g, need in zip(grads, needs)]

@@ -1,0 +1,172 @@
+"""Run by tests/test_launch.py in a process of its own (compiled Triton, no interpreter, no GPU): a stub
+driver and stub compiled kernels record what reaches Triton's launcher, so that a launch from
+apt_kernels._launch's cache can be compared with the usual launch path, argument by argument.
+
+Prints one JSON object: {"calls": [[case, round, path, kernel, grid, args], ...], "stats": {...}}.
+Tensors are recorded as [dtype, shape, strides, data_ptr % 16] (each round allocates its own).
+"""
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import CompiledKernel  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+CALLS = []
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+def _record(name):
+    def run(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
+        CALLS.append((name, [g0, g1, g2], [_describe(a) for a in args]))
+    return run
+
+
+def _describe(a):
+    if isinstance(a, torch.Tensor):
+        return [str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16]
+    if isinstance(a, (bool, int, float, str)) or a is None:
+        return [type(a).__name__, a if not isinstance(a, float) or a == a else "nan"]
+    return [type(a).__name__, str(a)]
+
+
+class _Compiled(CompiledKernel):
+    """A compiled kernel that records its launches instead of running them."""
+
+    function = 0
+    packed_metadata = None
+
+    def __init__(self, name):  # noqa: D107 - nothing of CompiledKernel's own state is needed
+        self.name = name
+        self._recorder = _record(name)
+
+    def _init_handles(self):
+        pass
+
+    @property
+    def run(self):
+        return self._recorder
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+    kernel = _Compiled(self.__name__)
+    self.device_caches[device][0][key] = kernel
+    return kernel
+
+
+def main():
+    driver.set_active(_Driver())
+    JITFunction._do_compile = _do_compile
+    Autotuner._bench = lambda self, *args, config, **kwargs: [float(config.num_warps)] * 3  # no timing here
+    torch.cuda.current_device = lambda: 0
+
+    import apt_kernels
+    from apt_kernels import _env, _launch
+    from apt_kernels.attention import fused
+
+    assert _launch.ENABLED, f"the launch cache is off for triton {triton.__version__}"
+    _env.triton_reason = lambda device: None  # CPU tensors stand in for CUDA ones; nothing runs
+    fused._compiled = lambda device: True
+    fused.PREFIX_SPLITS = 2
+    where = {}
+
+    cached_launch = _launch.launch
+
+    def launch(fn, grid, args, kwargs):  # tags the recorded call with the path it took
+        before = _launch.stats["cached"]
+        compiled = cached_launch(fn, grid, args, kwargs)
+        path = "cached" if _launch.stats["cached"] > before else "usual"
+        CALLS[-1] = (where["case"], where["round"], path) + CALLS[-1]
+        return compiled
+
+    _launch.launch = launch  # (fused calls it through _launch.run)
+
+    def case(name, B, Hq, Hkv, N, M, P, D, gate_shape=None, mask=None, causal=False, dropout=0.0, lse=False,
+             shared=True, rounds=2, misalign=False, reseed=False):
+        for rnd in range(rounds):
+            where.update(case=name, round=rnd)
+            q = torch.randn(B, Hq, N, D)
+            if misalign and rnd == rounds - 1:  # a view 4 bytes into its storage: another specialisation
+                q = torch.randn(q.numel() + 1)[1:].view(q.shape)
+            k, v = torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D)
+            pk = pv = gate = None
+            if P:
+                lead = (Hkv,) if shared else (B, Hkv)
+                pk, pv = torch.randn(*lead, P, D), torch.randn(*lead, P, D)
+                gate = None if gate_shape is None else torch.rand(*gate_shape)
+            am = None
+            if mask == "padding":
+                am = torch.ones(B, M, dtype=torch.bool)
+                am[0, M // 2:] = False
+            elif mask == "float":
+                am = torch.randn(B, 1, N, M)
+            for t in (q, k, v, pk, pv, gate):
+                if t is not None:
+                    t.requires_grad_(True)
+            torch.manual_seed(8 if reseed and rnd == rounds - 1 else 7)  # dropout seed: the same unless reseed
+            out = apt_kernels.gated_prefix_attention(q, k, v, pk, pv, gate, attn_mask=am, causal=causal,
+                                                     dropout_p=dropout, return_lse=lse, backend="triton")
+            out = out[0] + out[1][..., None] if lse else out
+            out.backward(torch.randn_like(out))
+
+    # the launchers' paths: gates, masks, GQA, causal, dropout, lse, prefix splits, per-example prefix
+    case("encoder", 2, 4, 4, 24, 24, 5, 16, gate_shape=(2, 1, 1, 5), mask="padding")
+    case("decoder", 1, 4, 2, 20, 20, 6, 32, gate_shape=(1, 1, 20, 6), causal=True, lse=True)
+    case("plain", 2, 2, 2, 17, 9, 0, 16)
+    case("float mask, per-example prefix", 2, 2, 1, 8, 11, 3, 16, gate_shape=(1, 2, 1, 3), mask="float",
+         shared=False)
+    case("dropout", 1, 2, 2, 12, 12, 4, 16, gate_shape=(1, 1, 1, 4), dropout=0.25, rounds=3,
+         reseed=True)
+    case("misaligned", 1, 2, 2, 12, 12, 4, 16, gate_shape=(1, 1, 1, 4), rounds=3, misalign=True)
+
+    # PST (forward passes and backward) and the Child-Tuning step: their modules call _launch.run, here
+    # told the kernels are compiled. The PST rounds move the pruned count (k_target, do_not_specialize),
+    # the optimizer's rounds its step and step size (an int it does not specialise, floats).
+    from apt_kernels.child_tuning import triton_update
+    from apt_kernels.pst import triton_pst
+
+    for module in (triton_pst, triton_update):
+        module.run = lambda fn, grid, args, kwargs, compiled: launch(fn, grid, args, kwargs)
+    w0 = torch.randn(40, 72).to(torch.bfloat16)
+    for rnd, sparsity in enumerate((0.5, 0.6)):
+        where.update(case="pst", round=rnd)
+        u, a = torch.randn(40, 3, requires_grad=True), torch.randn(40, 2, requires_grad=True)
+        v, b = torch.randn(3, 72, requires_grad=True), torch.randn(2, 72, requires_grad=True)
+        r, c = torch.randn(40, requires_grad=True), torch.randn(72, requires_grad=True)
+        out = apt_kernels.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=sparsity, backend="triton")
+        out.float().sum().backward()
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 5))]
+    opt = apt_kernels.ChildTuningAdamW(params, lr=1e-3, reserve_p=0.5, backend="triton")
+    for rnd in range(3):
+        where.update(case="child-tuning", round=rnd)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    json.dump({"calls": CALLS, "stats": dict(_launch.stats), "triton": triton.__version__}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
