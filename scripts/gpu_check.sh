@@ -76,6 +76,11 @@ if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",child_tuning,"* ]]; then
     python3 -m benchmarks.child_tuning_host --repeats 3 2>&1 | tee "${LOGS}/${NAME}-ct-host.log" || true
 fi
 
+if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",attention,"* ]]; then
+    echo "== attention host time per call, this machine's CPU (python3 -m benchmarks.attention_host)"
+    python3 -m benchmarks.attention_host --repeats 3 2>&1 | tee "${LOGS}/${NAME}-attn-host.log" || true
+fi
+
 # The nvcc lane is left out: the extension build above compiles the same sources for real. Tests run
 # in parallel when pytest-xdist is there (it is on the H200 image); kernels are not autotuned in tests
 # (tests/conftest.py), except in the one test that checks the autotuned path.

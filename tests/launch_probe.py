@@ -1,5 +1,5 @@
-"""Run by tests/test_launch.py in a process of its own (compiled Triton, no interpreter, no GPU): a stub
-driver and stub compiled kernels record what reaches Triton's launcher, so that a launch from
+"""Run by tests/test_launch.py in a process of its own (compiled Triton, no interpreter, no GPU): the stub
+GPU of benchmarks/triton_stub.py records what reaches Triton's launcher, so that a launch from
 apt_kernels._launch's cache can be compared with the usual launch path, argument by argument.
 
 Prints one JSON object: {"calls": [[case, round, path, kernel, grid, args], ...], "stats": {...}}.
@@ -11,35 +11,13 @@ import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import CompiledKernel  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+
+from benchmarks import triton_stub  # noqa: E402
 
 CALLS = []
-
-
-class _Driver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_device_interface(self):
-        return torch.cuda
-
-
-def _record(name):
-    def run(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
-        CALLS.append((name, [g0, g1, g2], [_describe(a) for a in args]))
-    return run
 
 
 def _describe(a):
@@ -50,47 +28,12 @@ def _describe(a):
     return [type(a).__name__, str(a)]
 
 
-class _Compiled(CompiledKernel):
-    """A compiled kernel that records its launches instead of running them."""
-
-    function = 0
-    packed_metadata = None
-
-    def __init__(self, name):  # noqa: D107 - nothing of CompiledKernel's own state is needed
-        self.name = name
-        self._recorder = _record(name)
-
-    def _init_handles(self):
-        pass
-
-    @property
-    def run(self):
-        return self._recorder
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-
-def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-    kernel = _Compiled(self.__name__)
-    self.device_caches[device][0][key] = kernel
-    return kernel
-
-
 def main():
-    driver.set_active(_Driver())
-    JITFunction._do_compile = _do_compile
-    Autotuner._bench = lambda self, *args, config, **kwargs: [float(config.num_warps)] * 3  # no timing here
-    torch.cuda.current_device = lambda: 0
-
+    triton_stub.install(lambda name, grid, args: CALLS.append((name, list(grid), [_describe(a) for a in args])))
     import apt_kernels
-    from apt_kernels import _env, _launch
-    from apt_kernels.attention import fused
+    from apt_kernels import _launch
 
     assert _launch.ENABLED, f"the launch cache is off for triton {triton.__version__}"
-    _env.triton_reason = lambda device: None  # CPU tensors stand in for CUDA ones; nothing runs
-    fused._compiled = lambda device: True
-    fused.PREFIX_SPLITS = 2
     where = {}
 
     cached_launch = _launch.launch
@@ -102,7 +45,7 @@ def main():
         CALLS[-1] = (where["case"], where["round"], path) + CALLS[-1]
         return compiled
 
-    _launch.launch = launch  # (fused calls it through _launch.run)
+    _launch.launch = launch  # (the launchers call it through _launch.run)
 
     def case(name, B, Hq, Hkv, N, M, P, D, gate_shape=None, mask=None, causal=False, dropout=0.0, lse=False,
              shared=True, rounds=2, misalign=False, reseed=False):
@@ -142,14 +85,8 @@ def main():
          reseed=True)
     case("misaligned", 1, 2, 2, 12, 12, 4, 16, gate_shape=(1, 1, 1, 4), rounds=3, misalign=True)
 
-    # PST (forward passes and backward) and the Child-Tuning step: their modules call _launch.run, here
-    # told the kernels are compiled. The PST rounds move the pruned count (k_target, do_not_specialize),
-    # the optimizer's rounds its step and step size (an int it does not specialise, floats).
-    from apt_kernels.child_tuning import triton_update
-    from apt_kernels.pst import triton_pst
-
-    for module in (triton_pst, triton_update):
-        module.run = lambda fn, grid, args, kwargs, compiled: launch(fn, grid, args, kwargs)
+    # PST (forward passes and backward) and the Child-Tuning step. The PST rounds move the pruned count
+    # (k_target, do_not_specialize), the optimizer's rounds its step and step size.
     w0 = torch.randn(40, 72).to(torch.bfloat16)
     for rnd, sparsity in enumerate((0.5, 0.6)):
         where.update(case="pst", round=rnd)

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
+from apt_kernels import _launch  # noqa: E402
 from benchmarks import harness, ops_apt_train, ops_attention, ops_child_tuning, ops_pst, run  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -238,6 +239,21 @@ def test_child_tuning_host_time_script():
                         "torch.optim.AdamW(fused=True)"}
     assert all(0 < ms < 1e3 for ms in out.values())
     assert (entry.fn, entry.checks) == before  # the stub is gone again
+
+
+@pytest.mark.skipif(not _launch._version_ok(), reason="the stub GPU follows the launch path of Triton 3.6 to 3.x")
+def test_attention_host_time_script():
+    """benchmarks/attention_host.py runs (its own process: compiled Triton under a stub GPU) and reports the
+    six host times."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_ = subprocess.run([sys.executable, "-m", "benchmarks.attention_host", "--calls", "3", "--repeats", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    lines = [line.split() for line in run_.stdout.splitlines()[1:]]
+    assert len(lines) == 6 and all(0 < float(line[-1]) < 1e5 for line in lines), run_.stdout
 
 
 def test_pst_backward_variants_script_needs_cuda(monkeypatch):

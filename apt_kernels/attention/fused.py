@@ -505,7 +505,11 @@ def _strides(t: torch.Tensor | None, ndim: int = 4):
     """Strides with 0 on size-1 (broadcast) dims; zeros for a missing tensor."""
     if t is None:
         return (0,) * ndim
-    return tuple([0 if s == 1 else st for s, st in zip(t.shape, t.stride())])
+    n, st = t.shape, t.stride()
+    if len(n) == 4:  # (the launchers' host time: unrolled for the common case)
+        return (0 if n[0] == 1 else st[0], 0 if n[1] == 1 else st[1], 0 if n[2] == 1 else st[2],
+                0 if n[3] == 1 else st[3])
+    return tuple([0 if s == 1 else x for s, x in zip(n, st)])
 
 
 # Block configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class (64, 128, 256).
@@ -597,9 +601,10 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
     seq_bucket = min(next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
     args = args[:-1] + (seq_bucket,)
     if _compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
-        if (kernel, tag) not in _TUNED:
-            _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
-        _run(_TUNED[kernel, tag], lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
+        tuner = _TUNED.get((kernel, tag))
+        if tuner is None:
+            tuner = _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
+        _run(tuner, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
              dict(BLOCK_D=_block_d(D), **consts), device)
         return
     blocks, options = _blocks(D, device, table)
