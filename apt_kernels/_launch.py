@@ -35,8 +35,8 @@ _SUPPORTED = ((3, 6), (4, 0))
 _MAX_ENTRIES = 4096  # distinct specialisations kept (shapes and strides enter the key as integers)
 
 _cache: dict = {}
-_layouts: dict = {}  # kernel (or autotuner) -> (parameter names, constexpr flags, loose and value positions)
-_slots: dict = {}  # (kernel, argument types) -> (tensor positions, float positions keyed by type only)
+_layouts: dict = {}  # id(kernel or autotuner) -> (parameter names, constexpr flags, loose and value positions, it)
+_slots: dict = {}  # (id(kernel), argument types) -> (tensor positions, float positions keyed by type only)
 stats = {"cached": 0, "usual": 0}  # launches by either path (tests read it)
 
 
@@ -54,7 +54,7 @@ ENABLED = os.environ.get("APT_KERNELS_FAST_LAUNCH", "1") != "0" and _version_ok(
 
 
 def _layout(fn):
-    layout = _layouts.get(fn)
+    layout = _layouts.get(id(fn))  # by id: a JITFunction's __hash__ is Python code (the entry keeps fn alive)
     if layout is None:
         jit = fn
         while not hasattr(jit, "params"):  # the JITFunction under an autotuner (or heuristics)
@@ -63,7 +63,7 @@ def _layout(fn):
         constexpr = tuple(p.is_constexpr for p in jit.params)
         loose = tuple(p.num for p in jit.params if p.do_not_specialize)
         valued = frozenset(names.index(k) for k in getattr(fn, "keys", ()) if k in names)  # the autotuner's
-        layout = _layouts[fn] = (names, constexpr, tuple(i for i in loose if i not in valued), valued)
+        layout = _layouts[id(fn)] = (names, constexpr, tuple(i for i in loose if i not in valued), valued, fn)
     return layout
 
 
@@ -74,9 +74,9 @@ def _width(x: int) -> int:
 
 def _args_key(fn, args, loose, valued):
     types = tuple(map(type, args))
-    slots = _slots.get((fn, types))
+    slots = _slots.get((id(fn), types))
     if slots is None:
-        slots = _slots[fn, types] = (tuple(i for i, t in enumerate(types) if issubclass(t, torch.Tensor)),
+        slots = _slots[id(fn), types] = (tuple(i for i, t in enumerate(types) if issubclass(t, torch.Tensor)),
                                      tuple(i for i, t in enumerate(types) if t is float and i not in valued))
     tensors, floats = slots
     vals = list(args)
@@ -97,7 +97,7 @@ def launch(fn, grid, args: tuple, kwargs: dict):
     callable taking the keyword arguments and the autotuner's pick (a dict of constexprs) to a tuple."""
     if not ENABLED:
         return fn[grid](*args, **kwargs)
-    names, constexpr, loose, valued = _layout(fn)
+    names, constexpr, loose, valued, _ = _layout(fn)
     key = (id(fn), torch.cuda.current_device(), tuple(kwargs.items()), _args_key(fn, args, loose, valued))
     entry = _cache.get(key)
     if entry is not None:
