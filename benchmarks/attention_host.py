@@ -62,7 +62,7 @@ def measure(calls: int = 500, repeats: int = 5, B: int = 2, H: int = 12, N: int 
             t.grad = None
 
     out = {}
-    run = fused.run
+    run, enabled_before = fused.run, _launch.ENABLED
     try:
         for label, enabled in (("launch cache", True), ("no launch cache", False)):
             _launch.ENABLED = enabled
@@ -72,8 +72,7 @@ def measure(calls: int = 500, repeats: int = 5, B: int = 2, H: int = 12, N: int 
         out["forward, no launches"] = _median_us(forward, calls, repeats)
         out["forward + backward, no launches"] = _median_us(step, calls, repeats)
     finally:
-        fused.run = run
-        _launch.ENABLED = True
+        fused.run, _launch.ENABLED = run, enabled_before
     return out
 
 
