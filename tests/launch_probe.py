@@ -2,7 +2,8 @@
 GPU of benchmarks/triton_stub.py records what reaches Triton's launcher, so that a launch from
 apt_kernels._launch's cache can be compared with the usual launch path, argument by argument.
 
-Prints one JSON object: {"calls": [[case, round, path, kernel, grid, args], ...], "stats": {...}}.
+Prints one JSON object: {"calls": [[case, round, path, kernel, grid, args], ...], "stats": {...},
+"fusion": {kernel: [enable_fp_fusion as each launch asked, ...]}}.
 Tensors are recorded as [dtype, shape, strides, data_ptr % 16] (each round allocates its own).
 """
 
@@ -18,6 +19,7 @@ import triton  # noqa: E402
 from benchmarks import triton_stub  # noqa: E402
 
 CALLS = []
+FUSION = {}  # kernel name -> the enable_fp_fusion option of each launch (None: Triton's default)
 
 
 def _describe(a):
@@ -40,6 +42,10 @@ def main():
 
     def launch(fn, grid, args, kwargs):  # tags the recorded call with the path it took
         before = _launch.stats["cached"]
+        jit = fn
+        while not hasattr(jit, "params"):  # the JITFunction under an autotuner
+            jit = jit.fn
+        FUSION.setdefault(jit.__name__, []).append(kwargs.get("enable_fp_fusion"))
         compiled = cached_launch(fn, grid, args, kwargs)
         path = "cached" if _launch.stats["cached"] > before else "usual"
         CALLS[-1] = (where["case"], where["round"], path) + CALLS[-1]
@@ -95,6 +101,10 @@ def main():
         r, c = torch.randn(40, requires_grad=True), torch.randn(72, requires_grad=True)
         out = apt_kernels.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=sparsity, backend="triton")
         out.float().sum().backward()
+    where.update(case="kth_smallest", round=0)
+    from apt_kernels.pst.triton_pst import kth_smallest
+
+    kth_smallest([torch.rand(50), torch.rand(7, 3)], [3])  # the radix passes and the threshold kernel
     params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 5))]
     opt = apt_kernels.ChildTuningAdamW(params, lr=1e-3, reserve_p=0.5, backend="triton")
     for rnd in range(3):
@@ -102,7 +112,8 @@ def main():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    json.dump({"calls": CALLS, "stats": dict(_launch.stats), "triton": triton.__version__}, sys.stdout)
+    json.dump({"calls": CALLS, "stats": dict(_launch.stats), "triton": triton.__version__, "fusion": FUSION},
+              sys.stdout)
 
 
 if __name__ == "__main__":

@@ -498,6 +498,7 @@ _AOT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from apt_kernels._launch import FP_FUSION
 from apt_kernels.attention import fused as f
 
 FLOAT_ARGS = {"scale", "mask_min", "inv_keep"}
@@ -521,7 +522,7 @@ def build(fn, dt, consts, opts):
         else:
             sig[a] = "*" + dt
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                          options=opts)
+                          options=dict(opts, **FP_FUSION))  # as the launchers ask
 
 
 count, worst = 0, 0

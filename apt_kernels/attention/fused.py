@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device, triton_interpret
-from .._launch import run
+from .._launch import FP_FUSION, run
 from .._intmath import cdiv, next_power_of_2
 from ..child_tuning.triton_rng import philox4x32_10, u32_like
 
@@ -605,10 +605,11 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
         if tuner is None:
             tuner = _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
         _run(tuner, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
-             dict(BLOCK_D=_block_d(D), **consts), device)
+             dict(BLOCK_D=_block_d(D), **consts, **FP_FUSION), device)
         return
     blocks, options = _blocks(D, device, table)
-    _run(kernel, grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"]), args, dict(**blocks, **consts, **options), device)
+    _run(kernel, grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"]), args, dict(**blocks, **consts, **options, **FP_FUSION),
+         device)
 
 
 def _run(kernel, grid, args, kwargs, device):
@@ -734,7 +735,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
     do_strides = _strides(do)
     _run(_delta_kernel, (cdiv(N, rows) * B * Hq,), (do, out, dlse, delta, *do_strides, *_strides(out), Hq, N),
-         dict(D=D, BLOCK_D=block_d, BLOCK_M=rows, HAS_DLSE=grad_lse is not None, num_warps=4), q.device)
+         dict(D=D, BLOCK_D=block_d, BLOCK_M=rows, HAS_DLSE=grad_lse is not None, num_warps=4, **FP_FUSION), q.device)
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
                   PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
@@ -798,7 +799,7 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
     if any(seg[-1] for seg in segs):
         dummy = (dq, dq, 0, 0, 0, 0, 0)
         args = [x for seg in (segs + [dummy] * 3)[:3] for x in seg]
-        _run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]), dict(BLOCK=_SUM_BLOCK, num_warps=4),
+        _run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]), dict(BLOCK=_SUM_BLOCK, num_warps=4, **FP_FUSION),
              dq.device)
     dpk, dpv, dg = outs
     if gate_p1:

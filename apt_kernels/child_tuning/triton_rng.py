@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
+from .._launch import FP_FUSION
 from .._intmath import cdiv
 from .rng import KEEP_BITS, keep_threshold
 
@@ -80,5 +81,5 @@ def keep_mask_triton(seed: int, step: int, param_index: int, shape, reserve_p: f
         with on_device(device):
             _keep_mask_kernel[(cdiv(numel + offset % 4, block),)](
                 out, numel, offset, step, param_index, seed & 0xFFFFFFFF, seed >> 32,
-                keep_threshold(reserve_p), BLOCK=block)
+                keep_threshold(reserve_p), BLOCK=block, **FP_FUSION)
     return out.view(shape).bool()

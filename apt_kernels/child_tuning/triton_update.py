@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
-from .._launch import run
+from .._launch import FP_FUSION, run
 from .fused import MODE_D, MODE_F, ROW_WORDS, Hyper, Kernel, Steps, Tables
 from .triton_rng import group_tile, philox_keep4
 
@@ -148,7 +148,7 @@ def _launch(t: Tables, h: Hyper, s: Steps) -> None:
              h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.inv_reserve_p,
              h.seed_lo, h.seed_hi, h.threshold),
             dict(P_DTYPE=_TL_DTYPE[t.dtype], MODE=t.mode, OFFICIAL=h.official, HAS_DECAY=h.has_decay,
-                 ALIGNED=t.vector, CHUNK=CHUNK, BLOCK=BLOCK), t.device.type == "cuda")
+                 ALIGNED=t.vector, CHUNK=CHUNK, BLOCK=BLOCK, **FP_FUSION), t.device.type == "cuda")
 
 
 def kernel() -> Kernel:

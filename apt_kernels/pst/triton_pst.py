@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .._env import on_device
-from .._launch import run
+from .._launch import FP_FUSION, run
 from .._intmath import cdiv, next_power_of_2
 from .reference import float_of_key
 
@@ -486,7 +486,8 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
             hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=device)
             state = torch.zeros(1, dtype=torch.int64, device=device)
             _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
-            run(_threshold_kernel, (1,), (hist, state, k), dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS), w0.is_cuda)
+            run(_threshold_kernel, (1,), (hist, state, k), dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, **FP_FUSION),
+                w0.is_cuda)
             out.append(float_of_key(int(state.item())))
     return out
 
@@ -527,6 +528,6 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
             (grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
              n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2), split),
             dict(RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
-                 num_warps=BWD_WARPS), dev.type == "cuda")
+                 num_warps=BWD_WARPS, **FP_FUSION), dev.type == "cuda")
     grads = [dw0, du, dv, da, db, dr, dc]
     return [g if need else None for g, need in zip(grads, needs)]
