@@ -539,7 +539,8 @@ for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
     common = dict(D=D, MASK_KIND=mask_kind, MASK_N1=D % 128 == 0, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
     # prefix tiles narrower than the key tiles (PW = 16) and as wide (PW = 256, capped at BLOCK_N)
     ks = [build(f._fwd_kernel, dt, dict(common, PW=16 if gate else 256, HAS_GATE=gate, GATE_N1=not causal, **fwd), lf),
-          build(f._bwd_q_kernel, dt, dict(common, PW=16, HAS_GATE=gate, GATE_N1=causal, **bwd), lb)]
+          build(f._bwd_q_kernel, dt, dict(common, PW=16, HAS_GATE=gate, GATE_N1=causal, HAS_DLSE=not dropout, **bwd),
+                lb)]
     for is_prefix in (True, False):
         ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
                                                    GATE_N1=not causal, GATE_H1=causal, SPLIT=is_prefix, **bwd), lb))
@@ -547,11 +548,6 @@ for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
         worst = max(worst, k.metadata.shared)
         assert k.metadata.shared <= 227 * 1024, (k.name, dt, D, k.metadata.shared)
     count += len(ks)
-# the backward's delta pre-pass
-for D, has_dlse in ((64, True), (256, False)):
-    build(f._delta_kernel, "bf16", dict(D=D, BLOCK_D=D, BLOCK_M=max(16, 4096 // D), HAS_DLSE=has_dlse),
-          dict(num_warps=4))
-    count += 1
 # the backward's reductions of the prefix/gate partials (float32 in, bf16 out)
 sig = {a: "constexpr" if a == "BLOCK" else "*fp32" if a[0] == "S" else "*bf16" if a[0] == "D" else "i32"
        for a in f._sums_kernel.arg_names}
@@ -637,7 +633,7 @@ def test_kernels_compile_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 57" in res.stdout, res.stdout
+    assert "compiled 55" in res.stdout, res.stdout
 
 
 def test_double_backward_is_refused():

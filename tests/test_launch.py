@@ -95,7 +95,7 @@ def test_every_launch_chooses_fp_fusion(probe):
     """Every kernel states enable_fp_fusion (Triton 3.9 warns that 3.10 turns its default off; the bits and
     the FMA count must not change with the version): True but for PST's score passes."""
     fusion = probe["fusion"]
-    assert {"_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel", "_delta_kernel", "_sums_kernel", "_hist_kernel",
+    assert {"_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel", "_sums_kernel", "_hist_kernel",
             "_mask_kernel", "_bwd_kernel", "_threshold_kernel", "_child_tuning_adamw_kernel"} <= set(fusion)
     for kernel, asked in fusion.items():
         assert set(asked) == {kernel not in NO_FUSION}, (kernel, asked)

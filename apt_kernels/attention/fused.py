@@ -302,19 +302,6 @@ def _sums_kernel(S0, D0, R1_0, A_0, R2_0, C_0, N_0, S1, D1, R1_1, A_1, R2_1, C_1
 
 
 @triton.jit
-def _delta_kernel(DO, Out, DLse, Delta, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, so_n, so_d, Hq, N,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse in float32 (the backward's per-row term), one launch."""
-    _, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
-    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok).to(tl.float32)
-    o = _load_rows(Out + b * so_b + h * so_h, offs_m, offs_d, so_n, so_d, m_ok, d_ok).to(tl.float32)
-    delta = tl.sum(do * o, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLse + bh * N + offs_m, mask=m_ok, other=0.0)
-    tl.store(Delta + bh * N + offs_m, delta, mask=m_ok)
-
-
-@triton.jit
 def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sdo_d, gb, gh, sg_n, sg_p, mb, mh,
                sm_n, sm_m, dg_base, sdg_n, sdg_p, Stat, Delta, bh, offs_n, offs_d, n_ok, d_ok, col0, N, M, qk2,
                mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -465,22 +452,29 @@ def _dq_tiles(dq, q, do, lse_hi, lse_lo, delta, Kp, Vp, skn, skd, svn, svd, L, l
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # per-call dropout seeds: one compilation
-def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Stat, Delta, DQ,
+def _bwd_q_kernel(Q, K, V, PK, PV, G, Mk, DO, Out, DLse, Stat, Delta, DQ,
                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   spk_b, spk_h, spk_n, spk_d, spv_b, spv_h, spv_n, spv_d,
                   sg_b, sg_h, sg_n, sg_p, sm_b, sm_h, sm_n, sm_m, sdo_b, sdo_h, sdo_n, sdo_d,
-                  sdq_b, sdq_h, sdq_n, sdq_d,
+                  so_b, so_h, so_n, so_d, sdq_b, sdq_h, sdq_n, sdq_d,
                   Hq, N, M, P, REP, scale, mask_min, seed_lo, seed_hi, keep_thr, inv_keep, seq_bucket,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PW: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, MASK_KIND: tl.constexpr,
-                  MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                  MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                  HAS_DLSE: tl.constexpr):
+    """dq of one query tile; first the tile's rows of delta = rowsum(dO * O) - dlse (float32), kept for dq and
+    stored for the key-side launches, which run after this one (no pre-pass launch of its own)."""
     pid_m, bh, b, h, offs_m, offs_d, m_ok, d_ok = _query_tile(Hq, N, D, BLOCK_M, BLOCK_D)
     kvh = h // REP
     BLOCK_P: tl.constexpr = PW if PW < BLOCK_N else BLOCK_N  # prefix tiles no wider than the prefix
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, sdo_n, sdo_d, m_ok, d_ok)
+    o = _load_rows(Out + b * so_b + h * so_h, offs_m, offs_d, so_n, so_d, m_ok, d_ok)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + bh * N + offs_m, mask=m_ok, other=0.0)
+    tl.store(Delta + bh * N + offs_m, delta, mask=m_ok)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, offs_d, sq_n, sq_d, m_ok, d_ok)
     lse_hi, lse_lo = _row_stat(Stat, bh, N, offs_m, m_ok)
-    delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2):  # prefix tiles, then token tiles
         Kp, Vp, skn, skd, svn, svd, L, mid, hi = _kv_tiles(
@@ -729,17 +723,20 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
                              dtype=torch.float32, device=q.device)
     if nothing:
         return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
-    delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)  # written by the query-side launch
     dlse = stat if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
-    block_d = _block_d(D)
-    rows = 16 if not _compiled(q.device) else max(16, 4096 // block_d)  # 2 x 4096 floats per 128 threads
     do_strides = _strides(do)
-    _run(_delta_kernel, (cdiv(N, rows) * B * Hq,), (do, out, dlse, delta, *do_strides, *_strides(out), Hq, N),
-         dict(D=D, BLOCK_D=block_d, BLOCK_M=rows, HAS_DLSE=grad_lse is not None, num_warps=4, **FP_FUSION), q.device)
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
                   PREC=_precision(q.dtype))
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     width = _prefix_width(P)  # the prefix launch's key tiles: no wider than the prefix
+    # first: it writes the rows' delta, which the key-side launches read
+    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
+            (q, k, v, a.pk, a.pv, a.gate, a.mask, do, out, dlse, stat, delta, dq,
+             *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
+             *a.g_strides, *a.m_strides, *do_strides, *_strides(out), *dq.stride(),
+             Hq, N, M, P, a.REP, *tail),
+            dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, HAS_DLSE=grad_lse is not None), q.device)
     prefix_table = (_prefix_table(width), f"prefix<={width}")
     for is_prefix in (True, False):
         L = P if is_prefix else M
@@ -763,12 +760,6 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
                  Hq, Hkv, N, M, L, a.REP, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
                      GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=tag)
-    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
-            (q, k, v, a.pk, a.pv, a.gate, a.mask, do, stat, delta, dq,
-             *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
-             *a.g_strides, *a.m_strides, *do_strides, *dq.stride(),
-             Hq, N, M, P, a.REP, *tail),
-            dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1), q.device)
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
 
 
