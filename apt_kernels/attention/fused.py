@@ -790,8 +790,8 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
     if any(seg[-1] for seg in segs):
         dummy = (dq, dq, 0, 0, 0, 0, 0)
         args = [x for seg in (segs + [dummy] * 3)[:3] for x in seg]
-        _run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]), dict(BLOCK=_SUM_BLOCK, num_warps=4, **FP_FUSION),
-             dq.device)
+        _run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]),
+             dict(BLOCK=_SUM_BLOCK, num_warps=4, **FP_FUSION), dq.device)
     dpk, dpv, dg = outs
     if gate_p1:
         dg = dg_parts.sum(0).sum_to_size(gate.shape).to(gate.dtype)
