@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from ._env import triton_interpret
+
 # JITFunction.run ends in kernel.run(grid..., stream, function, packed_metadata, launch_metadata, enter hook,
 # exit hook, *bound_args.values()), as CompiledKernel.__getitem__'s runner does: read in Triton 3.6 (the GPU
 # image's) and 3.9. Earlier versions passed other argument lists (constexprs left out).
@@ -56,6 +58,12 @@ def _version_ok() -> bool:
 
 
 ENABLED = os.environ.get("APT_KERNELS_FAST_LAUNCH", "1") != "0" and _version_ok()
+_INTERPRET = triton_interpret()  # read once, as triton.jit does when the kernels are defined
+
+
+def compiled(device: torch.device) -> bool:
+    """Whether Triton kernels on ``device`` are compiled (a CUDA device, no interpreter)."""
+    return device.type == "cuda" and not _INTERPRET
 
 
 def _layout(fn):
@@ -127,10 +135,10 @@ def launch(fn, grid, args: tuple, kwargs: dict):
     return compiled
 
 
-def run(fn, grid, args: tuple, kwargs: dict, compiled: bool):
-    """``fn[grid](*args, **kwargs)``: through :func:`launch` when ``compiled`` (a compiled kernel on a GPU), the
-    usual way otherwise (Triton's interpreter)."""
-    if compiled:
+def run(fn, grid, args: tuple, kwargs: dict, device: torch.device):
+    """``fn[grid](*args, **kwargs)`` for tensors on ``device``: through :func:`launch` where the kernel is compiled
+    (:func:`compiled`), the usual way otherwise (Triton's interpreter)."""
+    if compiled(device):
         return launch(fn, grid, args, kwargs)
     return fn[grid](*args, **kwargs)
 

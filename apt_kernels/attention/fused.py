@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import on_device, triton_interpret
+from .. import _launch as launches
+from .._env import on_device
 from .._launch import FP_FUSION, run
 from .._intmath import cdiv, next_power_of_2
 from ..child_tuning.triton_rng import philox4x32_10, u32_like
@@ -539,18 +540,11 @@ def _dclass(D: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-_INTERPRET = triton_interpret()  # read once, as triton.jit does when the kernels are defined
-
-
-def _compiled(device: torch.device) -> bool:
-    return device.type == "cuda" and not _INTERPRET
-
-
 def _blocks(D: int, device: torch.device, table=None):
     """(block sizes, launch options) of the fixed choice: the table's first entry on a GPU, 16 x 16 tiles
     in the interpreter."""
     block_d = _block_d(D)
-    if not _compiled(device):
+    if not launches.compiled(device):
         return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
     m, n, w, st = (table or _FWD_TABLE)[_dclass(D)][0]
     return dict(BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n), dict(num_warps=w, num_stages=st)
@@ -594,7 +588,7 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
     D = consts["D"]
     seq_bucket = min(next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
     args = args[:-1] + (seq_bucket,)
-    if _compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
+    if launches.compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
         tuner = _TUNED.get((kernel, tag))
         if tuner is None:
             tuner = _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
@@ -608,7 +602,7 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
 
 def _run(kernel, grid, args, kwargs, device):
     """kernel[grid](*args, **kwargs); compiled kernels through the launch cache (apt_kernels._launch)."""
-    run(kernel, grid, args, kwargs, _compiled(device))
+    run(kernel, grid, args, kwargs, device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -836,7 +830,7 @@ def _prefix_splits(programs: int, N: int, device: torch.device) -> int:
     least 16 query rows each); 1 in the interpreter."""
     if PREFIX_SPLITS is not None:
         return max(1, PREFIX_SPLITS)
-    if not _compiled(device):
+    if not launches.compiled(device):
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(32, cdiv(2 * sms, programs), cdiv(N, 16)))

@@ -148,7 +148,7 @@ def _launch(t: Tables, h: Hyper, s: Steps) -> None:
              h.beta1, h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, h.decay, h.inv_reserve_p,
              h.seed_lo, h.seed_hi, h.threshold),
             dict(P_DTYPE=_TL_DTYPE[t.dtype], MODE=t.mode, OFFICIAL=h.official, HAS_DECAY=h.has_decay,
-                 ALIGNED=t.vector, CHUNK=CHUNK, BLOCK=BLOCK, **FP_FUSION), t.device.type == "cuda")
+                 ALIGNED=t.vector, CHUNK=CHUNK, BLOCK=BLOCK, **FP_FUSION), t.device)
 
 
 def kernel() -> Kernel:

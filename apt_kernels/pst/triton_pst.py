@@ -405,7 +405,7 @@ def _radix_passes(grid, args, hist, cache, scal, k_target, cache_bits: int, bn: 
     for p in range(NPASS):
         run(_hist_kernel, grid, (*args, hist, cache, *scal, k_target),
             dict(PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, CACHE_BITS=cache_bits, **_SCORE_OPTS),
-            args[0].is_cuda)
+            args[0].device)
 
 
 def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
@@ -441,15 +441,15 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
         cache = out.view({16: torch.int16, 32: torch.int32}[cache_bits]) if cache_bits else hist
         _radix_passes(grid, args, hist, cache, scal, n_pruned, cache_bits, bn, bk)
         run(_tie_rows_kernel, grid, (*args, hist, rowcnt, *scal, n_pruned),
-            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, **_SCORE_OPTS), w0.is_cuda)
+            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, **_SCORE_OPTS), w0.device)
         # one program scans the row counts, then the one row holding the cut: wide blocks, few iterations
         run(_cut_kernel, (1,), (*args, hist, rowcnt, state, *scal, n_pruned),
             dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, ROWB=1024, BK=max(bk, min(CUT_BLOCK, _pow2_at_least(k, 32))),
-                 **_SCORE_OPTS), w0.is_cuda)
+                 **_SCORE_OPTS), w0.device)
     # n_pruned == 0: state (T, F) = (0, 0) keeps everything (every key is >= 0 and every index >= 0)
     nm_n, nm_m = (0, 0) if nm is None else nm
     run(_mask_kernel, grid, (*args, out, words, state, *scal),
-        dict(NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BN=bn, BK=bk, **_SCORE_OPTS), w0.is_cuda)
+        dict(NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BN=bn, BK=bk, **_SCORE_OPTS), w0.device)
     return out, words
 
 
@@ -487,7 +487,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
             state = torch.zeros(1, dtype=torch.int64, device=device)
             _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
             run(_threshold_kernel, (1,), (hist, state, k), dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, **FP_FUSION),
-                w0.is_cuda)
+                w0.device)
             out.append(float_of_key(int(state.item())))
     return out
 
@@ -528,6 +528,6 @@ def _backward(grad, words, w0, u, v, a, b, beta, alpha1, alpha2, needs):
             (grad, words, *ins, *outs, dw0 if dw0 is not None else grad,
              n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2), split),
             dict(RWP=_pow2_at_least(rw, 16), RSP=_pow2_at_least(rs, 16), NEED_W0=dw0 is not None, BN=bn, BK=bk,
-                 num_warps=BWD_WARPS, **FP_FUSION), dev.type == "cuda")
+                 num_warps=BWD_WARPS, **FP_FUSION), dev)
     grads = [dw0, du, dv, da, db, dr, dc]
     return [g if need else None for g, need in zip(grads, needs)]
