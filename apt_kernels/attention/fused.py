@@ -893,14 +893,20 @@ def _no_double_backward():
                            "create_graph=True); use backend='torch' or 'reference' for higher-order gradients")
 
 
-def _backward(ctx, grad_out, grad_lse, grad_stat=None):  # (stat is the kernels' own: never differentiated)
+def _input_grads(backward, ctx, grad_out, grad_lse):
+    """The gradients of the eleven forward inputs from ``backward`` (attention_backward, or the custom op over
+    it, which returns an empty tensor for an absent input's gradient)."""
     _no_double_backward()
     q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat = ctx.saved_tensors
-    grads = _bwd_op(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat, *ctx.args)
-    dq, dk, dv, dpk, dpv, dg = grads
-    opt = [g if present else None for g, present in zip((dpk, dpv, dg), ctx.present)]
+    dq, dk, dv, *opt = backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat,
+                                *ctx.args)
+    opt = [g if present else None for g, present in zip(opt, ctx.present)]
     dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, stat)
     return (dq, dk, dv, *opt, dmask, None, None, None, None)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_stat=None):  # (stat is the kernels' own: never differentiated)
+    return _input_grads(_bwd_op, ctx, grad_out, grad_lse)
 
 
 def _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, stat):
@@ -956,12 +962,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        _no_double_backward()
-        q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat = ctx.saved_tensors
-        grads = attention_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat,
-                                   *ctx.args)
-        dmask = _mask_grad(ctx, grad_out, grad_lse, q, k, v, attn_mask, out, stat)
-        return (*grads, dmask, None, None, None, None)
+        return _input_grads(attention_backward, ctx, grad_out, grad_lse)
 
 
 def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):
