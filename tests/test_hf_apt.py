@@ -582,6 +582,24 @@ def test_load_apt_reads_old_configs_with_reparam_hidden_0(tmp_path):
     assert fresh.apt_adapter.cfg.reparam_hidden is None
 
 
+def test_numpy_integer_sizes_are_taken_as_ints(tmp_path):
+    """prefix_len and reparam_hidden accept numpy integers (a sweep's values) and store plain ints: the config
+    is saved as JSON."""
+    import json
+
+    import numpy as np
+
+    model = build("bert", head="cls", apt=False)
+    apply_apt(model, np.int64(4), reparam_hidden=np.int32(8))
+    assert type(model.apt_adapter.cfg.prefix_len) is int and type(model.apt_adapter.cfg.reparam_hidden) is int
+    save_apt(model, tmp_path)
+    cfg = json.loads((tmp_path / "apt_config.json").read_text())
+    assert (cfg["prefix_len"], cfg["reparam_hidden"]) == (4, 8)
+    for bad in (np.int64(0), np.float32(4.0)):
+        with pytest.raises(ValueError, match="prefix_len must be a positive int"):
+            apply_apt(build("bert", apt=False), bad)
+
+
 def test_argument_errors_name_what_is_wrong():
     model = build("bert", apt=False)
     for bad in (0, -1, 2.5, True):

@@ -334,9 +334,11 @@ def _check_not_applied(model) -> None:
         raise ValueError(f"this model already has {what} applied; call remove_apt(model) first")
 
 
-def _check_prefix_len(prefix_len) -> None:
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+def _check_prefix_len(prefix_len) -> int:
+    """``prefix_len`` as a plain int (a numpy integer too, as ``reparam_hidden``: the config is saved as JSON)."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, numbers.Integral) or prefix_len < 1:
         raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r}")
+    return int(prefix_len)
 
 
 def _freeze_backbone(model: nn.Module, train_head: bool) -> dict[str, bool]:
@@ -385,7 +387,7 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     wrapper, model = model, _unwrap(model)
     model_type, fam = _family(model)
     _check_not_applied(model)
-    _check_prefix_len(prefix_len)
+    prefix_len = _check_prefix_len(prefix_len)
     if reparam_hidden is not None:
         if isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, numbers.Integral) or reparam_hidden < 1:
             raise ValueError(f"reparam_hidden must be None (no reparameterisation) or an int >= 1, "
@@ -497,7 +499,7 @@ def apply_prompt_tuning(model: nn.Module, prefix_len: int = 16, *, train_head: b
     wrapper, model = model, _unwrap(model)
     model_type, fam = _family(model, "apply_prompt_tuning")
     _check_not_applied(model)
-    _check_prefix_len(prefix_len)
+    prefix_len = _check_prefix_len(prefix_len)
     head = type(model).__name__
     if head.endswith("ForQuestionAnswering") or (fam.causal and head.endswith("ForSequenceClassification")):
         # their heads index positions of the input (answer spans; a decoder's last non-pad token from input_ids),
