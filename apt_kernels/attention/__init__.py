@@ -39,6 +39,15 @@ def _autocast(dtype, *tensors):
             else t for t in tensors]
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``. CUDA and CPU always have autocast; other device types are
+    asked first whether they have it at all (meta has not: is_autocast_enabled would raise). Dynamo before
+    torch 2.13 cannot trace that question (torch 2.11 fails torch.compile(fullgraph=True) on it), so the
+    usual devices skip it."""
+    return ((device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type))
+
+
 def _normalise_mask(attn_mask, B, Hq, N, M, q):
     if attn_mask is None:
         return None
@@ -98,7 +107,7 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         torch.Size([2, 4, 8, 16])
     """
     V.tensor("q", q, ndim=4)
-    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):  # (meta: not)
+    if _autocast_on(q.device.type):
         # as F.scaled_dot_product_attention: in the autocast dtype
         q, k, v, prefix_k, prefix_v = _autocast(torch.get_autocast_dtype(q.device.type), q, k, v, prefix_k, prefix_v)
     V.tensor("k", k, ndim=4, like=q, like_name="q")
