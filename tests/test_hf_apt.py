@@ -732,3 +732,100 @@ def test_peft_beside_apt(tmp_path):
     assert gate_report(wrapped, {"input_ids": ids})["layer"].shape == (2,)
     remove_apt(wrapped)
     assert not hasattr(model, "apt_adapter")
+
+
+def test_train_head_flag_and_an_unknown_attention_backend_at_apply_time():
+    """train_head=False leaves the task head frozen (the default trains it); a backend the attention op does
+    not have ("cuda") is refused by apply_apt itself, not at the first forward."""
+    frozen = apply_apt(build("bert", head="cls", apt=False), 3, train_head=False)
+    trained = apply_apt(build("bert", head="cls", apt=False), 3)
+    for model, want in ((frozen, False), (trained, True)):
+        head = [p.requires_grad for n, p in model.named_parameters() if n.startswith("classifier.")]
+        assert head and all(flag is want for flag in head)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        apply_apt(build("bert", apt=False), 3, backend="cuda")
+
+
+def test_prompt_tuning_marks_the_prompt_visible():
+    """The prompt's mask columns are ones: a full attention mask gives what no mask gives, and the prompt
+    gets a nonzero gradient."""
+    model = apply_prompt_tuning(build("bert", head="cls", apt=False), prefix_len=4)
+    ids = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        model.apt_adapter.embedding.normal_()
+    no_mask = model(input_ids=ids).logits
+    full = model(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long), labels=torch.tensor([0, 1]))
+    torch.testing.assert_close(full.logits, no_mask, rtol=1e-5, atol=1e-6)
+    full.loss.backward()
+    assert model.apt_adapter.embedding.grad.abs().sum() > 0
+
+
+def test_load_apt_refuses_an_adapter_missing_a_parameter(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from apt_kernels.hf.apt import WEIGHTS_NAME
+
+    save_apt(build("bert", head="cls"), tmp_path)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    del tensors["apt.layer_scale"]
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    model = build("bert", head="cls", apt=False)
+    with pytest.raises(ValueError, match=r"lacks \['layer_scale'\]"):
+        load_apt(model, tmp_path)
+    assert getattr(model, "apt_adapter", None) is None
+
+
+def test_gate_report_averages_real_tokens_only():
+    """Per-token gates (pool="token") are averaged over the real positions: a right-padded example reports
+    what it reports alone."""
+    model = build("bert", pool="token")
+    a = torch.randint(3, 64, (1, 5))
+    padded = torch.cat([a, torch.full((1, 4), 3)], 1)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    mask[:, 5:] = 0
+    alone = gate_report(model, dict(input_ids=a, attention_mask=torch.ones(1, 5, dtype=torch.long)))
+    both = gate_report(model, dict(input_ids=padded, attention_mask=mask))
+    torch.testing.assert_close(both["layer_prefix"], alone["layer_prefix"], rtol=1e-5, atol=1e-6)
+
+
+def _deberta(**over):
+    cfg = tf.DebertaV2Config(**{**COMMON, **NO_DROP, **over}, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                             max_relative_positions=16)
+    torch.manual_seed(0)
+    model = tf.DebertaV2Model(cfg).eval()
+    with torch.no_grad():  # trained-size relative terms, so that a wrong scale shows
+        model.encoder.rel_embeddings.weight.mul_(50.0)
+        for layer in model.encoder.layer:
+            for lin in (layer.attention.self.query_proj, layer.attention.self.key_proj):
+                lin.weight.mul_(10.0)
+    return model
+
+
+def test_deberta_patched_attention_without_a_prefix_is_deberta():
+    """The patched DisentangledSelfAttention.forward with no prefix state computes Hugging Face's own (scale
+    1 / sqrt(D * scale_factor), c2p + p2c bias, padding), on the real tokens."""
+    import types
+
+    from apt_kernels.hf.apt import _deberta_forward
+
+    model = _deberta()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    want = hidden(model, ids, mask)
+    for layer in model.encoder.layer:
+        attn = layer.attention.self
+        attn.forward = types.MethodType(_deberta_forward, attn)
+    got = hidden(model, ids, mask)
+    torch.testing.assert_close(got[0, :4], want[0, :4], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_deberta_attention_dropout_only_in_training():
+    model = _deberta(attention_probs_dropout_prob=0.5)
+    apply_apt(model, prefix_len=3)
+    ids = torch.randint(3, 64, (2, 6))
+    model.eval()
+    torch.testing.assert_close(hidden(model, ids), hidden(model, ids), rtol=0, atol=0)
+    model.train()
+    assert not torch.equal(hidden(model, ids), hidden(model, ids))

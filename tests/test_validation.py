@@ -25,6 +25,10 @@ def attn(B=2, Hq=4, Hkv=2, N=5, M=6, D=8, P=3):
     (lambda a: a.update(prefix_k=torch.randn(3, 3, 8), prefix_v=torch.randn(3, 3, 8)), ValueError,
      r"prefix_k \(3, 3, 8\) must be \(Hkv, P, D\)"),
     (lambda a: a.update(prefix_v=torch.randn(2, 4, 8)), ValueError, "must have the same shape"),
+    (lambda a: a.update(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)), ValueError,
+     r"must be \(Hkv, P, D\) = \(2, P, 8\) or \(B, Hkv, P, D\) = \(2, 2, P, 8\)"),  # a batch of 3, B = 2
+    (lambda a: a.update(prefix_k=a["prefix_k"].double(), prefix_v=a["prefix_v"].double()), TypeError,
+     "dtypes must match"),
     (lambda a: a.update(gate=torch.rand(2, 1, 1, 4)), ValueError, r"gate of shape \(2, 1, 1, 4\) does not broadcast"),
     (lambda a: a.update(gate=torch.rand(1, 2, 1, 1, 3)), ValueError, "has more dims"),
     (lambda a: a.update(attn_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, r"\(B, M\) = \(2, 6\)"),
@@ -72,6 +76,7 @@ def pst_args(n=5, k=6, rw=2, rs=3):
     (lambda a: a.update(sparsity=float("nan")), ValueError, "sparsity must lie in"),
     (lambda a: a.update(sparsity="0.5"), TypeError, "sparsity must be a real number"),
     (lambda a: a.update(beta=None), TypeError, "beta must be a real number"),
+    (lambda a: a.update(beta=True), TypeError, "beta must be a real number"),  # a bool is not a number here
     (lambda a: a.update(backend="cuda"), ak.BackendUnavailable, "cuda"),
 ])
 def test_pst_errors(mutate, exc, pattern):
@@ -103,9 +108,12 @@ def test_pst_rank_zero_and_meta_device():
     (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must lie in"),
     (dict(betas=(0.9,)), ValueError, "betas must be a pair"),
     (dict(eps=-1e-8), ValueError, "eps must lie in"),
+    (dict(eps=float("inf")), ValueError, "eps must lie in"),
+    (dict(lr=float("inf")), ValueError, "lr must lie in"),
     (dict(weight_decay=-0.1), ValueError, "weight_decay must lie in"),
     (dict(seed=-1), ValueError, "seed must be an integer"),
     (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(seed=2 ** 64), ValueError, "seed must be an integer"),  # would wrap to seed 0
     (dict(backend="gpu"), ValueError, "backend must be one of"),
     (dict(backend="cuda"), ak.BackendUnavailable, "child_tuning_adamw: backend='cuda' cannot run here"),
     (dict(mode="D", masks=[1]), TypeError, "masks must be a dict"),
@@ -139,3 +147,15 @@ def test_fisher_errors():
         ak.fisher_mask(model, [], 0.5, select=lambda n, p: False)
     with pytest.raises(ValueError, match="no scalar loss"):
         ak.fisher_mask(model, [torch.randn(4, 3)], 0.5, progress=False)
+
+
+def test_seed_range_ends_at_two_to_the_64():
+    model = torch.nn.Linear(3, 2)
+    ak.ChildTuningAdamW(model.parameters(), seed=2 ** 64 - 1)  # the largest seed is taken
+
+
+def test_pack_bits_takes_bool_masks_only():
+    from apt_kernels.bits import pack_bits
+
+    with pytest.raises(TypeError, match="mask must have dtype"):
+        pack_bits(torch.ones(3))
