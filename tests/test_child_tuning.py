@@ -420,3 +420,83 @@ def test_fisher_mask_refuses_non_finite_fisher_information():
 
     with pytest.raises(ValueError, match=r"layers\.0\.bias is not finite"):
         ak.fisher_mask(model, batches, 0.3, loss_fn=loss_fn, max_grad_norm=None, progress=False)
+
+
+def test_keep_threshold_is_strict():
+    """An element whose 24 keep bits equal the threshold is dropped (keep iff bits < floor(p * 2**24)), on
+    every backend that runs here. Random draws hit the threshold with probability 2**-24: this one does."""
+    from apt_kernels.child_tuning.rng import KEEP_BITS, keep_threshold, random_bits
+
+    x = int(random_bits(7, 1, 0, 1)[0])
+    bits = x >> (32 - KEEP_BITS)
+    p = bits / 2 ** KEEP_BITS
+    assert keep_threshold(p) == bits
+    ran = []
+    for backend in ("reference", "torch", "triton"):
+        try:
+            got = keep_mask(7, 1, 0, (1,), p, backend=backend)
+        except ak.BackendUnavailable:
+            continue
+        ran.append(backend)
+        assert not bool(got[0]), backend
+        assert bool(keep_mask(7, 1, 0, (1,), (bits + 1) / 2 ** KEEP_BITS, backend=backend)[0]), backend
+    assert "torch" in ran
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_groups_draw_with_global_parameter_indices(backend):
+    """The F-mode parameter index counts across param groups: splitting the parameters into groups (with
+    the same hyper-parameters) changes nothing, bit for bit."""
+    results = []
+    for grouped in (False, True):
+        a, b = (torch.nn.Parameter(torch.zeros(64)) for _ in range(2))
+        params = [{"params": [a]}, {"params": [b]}] if grouped else [a, b]
+        opt = ak.ChildTuningAdamW(params, lr=0.1, reserve_p=0.5, seed=3, backend=backend)
+        for _ in range(2):
+            a.grad, b.grad = torch.ones(64), torch.ones(64)
+            opt.step()
+        results.append((a.detach().clone(), b.detach().clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0] != 0, results[0][1] != 0)  # the two parameters drew different masks
+
+
+def test_load_state_dict_copies_the_state():
+    """Stepping after load_state_dict(sd) leaves sd (and the optimizer it came from) untouched."""
+    model = small_model()
+    opt = ak.ChildTuningAdamW(model.parameters(), lr=1e-2, reserve_p=0.5, seed=1)
+    fake_grads(model, 0)
+    opt.step()
+    sd = opt.state_dict()
+    before = copy.deepcopy(sd)
+    other = small_model()
+    opt2 = ak.ChildTuningAdamW(other.parameters(), lr=1e-2, reserve_p=0.5, seed=1)
+    opt2.load_state_dict(sd)
+    fake_grads(other, 1)
+    opt2.step()
+    for i, state in before["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(sd["state"][i][name], value), name
+                assert torch.equal(opt.state_dict()["state"][i][name], value), name
+
+
+def test_fisher_mask_full_reserve_frozen_parameters_and_clipping():
+    """reserve_p = 1 keeps every element (ties at the threshold included); frozen parameters get no mask;
+    clipping acts on each parameter's gradient (a loss scaled 100x clips: the masks differ from unclipped)."""
+    torch.manual_seed(3)
+    model = TinyClassifier()
+    batches = [{"x": torch.randn(5, 6), "labels": torch.randint(0, 3, (5,))} for _ in range(4)]
+    full = ak.fisher_mask(model, batches, 1.0, progress=False)
+    assert len(full) == 6 and all(bool(m.all()) for m in full.values())
+    model.layers[0].requires_grad_(False)
+    masks = ak.fisher_mask(model, batches, 0.3, progress=False)
+    frozen = {id(p) for p in model.layers[0].parameters()}
+    assert len(masks) == 4 and not frozen & {id(p) for p in masks}
+    model.layers[0].requires_grad_(True)
+
+    def scaled(m, b):
+        return 100 * m(**b)["loss"]
+
+    clipped = ak.fisher_mask(model, batches, 0.3, loss_fn=scaled, max_grad_norm=0.5, progress=False)
+    unclipped = ak.fisher_mask(model, batches, 0.3, loss_fn=scaled, max_grad_norm=None, progress=False)
+    assert any(not torch.equal(clipped[p], unclipped[p]) for p in clipped)
