@@ -430,3 +430,39 @@ def test_train_head_leaves_a_language_models_output_embeddings_frozen():
     model = apply_pst(LlamaForCausalLM(cfg), sparsity=0.5)
     assert not model.lm_head.weight.requires_grad
     assert all(n.split(".")[-1].startswith("pst_") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_scheduler_step_k_applies_s_of_k_and_checks_its_fractions():
+    """After k calls of step() every layer holds s(k) of the cubic schedule (no lag of one step); hold
+    fractions that overlap are refused."""
+    layer = ak.PSTLinear.from_linear(nn.Linear(40, 30), sparsity=0.8)
+    sched = ak.SparsityScheduler(layer, total_steps=20, initial_fraction=0.1, final_fraction=0.3)
+    assert layer.sparsity == cubic_sparsity(0, 20, 0.0, 0.8, 0.1, 0.3)
+    for k in range(1, 15):
+        sched.step()
+        assert layer.sparsity == cubic_sparsity(k, 20, 0.0, 0.8, 0.1, 0.3), k
+    assert 0.0 < cubic_sparsity(5, 20, 0.0, 0.8, 0.1, 0.3) < cubic_sparsity(6, 20, 0.0, 0.8, 0.1, 0.3)
+    with pytest.raises(ValueError, match="initial_fraction \\+ final_fraction must be at most 1"):
+        ak.SparsityScheduler(layer, total_steps=10, initial_fraction=0.6, final_fraction=0.6)
+
+
+def test_nm_other_than_two_four_prunes_m_minus_n_per_group():
+    layer = ak.PSTLinear(8, 4, nm=(1, 4))
+    assert layer.n_pruned == 24 and layer.final_sparsity == 0.75
+    sched = ak.SparsityScheduler(layer)
+    assert sched.current_sparsity == 0.75 == layer.realised_sparsity
+    groups = (layer.to_linear().weight != 0).view(4, 2, 4)
+    assert torch.all(groups.sum(-1) == 1)
+
+
+def test_first_mask_is_magnitude_pruning():
+    """At initialisation the low-rank terms are zero (V, B, R, C start at 0): the first mask prunes the
+    smallest |W0|, as the paper's PST starts from magnitude pruning."""
+    torch.manual_seed(0)
+    layer = ak.PSTLinear.from_linear(nn.Linear(64, 32), sparsity=0.5)
+    w0 = layer.weight.detach()
+    keep = layer.mask()
+    want = w0.abs().flatten().argsort(stable=True)[w0.numel() // 2:]
+    expected = torch.zeros(w0.numel(), dtype=torch.bool)
+    expected[want] = True
+    assert torch.equal(keep.flatten(), expected)
