@@ -592,17 +592,12 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
         tuner = _TUNED.get((kernel, tag))
         if tuner is None:
             tuner = _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
-        _run(tuner, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
-             dict(BLOCK_D=_block_d(D), **consts, **FP_FUSION), device)
+        run(tuner, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
+            dict(BLOCK_D=_block_d(D), **consts, **FP_FUSION), device)
         return
     blocks, options = _blocks(D, device, table)
-    _run(kernel, grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"]), args, dict(**blocks, **consts, **options, **FP_FUSION),
-         device)
-
-
-def _run(kernel, grid, args, kwargs, device):
-    """kernel[grid](*args, **kwargs); compiled kernels through the launch cache (apt_kernels._launch)."""
-    run(kernel, grid, args, kwargs, device)
+    run(kernel, grid_of(blocks["BLOCK_M"], blocks["BLOCK_N"]), args, dict(**blocks, **consts, **options, **FP_FUSION),
+        device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -784,8 +779,8 @@ def _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_parts, a, pk, pv, gate
     if any(seg[-1] for seg in segs):
         dummy = (dq, dq, 0, 0, 0, 0, 0)
         args = [x for seg in (segs + [dummy] * 3)[:3] for x in seg]
-        _run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]),
-             dict(BLOCK=_SUM_BLOCK, num_warps=4, **FP_FUSION), dq.device)
+        run(_sums_kernel, (sum(seg[-1] for seg in segs),), tuple(args[:-1]),
+            dict(BLOCK=_SUM_BLOCK, num_warps=4, **FP_FUSION), dq.device)
     dpk, dpv, dg = outs
     if gate_p1:
         dg = dg_parts.sum(0).sum_to_size(gate.shape).to(gate.dtype)
