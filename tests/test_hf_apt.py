@@ -496,19 +496,11 @@ def test_deberta_relative_bias_gradients_on_every_backend():
     """DeBERTa's c2p/p2c terms reach the attention as a float mask computed from q and k: its gradient
     carries the relative terms' share of the earlier layers' prefix and gate gradients. With trained-size
     relative embeddings and projections (where that share is large) every backend gives the reference's."""
-    cfg = tf.DebertaV2Config(**COMMON, **NO_DROP, relative_attention=True, pos_att_type=["p2c", "c2p"],
-                             max_relative_positions=16)
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     upstream = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
     results = {}
     for backend in ("reference", "torch", "triton"):
-        torch.manual_seed(0)
-        model = tf.DebertaV2Model(copy.deepcopy(cfg)).eval()
-        with torch.no_grad():
-            model.encoder.rel_embeddings.weight.mul_(50.0)
-            for layer in model.encoder.layer:
-                for lin in (layer.attention.self.query_proj, layer.attention.self.key_proj):
-                    lin.weight.mul_(10.0)
+        model = _deberta()
         torch.manual_seed(1)
         apply_apt(model, prefix_len=3, backend=backend)
         with torch.no_grad():
