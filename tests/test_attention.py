@@ -21,6 +21,8 @@ def naive_rows(q, k, v, pk, pv, gate, keep, causal, scale):
     out = torch.zeros(B, Hq, N, D, dtype=torch.float64)
     lse = torch.full((B, Hq, N), -math.inf, dtype=torch.float64)
     G = None if gate is None else gate.double().expand(B, Hq, N, P)
+    # a float keep is an additive mask (broadcastable to (B, Hq, N, M)) on the token columns only
+    bias = keep.double().expand(B, Hq, N, M) if keep is not None and keep.is_floating_point() else None
     for b in range(B):
         for h in range(Hq):
             g = h // (Hq // Hkv)
@@ -33,11 +35,12 @@ def naive_rows(q, k, v, pk, pv, gate, keep, causal, scale):
                     scores.append(scale * Gj * (q[b, h, i].double() @ pkj.double()))
                     values.append(Gj * pvj.double())
                 for t in range(M):
-                    if keep is not None and not keep[b, t]:
+                    if bias is None and keep is not None and not keep[b, t]:
                         continue
                     if causal and t > i + (M - N):
                         continue
-                    scores.append(scale * (q[b, h, i].double() @ k[b, g, t].double()))
+                    extra = 0.0 if bias is None else bias[b, h, i, t]
+                    scores.append(scale * (q[b, h, i].double() @ k[b, g, t].double()) + extra)
                     values.append(v[b, g, t].double())
                 if scores:
                     s = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in scores])
@@ -61,6 +64,19 @@ def test_matches_naive_loop(backend, gate, shared_prefix, causal):
     if backend == "torch":  # without return_lse the torch backend may take its SDPA path
         out2 = ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=keep, causal=causal, backend=backend)
         torch.testing.assert_close(out2, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["none", "example", "token"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float_mask_with_prefix_matches_naive_loop(backend, gate, causal):
+    # An additive float mask (a DeBERTa-style bias: rows whose largest value is not 0) with a prefix: it is
+    # added to the token columns only, so no per-row shift of it may be taken (the prefix columns get 0).
+    (q, k, v, pk, pv, g), bias = make_inputs(gate=gate, mask="float")
+    bias = bias * 3 + 2  # every row's largest token bias well away from 0
+    want, _ = naive_rows(q, k, v, pk, pv, g, bias, causal, q.shape[-1] ** -0.5)
+    got = ak.gated_prefix_attention(q, k, v, pk, pv, g, attn_mask=bias, causal=causal, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
