@@ -500,3 +500,25 @@ def test_fisher_mask_full_reserve_frozen_parameters_and_clipping():
     clipped = ak.fisher_mask(model, batches, 0.3, loss_fn=scaled, max_grad_norm=0.5, progress=False)
     unclipped = ak.fisher_mask(model, batches, 0.3, loss_fn=scaled, max_grad_norm=None, progress=False)
     assert any(not torch.equal(clipped[p], unclipped[p]) for p in clipped)
+
+
+def test_layer_stack_is_the_largest_module_list_first_one_on_ties():
+    """The default Fisher selection: the ModuleList holding the most parameters; between equal ones, the
+    first in module order (deterministic); with no ModuleList, every parameter."""
+    from apt_kernels.child_tuning.fisher import layer_stack_parameters
+
+    def ids(module):
+        return {id(p) for p in module.parameters()}
+
+    class TwoStacks(torch.nn.Module):
+        def __init__(self, first, second):
+            super().__init__()
+            self.a = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(first))
+            self.b = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(second))
+
+    tied = TwoStacks(2, 2)
+    assert layer_stack_parameters(tied) == ids(tied.a)
+    larger_second = TwoStacks(2, 3)
+    assert layer_stack_parameters(larger_second) == ids(larger_second.b)
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    assert layer_stack_parameters(plain) == ids(plain)

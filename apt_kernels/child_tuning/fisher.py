@@ -18,8 +18,9 @@ MASKS_FORMAT = "apt_kernels.child_tuning.masks/1"
 def layer_stack_parameters(model: torch.nn.Module) -> set[int]:
     """ids of the parameters inside the model's stack of transformer layers.
 
-    The stack is the ``nn.ModuleList`` holding the most parameters (``encoder.layer`` in BERT,
-    ``transformer.h`` in GPT-2, ``model.layers`` in Llama); with no ModuleList, every parameter.
+    The stack is the ``nn.ModuleList`` holding the most parameters, the first in module order between
+    equal ones (``encoder.layer`` in BERT, ``transformer.h`` in GPT-2, ``model.layers`` in Llama); with
+    no ModuleList, every parameter.
     """
     best, best_size = None, -1
     for module in model.modules():
