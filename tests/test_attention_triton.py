@@ -679,3 +679,90 @@ def test_float_mask_gradient(shape, causal, lse):
         ak.gated_prefix_attention(q, k, v, pk, pv, gate, attn_mask=mask, backend="triton")
     with pytest.raises(RuntimeError, match="no attn_mask gradient with dropout"):
         ak.gated_prefix_attention(q, k, v, attn_mask=mask, dropout_p=0.1, backend="triton")
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16])
+def test_rows_whose_every_key_is_at_the_mask_dtype_min_are_empty(mask_dtype):
+    """The Hugging Face convention: finfo(mask dtype).min hides a key exactly as -inf does (SPEC 1), so a row
+    whose every key carries it (a padding query row) has no visible key: out 0 and lse -inf, as in the
+    reference, not uniform attention over the hidden keys (what comparing with < instead of <= gives)."""
+    (q, k, v, _, _, _), _ = make_inputs(B=2, Hq=2, Hkv=1, N=4, M=6, D=16, P=None, mask="none", dtype=torch.float32,
+                                        device=DEVICE)
+    mask = torch.randn(2, 1, 4, 6, device=DEVICE).to(mask_dtype)
+    mask[0, 0, 1] = torch.finfo(mask_dtype).min  # row 1 of batch 0: every key hidden
+    mask[1, 0, :, 2] = torch.finfo(mask_dtype).min  # key 2 of batch 1 hidden for every row
+    out, lse = ak.gated_prefix_attention(q, k, v, attn_mask=mask, backend="triton", return_lse=True)
+    ref, ref_lse = ak.gated_prefix_attention(q, k, v, attn_mask=mask, backend="reference", return_lse=True)
+    assert torch.equal(out[0, :, 1], torch.zeros_like(out[0, :, 1])) and torch.isneginf(lse[0, :, 1]).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def guarded_empty(monkeypatch):
+    """torch.empty returns float tensors that are views of the front of a larger buffer whose tail (a guard band
+    of 4096 elements) holds a sentinel: a kernel storing past the end of an output shows there."""
+    real_empty = torch.empty
+    guards = []
+
+    def guarded(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if not t.is_floating_point() or kwargs.get("out") is not None:
+            return t
+        buf = real_empty(t.numel() + 4096, dtype=t.dtype, device=t.device)
+        buf.fill_(float("nan"))
+        buf[t.numel():].fill_(12345.0)
+        guards.append(buf[t.numel():])
+        return buf[:t.numel()].view(t.shape)
+
+    monkeypatch.setattr(torch, "empty", guarded)
+    return guards
+
+
+def test_no_output_is_written_past_its_end(guarded_empty):
+    """The kernels store only the rows and head dims that exist: the forward's out, lse and row statistics and the
+    backward's dq, dk, dv, prefix partials and delta, with N and M off the tile sizes (a store of the row past
+    N lands in the next head's row 0, overwritten later in the interpreter, but past the end for the last head)."""
+    from apt_kernels.attention import fused
+
+    (q, k, v, pk, pv, g), keep = make_inputs(B=1, Hq=2, Hkv=1, N=19, M=21, D=24, P=3, gate="token",
+                                             dtype=torch.float32, device=DEVICE)
+    out, lse, stat = fused.attention_forward(q, k, v, pk[None], pv[None], g, keep[:, None, None, :], True, 0.2, 0.0, 0)
+    grads = fused.attention_backward(torch.randn_like(out), torch.randn_like(lse), q, k, v, pk[None], pv[None], g,
+                                     keep[:, None, None, :], out, stat, True, 0.2, 0.0, 0)
+    assert guarded_empty and all(bool((t == 12345.0).all()) for t in guarded_empty)
+    assert all(bool(torch.isfinite(t).all()) for t in (out, lse, stat, *grads))
+
+
+def test_dropout_keep_bits_are_the_documented_stream():
+    """The dropout bits of the forward are the stream of fused.py's docstring: for query row i of (batch b, head h)
+    and key column c of part (0 prefix, 1 tokens), the 16-bit uniform is half (c % 8) % 2 (low, high) of word
+    (c % 8) // 2 of Philox4x32-10(counter (c // 8, i, b Hq + h, 0x41505400 + part), key (seed lo, seed hi)),
+    kept iff below floor((1 - p) 2^16). Read back exactly: q = 0 makes the attention uniform and one-hot values
+    put each column's kept probability in an output dim of its own. p is chosen so that some entry's uniform is
+    the threshold itself (dropped: a strict comparison)."""
+    from apt_kernels.attention import fused
+    from apt_kernels.child_tuning.rng import philox4x32
+
+    B, Hq, N, M, P = 2, 2, 5, 24, 8
+    L = P + M
+    seed = 0x1234_5678_9ABC_DEF0
+    q = torch.zeros(B, Hq, N, L, device=DEVICE)
+    eye = torch.eye(L, device=DEVICE)
+    pk, pv = torch.randn(1, 1, P, L, device=DEVICE), eye[:P].reshape(1, 1, P, L)
+    k, v = torch.randn(B, 1, M, L, device=DEVICE), eye[P:].expand(B, 1, M, L).contiguous()
+
+    def uniforms(cols, part):
+        bh, i, c = torch.meshgrid(torch.arange(B * Hq), torch.arange(N), torch.arange(cols), indexing="ij")
+        words = philox4x32(c // 8, i, bh, 0x41505400 + part, seed & 0xFFFFFFFF, seed >> 32)
+        x = torch.stack(words, -1).gather(-1, ((c % 8) // 2)[..., None])[..., 0]
+        return ((x >> (16 * (c % 2))) & 0xFFFF).view(B, Hq, N, cols)
+
+    u = torch.cat([uniforms(P, 0), uniforms(M, 1)], -1)
+    thr = int(u.view(-1)[7])
+    p = 1.0 - (thr + 0.5) / 65536
+    assert fused.keep_threshold(p) == thr
+    out, _, _ = fused.attention_forward(q, k, v, pk, pv, None, None, False, 1.0, p, seed)
+    kept = out * (L * (1.0 - p))
+    assert torch.allclose(kept, kept.round(), atol=1e-4)
+    assert torch.equal(kept.round().bool().cpu(), u < thr)

@@ -365,8 +365,9 @@ def shard_keep_bits(update_fn, offset, numel=300, device=DEVICE):
     return (m != 0).cpu()
 
 
-# offsets: group-aligned, and cutting the stream's groups of four (1, 2 or 3 elements before the tensor)
-SHARD_OFFSETS = [2 ** 32 - 100, 2 ** 32 - 99, 6, 2 ** 32 - 1, 8193]
+# offsets: group-aligned, and cutting the stream's groups of four (1, 2 or 3 elements before the tensor); the last
+# two past 2**34, where the group index needs the counter's high word
+SHARD_OFFSETS = [2 ** 32 - 100, 2 ** 32 - 99, 6, 2 ** 32 - 1, 8193, 2 ** 34 + 6, 2 ** 40 + 1]
 
 
 @pytest.mark.triton
@@ -639,6 +640,53 @@ def test_cuda_kernel_code_f_masks_are_the_stream(cuda_on_host):
     got = drawn_keep_masks("cuda", params, reserve_p=0.3, seed=77)
     for i, (p, m) in enumerate(zip(params, got)):
         assert torch.equal(m, keep_mask(77, 2, i, p.shape, 0.3, backend="reference")), i
+
+
+FUSED_BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.nvcc)]
+
+
+def _fused_backend(request, backend):
+    """The device for ``backend``: the CUDA kernels run on the host (cuda_on_host) on CPU tensors."""
+    if backend == "cuda":
+        request.getfixturevalue("cuda_on_host")
+        return "cpu"
+    return DEVICE
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_f_keep_is_strictly_below_the_threshold(request, small_chunks, backend):
+    """keep iff (x >> 8) < floor(reserve_p 2^24) (rng.py): with reserve_p chosen so that the threshold equals
+    (x >> 8) of one element, that element is dropped, by the kernels' keep_mask and by the update kernel."""
+    from apt_kernels.child_tuning.rng import keep_threshold, random_bits
+
+    device = _fused_backend(request, backend)
+    seed, e = 31, 5
+    x = random_bits(seed, 2, 0, 64)
+    thr = int(x[e]) >> 8
+    reserve_p = (thr + 0.5) / 2 ** 24
+    assert keep_threshold(reserve_p) == thr
+    want = keep_mask(seed, 2, 0, (64,), reserve_p, backend="reference")
+    assert not want[e]
+    assert torch.equal(keep_mask(seed, 2, 0, (64,), reserve_p, device, backend=backend).cpu(), want)
+    params = [torch.nn.Parameter(torch.zeros(64, device=device))]
+    assert torch.equal(drawn_keep_masks(backend, params, reserve_p=reserve_p, seed=seed)[0].cpu(), want)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+# eps = 0: the interpreter's numpy warns of 0 / 0 in the block's lanes past the tensor's end (masked, never stored)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_bf16_parameters_round_half_to_even(request, small_chunks, backend):
+    """The update rounds the float32 result into a bf16 parameter to nearest, ties to even (torch's copy_), checked
+    on exact halfway values: lr = 2^-8, betas (0.5, 0.75), eps 0 and gradient -1 make the first step exactly
+    w + 2^-8, halfway between bf16 neighbours of 1 and 1 + 2^-7."""
+    device = _fused_backend(request, backend)
+    w = torch.where(torch.arange(64) % 2 == 0, 1.0, 1.0 + 2.0 ** -7)
+    p = torch.nn.Parameter(w.to(device=device, dtype=torch.bfloat16))
+    opt = ak.ChildTuningAdamW([p], lr=2.0 ** -8, betas=(0.5, 0.75), eps=0.0, reserve_p=1.0, backend=backend)
+    p.grad = torch.full_like(p, -1.0)
+    opt.step()
+    want = (w + 2.0 ** -8).to(torch.bfloat16)  # 1 + 2^-8 -> 1 (even), 1 + 3 2^-8 -> 1 + 2^-6 (even)
+    assert torch.equal(p.detach().cpu(), want)
 
 
 # ---------------------------------------------------------------------------------------------------

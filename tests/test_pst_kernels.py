@@ -97,6 +97,30 @@ def make_scores_equal(ts):
     ts[0].view(-1)[::3] *= -1
 
 
+def make_nan_and_inf_scores(device=DEVICE):
+    """Tie-style inputs (6 x 40) whose scores hold a NaN the kernels make themselves: |W0| = +inf at [2, 3] and
+    alpha2 R = -inf on row 2 give inf - inf there (a NaN with its sign bit set on x86 CPUs, where the
+    interpreter and the host build run) and -inf on the rest of row 2; +inf at [4, 7], after the NaN in
+    row-major order. Every NaN is the largest score (reference.ordered_key), above +inf."""
+    ts = make(6, 40, ties=True, device=device)
+    ts[0][2, 3] = float("inf")
+    ts[0][4, 7] = float("inf")
+    ts[5][2] = -float("inf")
+    return ts
+
+
+def make_bf16_rounding_ties(device=DEVICE):
+    """bf16 W0 of +-1 and +-(1 + 2^-7), U = 1, V = 2^-8 (rank 1), B = R = C = 0: W = W0 + 2^-8 is exact in float32
+    and lies halfway between two bf16 values wherever W0 = 1 or -(1 + 2^-7) (ties to even: 1 and -(1 + 2^-7))."""
+    n, k = 6, 40
+    ts = make(n, k, rw=1, rs=1, ties=True, dtype=torch.bfloat16, device=device)
+    i = torch.arange(n * k, device=device).view(n, k)
+    ts[0] = (torch.where(i % 2 == 0, 1.0, 1.0 + 2.0 ** -7) * torch.where(i % 3 == 0, -1.0, 1.0)).to(torch.bfloat16)
+    ts[1] = torch.ones(n, 1, device=device)
+    ts[2] = torch.full((1, k), 2.0 ** -8, device=device)
+    return ts
+
+
 def numpy_mask(ts, sparsity):
     """An independent stable sort (numpy) of the float64 scores."""
     w0, u, v, a, b, r, c = [t.detach().double().cpu().numpy() for t in ts]
@@ -243,6 +267,31 @@ def test_triton_signed_zeros_nan_and_inf(small_tiles):
         assert torch.equal(got, ref)
     wp = ak.pst_masked_weight(*ts, sparsity=0.9, backend="triton")
     assert torch.isnan(wp[2, 3]) and wp[3, 4] == float("inf") and wp[4, 5] == -float("inf")
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf - inf
+def test_triton_nan_scores_made_in_the_kernel_and_infinities(small_tiles):
+    """A NaN score the kernel computes (inf - inf) is the largest key whatever its sign bit, +inf the next."""
+    ts = make_nan_and_inf_scores()
+    for sparsity in (0.1, 0.5, 238.5 / 240, 239.5 / 240):  # n_pruned 24, 120, 238 (NaN, +inf kept), 239 (NaN kept)
+        want = ak.pst_mask(*ts, sparsity=sparsity, backend="reference")
+        assert bool(want[2, 3]) and torch.equal(ak.pst_mask(*ts, sparsity=sparsity, backend="triton"), want)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_bf16_weight_rounds_half_to_even(small_tiles):
+    """W' in bf16 is W rounded to nearest, ties to even, as torch's cast (checked on exact halfway values)."""
+    ts = make_bf16_rounding_ties()
+    w, _ = fused_order_scores(*ts, 1.0, 1.0, 1.0)
+    assert bool(((w.to(torch.bfloat16).float() - w).abs() == 2.0 ** -8).any())  # halfway values are there
+    for sparsity in (0.0, 0.5):
+        keep, want = _emulated(ts, sparsity)
+        got, words, _ = _run(*ts, sparsity, 1.0, 1.0, 1.0, "triton")
+        assert torch.equal(bits.unpack_bits(words, keep.shape), keep)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.triton
