@@ -422,27 +422,6 @@ def test_fisher_mask_refuses_non_finite_fisher_information():
         ak.fisher_mask(model, batches, 0.3, loss_fn=loss_fn, max_grad_norm=None, progress=False)
 
 
-def test_keep_threshold_is_strict():
-    """An element whose 24 keep bits equal the threshold is dropped (keep iff bits < floor(p * 2**24)), on
-    every backend that runs here. Random draws hit the threshold with probability 2**-24: this one does."""
-    from apt_kernels.child_tuning.rng import KEEP_BITS, keep_threshold, random_bits
-
-    x = int(random_bits(7, 1, 0, 1)[0])
-    bits = x >> (32 - KEEP_BITS)
-    p = bits / 2 ** KEEP_BITS
-    assert keep_threshold(p) == bits
-    ran = []
-    for backend in ("reference", "torch", "triton"):
-        try:
-            got = keep_mask(7, 1, 0, (1,), p, backend=backend)
-        except ak.BackendUnavailable:
-            continue
-        ran.append(backend)
-        assert not bool(got[0]), backend
-        assert bool(keep_mask(7, 1, 0, (1,), (bits + 1) / 2 ** KEEP_BITS, backend=backend)[0]), backend
-    assert "torch" in ran
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_param_groups_draw_with_global_parameter_indices(backend):
     """The F-mode parameter index counts across param groups: splitting the parameters into groups (with

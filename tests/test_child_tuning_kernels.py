@@ -653,23 +653,23 @@ def _fused_backend(request, backend):
     return DEVICE
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", "torch", *FUSED_BACKENDS])
 def test_f_keep_is_strictly_below_the_threshold(request, small_chunks, backend):
     """keep iff (x >> 8) < floor(reserve_p 2^24) (rng.py): with reserve_p chosen so that the threshold equals
-    (x >> 8) of one element, that element is dropped, by the kernels' keep_mask and by the update kernel."""
-    from apt_kernels.child_tuning.rng import keep_threshold, random_bits
+    (x >> 8) of one element, that element is dropped (and kept one threshold step higher), by each backend's
+    keep_mask and by its update's own draw. Random draws hit the threshold with probability 2^-24: this one does."""
+    from apt_kernels.child_tuning.rng import KEEP_BITS, keep_threshold, random_bits
 
     device = _fused_backend(request, backend)
     seed, e = 31, 5
-    x = random_bits(seed, 2, 0, 64)
-    thr = int(x[e]) >> 8
-    reserve_p = (thr + 0.5) / 2 ** 24
-    assert keep_threshold(reserve_p) == thr
-    want = keep_mask(seed, 2, 0, (64,), reserve_p, backend="reference")
-    assert not want[e]
-    assert torch.equal(keep_mask(seed, 2, 0, (64,), reserve_p, device, backend=backend).cpu(), want)
-    params = [torch.nn.Parameter(torch.zeros(64, device=device))]
-    assert torch.equal(drawn_keep_masks(backend, params, reserve_p=reserve_p, seed=seed)[0].cpu(), want)
+    thr = int(random_bits(seed, 2, 0, 64)[e]) >> (32 - KEEP_BITS)
+    for reserve_p, kept in (((thr + 0.5) / 2 ** KEEP_BITS, False), ((thr + 1.5) / 2 ** KEEP_BITS, True)):
+        assert keep_threshold(reserve_p) == thr + kept
+        want = keep_mask(seed, 2, 0, (64,), reserve_p, backend="reference")
+        assert bool(want[e]) == kept
+        assert torch.equal(keep_mask(seed, 2, 0, (64,), reserve_p, device, backend=backend).cpu(), want)
+        params = [torch.nn.Parameter(torch.zeros(64, device=device))]
+        assert torch.equal(drawn_keep_masks(backend, params, reserve_p=reserve_p, seed=seed)[0].cpu(), want)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
