@@ -80,7 +80,10 @@ def make(n, k, rw=3, rs=2, *, ties=False, dtype=torch.float32, fdtype=torch.floa
 
 def make_special_values(device=DEVICE):
     """Tie-style inputs (9 x 40) whose W0 holds -0.0, +0.0, NaN, +inf and -inf (a NaN at [2, 3], +inf at
-    [3, 4], -inf at [4, 5])."""
+    [3, 4], -inf at [4, 5]), and whose scores also hold a NaN the kernels make themselves: |W0| = +inf at
+    [5, 3] and alpha2 R = -inf on row 5 give inf - inf there (a NaN with its sign bit set on x86 CPUs, where
+    the interpreter and the host build run) and -inf on the rest of row 5; +inf at [6, 7] comes after that
+    NaN in row-major order. Every NaN is the largest score (reference.ordered_key), above +inf."""
     ts = make(9, 40, ties=True, device=device)
     w0 = ts[0]
     w0[0, :5] = -0.0
@@ -88,25 +91,21 @@ def make_special_values(device=DEVICE):
     w0[2, 3] = float("nan")
     w0[3, 4] = float("inf")
     w0[4, 5] = -float("inf")
+    w0[5, 3] = float("inf")
+    ts[5][5] = -float("inf")
+    w0[6, 7] = float("inf")
     return ts
+
+
+# n_pruned of 360 weights: 36, 180, 356, then all but the five specials (two NaNs, three infinities), all but the
+# two NaNs
+SPECIAL_SPARSITIES = (0.1, 0.5, 0.99, 355.5 / 360, 358.5 / 360)
 
 
 def make_scores_equal(ts):
     """Tie-style inputs (V = B = R = C = 0) made to have every score equal: W0 = +-1 (same |W|)."""
     ts[0] = torch.ones_like(ts[0])
     ts[0].view(-1)[::3] *= -1
-
-
-def make_nan_and_inf_scores(device=DEVICE):
-    """Tie-style inputs (6 x 40) whose scores hold a NaN the kernels make themselves: |W0| = +inf at [2, 3] and
-    alpha2 R = -inf on row 2 give inf - inf there (a NaN with its sign bit set on x86 CPUs, where the
-    interpreter and the host build run) and -inf on the rest of row 2; +inf at [4, 7], after the NaN in
-    row-major order. Every NaN is the largest score (reference.ordered_key), above +inf."""
-    ts = make(6, 40, ties=True, device=device)
-    ts[0][2, 3] = float("inf")
-    ts[0][4, 7] = float("inf")
-    ts[5][2] = -float("inf")
-    return ts
 
 
 def make_bf16_rounding_ties(device=DEVICE):
@@ -259,25 +258,15 @@ def test_triton_one_pruned_and_all_equal_scores(small_tiles, shape):
 
 @pytest.mark.triton
 @needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf - inf
 def test_triton_signed_zeros_nan_and_inf(small_tiles):
     ts = make_special_values()
-    for sparsity in (0.1, 0.5, 0.99):
+    for sparsity in SPECIAL_SPARSITIES:
         ref = ak.pst_mask(*ts, sparsity=sparsity, backend="reference")
         got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton")
-        assert torch.equal(got, ref)
+        assert bool(ref[5, 3]) and torch.equal(got, ref), sparsity
     wp = ak.pst_masked_weight(*ts, sparsity=0.9, backend="triton")
     assert torch.isnan(wp[2, 3]) and wp[3, 4] == float("inf") and wp[4, 5] == -float("inf")
-
-
-@pytest.mark.triton
-@needs_triton
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf - inf
-def test_triton_nan_scores_made_in_the_kernel_and_infinities(small_tiles):
-    """A NaN score the kernel computes (inf - inf) is the largest key whatever its sign bit, +inf the next."""
-    ts = make_nan_and_inf_scores()
-    for sparsity in (0.1, 0.5, 238.5 / 240, 239.5 / 240):  # n_pruned 24, 120, 238 (NaN, +inf kept), 239 (NaN kept)
-        want = ak.pst_mask(*ts, sparsity=sparsity, backend="reference")
-        assert bool(want[2, 3]) and torch.equal(ak.pst_mask(*ts, sparsity=sparsity, backend="triton"), want)
 
 
 @pytest.mark.triton
