@@ -17,18 +17,31 @@ OP = "pack_bits"
 REGISTRY = registry(OP)
 
 
-def _shifts(device):
-    return torch.arange(32, dtype=torch.int64, device=device)
+_BYTE_SHIFTS = (0, 8, 16, 24)  # byte i of an int32 word holds its bits 8 i .. 8 i + 7
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _byte_shifts(device) -> torch.Tensor:
+    return torch.tensor(_BYTE_SHIFTS, dtype=torch.int64, device=device)
+
+
+def _byte_bits(device) -> torch.Tensor:
+    """(256, 8) bool: row b is byte b's bits, LSB first."""
+    return (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1 == 1
 
 
 @REGISTRY.register("reference")
 @REGISTRY.register("torch")
 def _pack_torch(mask: torch.Tensor) -> torch.Tensor:
+    """Bits to bytes (a weighted sum of 8), bytes to words (a shifted sum of 4): a few passes over the
+    bytes, never an int64 per element."""
     flat = mask.reshape(-1)
     n = flat.numel()
-    padded = torch.zeros(((n + 31) // 32) * 32, dtype=torch.int64, device=mask.device)
+    padded = torch.zeros(((n + 31) // 32) * 32, dtype=torch.int32, device=mask.device)
     padded[:n] = flat
-    words = (padded.view(-1, 32) << _shifts(mask.device)).sum(1)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=mask.device)
+    byte = (padded.view(-1, 8) * weights).sum(1, dtype=torch.int64).view(-1, 4)
+    words = (byte << _byte_shifts(mask.device)).sum(1)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # reinterpret as signed 32-bit
 
 
@@ -50,5 +63,6 @@ def unpack_bits(words: torch.Tensor, shape) -> torch.Tensor:
     shape = torch.Size(shape)
     if words.numel() * 32 < shape.numel():
         raise ValueError(f"{words.numel()} words hold fewer than the {shape.numel()} bits of shape {tuple(shape)}")
-    bits = (words.to(torch.int64)[:, None] >> _shifts(words.device)) & 1
-    return bits.reshape(-1)[: shape.numel()].bool().view(shape)
+    byte = (words.to(torch.int64)[:, None] >> _byte_shifts(words.device)) & 0xFF
+    # each byte's 8 bits from a 256-row table: one gather writes the bools (no int64 per element)
+    return _byte_bits(words.device).index_select(0, byte.view(-1)).view(-1)[: shape.numel()].view(shape)

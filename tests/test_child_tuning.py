@@ -105,6 +105,31 @@ def test_stream_definition_literally():
     assert keep_mask(1234, 1, 0, (8,), 0.5).tolist() == DOC_EXAMPLE
 
 
+@pytest.mark.parametrize("draw", ["numpy", "torch"])
+def test_batched_keep_masks_equal_each_tensors_own_draw(monkeypatch, draw):
+    """The torch backend draws a whole step's masks in one pass over concatenated counters (numpy on the CPU,
+    philox4x32 on other devices, both run here): each tensor's mask is its own reference draw. Empty and
+    one-element tensors, shards at unaligned offsets and past 2**32 groups, a step past 2**32 (counters
+    are uint32), a seed past 2**63, and chunks of 7 groups so that tensors straddle chunk boundaries."""
+    from apt_kernels.child_tuning import rng
+
+    monkeypatch.setattr(rng, "_NUMPY_CHUNK", 7)
+    if draw == "torch":
+        monkeypatch.setattr(rng, "_draw_numpy", rng._draw_torch)
+    shapes = [(5, 3), (0,), (1,), (37,), (4, 0, 2), (2, 9), (13,)]
+    steps = [1, 2, 3, 1, 7, 2 ** 32 + 5, 4]
+    indices = [0, 4, 2, 9, 1, 3, 2 ** 32 - 1]
+    offsets = [0, 3, 2 ** 34 + 6, 1, 5, 2 ** 40 + 1, 2]
+    seed, p = 2 ** 64 - 3, 0.3
+    got = rng.keep_masks(seed, steps, indices, shapes, p, "cpu", offsets)
+    assert len(got) == len(shapes)
+    for g, t, i, sh, o in zip(got, steps, indices, shapes, offsets):
+        assert g.dtype == torch.bool and g.shape == sh
+        assert torch.equal(g, keep_mask(seed, t, i, sh, p, offset=o, backend="reference")), (t, i, sh, o)
+    assert sum(m.sum().item() for m in got) > 0
+    assert rng.keep_masks(seed, [], [], [], p) == []
+
+
 def test_keep_rate_and_independence():
     p = 0.3
     m = keep_mask(7, 1, 0, (1 << 20,), p)

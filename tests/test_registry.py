@@ -101,9 +101,11 @@ def test_pack_bits_round_trip(n):
     words = bits.pack_bits(mask)
     assert words.dtype == torch.int32 and words.numel() == (n + 31) // 32
     assert torch.equal(bits.unpack_bits(words, (n,)), mask)
-    # bit j of word w is element 32 w + j
-    for i in range(min(n, 40)):
-        assert bool((int(words[i // 32]) >> (i % 32)) & 1) == bool(mask[i])
+    # bit j of word w is element 32 w + j, every byte of every word
+    got = [bool((int(words[i // 32]) >> (i % 32)) & 1) for i in range(n)]
+    assert got == mask.tolist()
+    shaped = mask[: n - n % 7].view(-1, 7)
+    assert torch.equal(bits.unpack_bits(bits.pack_bits(shaped), shaped.shape), shaped)
     full = torch.ones(64, dtype=torch.bool)
     assert torch.equal(bits.pack_bits(full), torch.full((2,), -1, dtype=torch.int32))
     with pytest.raises(ValueError, match="hold fewer than"):

@@ -15,13 +15,19 @@ generator (Random123), the one Triton's ``tl.randint4x`` implements. The stream 
 data-parallel rank, and a data-parallel shard that knows the global element index of its first element
 draws exactly the bits the unsharded tensor would.
 
-This module is the plain-PyTorch definition (uint32 arithmetic emulated in int64 without overflow). It is exact but
-slow; the Triton and CUDA kernels draw the bits in-kernel (``triton_rng.philox_keep4``, ``keep_bits4`` in
-csrc/child_tuning_kernel.cuh), and the "triton" and "cuda" backends of ``keep_mask`` expose those draws.
+This module holds the plain-PyTorch definition (``philox4x32``: uint32 arithmetic emulated in int64 without
+overflow; the "reference" backend of ``keep_mask``), exact but slow, and the "torch" backend, the same
+stream drawn faster (``keep_masks``: every tensor of a step in one batched pass, with numpy's native
+uint32/uint64 arithmetic on the CPU). The Triton and CUDA kernels draw the bits in-kernel
+(``triton_rng.philox_keep4``, ``keep_bits4`` in csrc/child_tuning_kernel.cuh), and the "triton" and
+"cuda" backends of ``keep_mask`` expose those draws.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from ..registry import Probe, registry
@@ -32,6 +38,7 @@ PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 KEEP_BITS = 24
+KEEP_BITS_SHIFT = 32 - KEEP_BITS  # a draw's top 24 bits: x >> 8
 
 
 def keep_threshold(reserve_p: float) -> int:
@@ -76,12 +83,102 @@ def keep_mask_torch(seed: int, step: int, param_index: int, shape, reserve_p: fl
                     offset: int = 0) -> torch.Tensor:
     shape = torch.Size(shape)
     x = random_bits(seed, step, param_index, shape.numel(), device, offset)
-    return ((x >> 8) < keep_threshold(reserve_p)).view(shape)
+    return ((x >> KEEP_BITS_SHIFT) < keep_threshold(reserve_p)).view(shape)
+
+
+# Groups of four elements per numpy pass: the generator's six work arrays (48 B per group) stay in cache.
+_NUMPY_CHUNK = 1 << 15
+
+
+def _philox_keep_numpy(x0, lo1, x2, lo3, k0: int, k1: int, threshold: int, out: np.ndarray) -> None:
+    """Philox4x32-10 on uint64 arrays holding the four uint32 counter words (overwritten), then
+    ``out[:, j] = (word j >> 8) < threshold``. A product of two uint32 is exact in uint64, its high and
+    low words are the definition's multiply-high and -low; a product's low word is used only after the
+    next round, so the two products of each round are kept (``lo1``, ``lo3``), masked when read."""
+    u64 = np.uint64
+    mask = u64(MASK32)
+    prod0, prod1 = np.empty_like(x0), np.empty_like(x0)
+    for _ in range(10):
+        np.multiply(x0, u64(PHILOX_M0), out=prod0)
+        np.multiply(x2, u64(PHILOX_M1), out=prod1)
+        np.right_shift(prod1, u64(32), out=x0)  # x0 = hi(c2 M1) ^ c1 ^ k0
+        x0 ^= lo1
+        x0 ^= u64(k0)
+        x0 &= mask
+        np.right_shift(prod0, u64(32), out=x2)  # x2 = hi(c0 M0) ^ c3 ^ k1
+        x2 ^= lo3
+        x2 ^= u64(k1)
+        x2 &= mask
+        prod1, lo1 = lo1, prod1  # c1 = lo(c2 M1), c3 = lo(c0 M0): masked above and below
+        prod0, lo3 = lo3, prod0
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    lo1 &= mask
+    lo3 &= mask
+    for j, word in enumerate((x0, lo1, x2, lo3)):
+        word >>= u64(KEEP_BITS_SHIFT)
+        np.less(word, threshold, out=out[:, j])
+
+
+def _draw_numpy(rows, counts, first, steps, indices, seed: int, threshold: int, device) -> torch.Tensor:
+    """Keep bits (G * 4, bool, CPU) of G groups of four elements: tensor j's ``counts[j]`` groups, from group
+    number ``first[j]`` on, are rows ``rows[j]`` on, drawn at ``steps[j]`` for parameter ``indices[j]``.
+    The counters are written chunk by chunk, in cache."""
+    total = int(rows[-1] + counts[-1]) if len(rows) else 0
+    out = np.empty((total, 4), dtype=bool)
+    bufs = [np.empty(min(total, _NUMPY_CHUNK), np.uint64) for _ in range(4)]
+    j = 0
+    for s in range(0, total, _NUMPY_CHUNK):
+        e = min(s + _NUMPY_CHUNK, total)
+        x0, lo1, x2, lo3 = (b[: e - s] for b in bufs)
+        while rows[j] + counts[j] <= s:
+            j += 1
+        for t in range(j, len(rows)):  # the tensors whose rows meet [s, e)
+            a, b = max(int(rows[t]), s), min(int(rows[t] + counts[t]), e)
+            if a >= e:
+                break
+            if a < b:
+                q = int(first[t]) + a - int(rows[t])
+                x0[a - s:b - s] = np.arange(q, q + b - a, dtype=np.uint64)
+                x2[a - s:b - s] = steps[t]
+                lo3[a - s:b - s] = indices[t]
+        np.right_shift(x0, np.uint64(32), out=lo1)
+        x0 &= np.uint64(MASK32)
+        _philox_keep_numpy(x0, lo1, x2, lo3, seed & MASK32, seed >> 32, threshold, out[s:e])
+    return torch.from_numpy(out).view(-1)
+
+
+def _draw_torch(rows, counts, first, steps, indices, seed: int, threshold: int, device) -> torch.Tensor:
+    """The same bits with :func:`philox4x32` on ``device`` (where numpy cannot reach)."""
+    q = np.arange(int(rows[-1] + counts[-1]) if len(rows) else 0, dtype=np.int64) + np.repeat(first - rows, counts)
+    q, step, index = (torch.from_numpy(x).to(device) for x in (q, np.repeat(steps, counts), np.repeat(indices, counts)))
+    words = philox4x32(q & MASK32, q >> 32, step, index, seed & MASK32, seed >> 32)
+    return ((torch.stack(words, dim=1) >> KEEP_BITS_SHIFT) < threshold).view(-1)
+
+
+@torch.compiler.disable  # numpy and host-side counters: torch.compile(opt.step) runs the draw eagerly
+def _keep_masks_torch(seed: int, steps: Sequence[int], param_indices: Sequence[int], shapes, reserve_p: float,
+                      device: torch.device, offsets: Sequence[int]) -> list[torch.Tensor]:
+    """The "torch" backend: the draws of all tensors made in one pass (numpy on the CPU, :func:`philox4x32`
+    over the concatenated counters elsewhere). The masks are views of one buffer."""
+    numels = np.array([sh.numel() for sh in shapes], dtype=np.int64)
+    offs = np.array(offsets, dtype=np.int64)
+    first = offs >> 2
+    counts = np.where(numels > 0, ((offs + numels - 1) >> 2) - first + 1, 0)
+    rows = np.cumsum(counts) - counts  # row of each tensor's first group
+    steps, indices = (np.asarray(x, dtype=np.int64).reshape(-1) & MASK32 for x in (steps, param_indices))
+    draw = _draw_numpy if device.type == "cpu" else _draw_torch
+    flat = draw(rows, counts, first, steps, indices, seed & ((1 << 64) - 1), keep_threshold(reserve_p), device)
+    return [flat[4 * int(r) + (o & 3):4 * int(r) + (o & 3) + sh.numel()].view(sh)
+            for r, o, sh in zip(rows, offsets, shapes)]
 
 
 REGISTRY = registry("child_tuning_keep_mask")
 REGISTRY.register("reference")(keep_mask_torch)
-REGISTRY.register("torch")(keep_mask_torch)
+
+
+@REGISTRY.register("torch")
+def _keep_mask_torch(seed: int, step: int, param_index: int, shape, reserve_p: float, device, offset: int = 0):
+    return _keep_masks_torch(seed, [step], [param_index], [torch.Size(shape)], reserve_p, device, [offset])[0]
 
 
 @REGISTRY.register("triton")
@@ -116,3 +213,16 @@ def keep_mask(seed: int, step: int, param_index: int, shape, reserve_p: float, d
     device = torch.device("cpu" if device is None else device)
     _, fn = REGISTRY.select(backend, Probe(device, torch.bool))
     return fn(seed, step, param_index, shape, reserve_p, device, offset)
+
+
+def keep_masks(seed: int, steps: Sequence[int], param_indices: Sequence[int], shapes, reserve_p: float,
+               device=None, offsets: Sequence[int] | None = None, *, backend: str = "auto") -> list[torch.Tensor]:
+    """``keep_mask(seed, steps[j], param_indices[j], shapes[j], reserve_p, device, offsets[j])`` for every j;
+    the "torch" backend draws them all in one pass (a step's masks at the cost of one large tensor's)."""
+    device = torch.device("cpu" if device is None else device)
+    shapes = [torch.Size(sh) for sh in shapes]
+    offsets = [int(o) for o in offsets] if offsets else [0] * len(shapes)
+    name, fn = REGISTRY.select(backend, Probe(device, torch.bool))
+    if name == "torch":
+        return _keep_masks_torch(seed, steps, param_indices, shapes, reserve_p, device, offsets)
+    return [fn(seed, t, i, sh, reserve_p, device, o) for t, i, sh, o in zip(steps, param_indices, shapes, offsets)]

@@ -67,6 +67,13 @@ class Masking:
         """Whether tensor j is masked at all."""
         return self.reserve_p < 1.0 if self.mode == "F" else self.bits[j] is not None
 
+    def keeps(self, js: Sequence[int], likes: Sequence[torch.Tensor], steps: Sequence[int]) -> list[torch.Tensor | None]:
+        """``keep(j, like, step)`` of several tensors on one device, F masks drawn in one batched call."""
+        if self.mode != "F" or self.reserve_p >= 1.0 or not js:
+            return [self.keep(j, like, t) for j, like, t in zip(js, likes, steps)]
+        return rng.keep_masks(self.seed, steps, [self.indices[j] for j in js], [like.shape for like in likes],
+                              self.reserve_p, likes[0].device, [self.offset(j) for j in js])
+
     def keep(self, j: int, like: torch.Tensor, step: int, *, backend: str = "auto") -> torch.Tensor | None:
         """Tensor j's bool keep mask at ``step`` (the shape and device of ``like``), None if unmasked."""
         if not self.active(j):
@@ -82,9 +89,9 @@ def masked_grad(grad: torch.Tensor, keep: torch.Tensor | None, rescale: float | 
     g = grad.float()
     if keep is None:
         return g
-    if rescale is None:  # mode D: plain mask
-        return g * keep
-    return g * (keep.float() / rescale)  # mode F, as the paper's code: Bernoulli sample / reserve_p
+    if rescale is None:  # mode D: plain mask (the bool converted first: a bool operand slows the product)
+        return keep.float().mul_(g)
+    return keep.float().div_(rescale).mul_(g)  # mode F, as the paper's code: g * (Bernoulli sample / reserve_p)
 
 
 def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
@@ -122,7 +129,8 @@ def foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_avg_sqs[i] for i in idx]
         ts = [steps[i] for i in idx]
-        gs = [masked_grad(grads[i], masking.keep(i, params[i], steps[i]), masking.rescale) for i in idx]
+        keeps = masking.keeps(idx, [params[i] for i in idx], [steps[i] for i in idx])
+        gs = [masked_grad(grads[i], keep, masking.rescale) for i, keep in zip(idx, keeps)]
         if semantics == "official":
             torch._foreach_mul_(ms, beta1)
             torch._foreach_add_(ms, gs, alpha=1 - beta1)
