@@ -43,11 +43,16 @@ def numpy_mask(w0, u, v, a, b, r, c, sparsity, beta=1.0, a1=1.0, a2=1.0):
     return torch.from_numpy(keep.reshape(W.shape)), W
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch-device-path"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("shape", [(7, 9), (1, 13), (13, 1), (1, 1), (33, 65)])
-def test_mask_matches_stable_sort(backend, sparsity, ties, shape):
+def test_mask_matches_stable_sort(monkeypatch, backend, sparsity, ties, shape):
+    """torch-device-path: the torch backend's selection as it runs on a GPU (kthvalue, a running tie
+    count) instead of the host one (numpy's introselect, ties found by index)."""
+    if backend == "torch-device-path":
+        monkeypatch.setattr(ak.pst.composite, "HOST_DEVICES", ())
+        backend = "torch"
     ts = make(*shape, ties=ties)
     want, W = numpy_mask(*ts, sparsity)
     got = ak.pst_mask(*ts, sparsity=sparsity, backend=backend)

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -82,14 +83,15 @@ def _kth_values(values: list[torch.Tensor], ks: list[int]) -> list[float]:
     """The ks-th smallest values (1-based) of the float32 ``values`` taken together, selected on their
     device: on a GPU with Triton, the radix-select passes of the PST kernels (one float32 copy; below
     2^31 values), else :func:`radix_kth` in torch ops (no copy, any size; ``torch.kthvalue`` runs one
-    block per slice on a GPU); on CPU ``kthvalue`` of their concatenation."""
+    block per slice on a GPU); on CPU numpy's introselect (``np.partition``) of their concatenation."""
     from .. import _env
 
     device = values[0].device
     numel = sum(t.numel() for t in values)
     if device.type == "cpu":
-        flat = torch.cat([t.reshape(-1) for t in values])
-        return [float(flat.kthvalue(k).values) for k in ks]
+        flat = torch.cat([t.reshape(-1) for t in values]).numpy()
+        picked = np.partition(flat, [k - 1 for k in ks])
+        return [float(picked[k - 1]) for k in ks]
     if numel < 2 ** 31 and _env.triton_reason(device) is None:
         from ..pst.triton_pst import kth_smallest
 

@@ -1,26 +1,45 @@
 """The "torch" backend of PST: the same math as the reference with a sort-free selection.
 
-``kthvalue`` finds the k-th smallest ordered key (a selection, not a sort); everything strictly
-below it is pruned, and among the keys equal to it the first ones in flat order, until k are pruned.
+The k-th smallest ordered key is found by a selection, not a sort: numpy's introselect
+(``np.partition``) on the CPU, where ``kthvalue`` is 5-20x slower (23 ms against about 1 ms for 2.4M keys
+on the 2-core CI VM), ``kthvalue`` elsewhere. Everything strictly below it is pruned, and among the keys
+equal to it the first ones in flat order, until k are pruned.
 In N:M mode each entry's rank inside its group of M is counted by pairwise comparison (no sort).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .reference import compute_dtype, dense_weight, ordered_key, scores_from_weight
+
+
+# Device types whose tensors numpy and host-side counts read without a device sync: there the selection
+# runs on the host (tests empty this to check the device path on the CPU).
+HOST_DEVICES = ("cpu",)
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of a 1-D integer tensor, as a 0-d tensor on its device."""
+    if flat.device.type in HOST_DEVICES:
+        return torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    return flat.kthvalue(k).values
 
 
 def select_keep_mask(s: torch.Tensor, k: int) -> torch.Tensor:
     flat = ordered_key(s.reshape(-1))
     if k == 0:
         return torch.ones(s.shape, dtype=torch.bool, device=s.device)
-    tau = flat.kthvalue(k).values
-    below = flat < tau
-    tie = flat == tau
-    need = k - below.sum()
-    prune = below | (tie & (torch.cumsum(tie, 0) <= need))
+    tau = kth_smallest(flat, k)
+    prune = flat < tau
+    if flat.device.type in HOST_DEVICES:  # the few ties to prune, found by index
+        need = k - int(prune.sum())
+        if need:
+            prune[(flat == tau).nonzero().view(-1)[:need]] = True
+    else:  # without a sync: a running count of the ties
+        tie = flat == tau
+        prune |= tie & (torch.cumsum(tie, 0) <= k - prune.sum())
     return (~prune).view(s.shape)
 
 
