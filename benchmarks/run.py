@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     if args.table:
         doc = json.loads(Path(args.table).read_text())
         print(f"{doc.get('name')}: {doc.get('device')} ({doc.get('date')})")
-        print(report(doc["rows"], doc.get("autotune") or {}, targets.evaluate(doc["rows"])))
+        device_type = "cuda" if doc.get("floors") else "cpu"  # floors are measured on CUDA only
+        print(report(doc["rows"], doc.get("autotune") or {}, targets.evaluate(doc["rows"], device_type=device_type)))
         if not args.no_plots:  # the GPU script leaves plots out (files that come back are few): draw them here
             harness.write_plots(doc["rows"], args.out_dir, doc["name"], doc.get("device", ""))
         return 0
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
                                   log=lambda s: print(s, flush=True), on_case=save, skip=skip, profile=args.profile)
         print(f"[{op}] done in {time.monotonic() - t_op:.1f} s", flush=True)
 
-    results = targets.evaluate(rows)
+    results = targets.evaluate(rows, device_type=device.type)
     meta["targets"] = results
     save([], plots=not args.no_plots)
     table = report(rows, autotune_choices(), results)

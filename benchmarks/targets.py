@@ -79,8 +79,9 @@ def _best(rows: list[dict], names: tuple[str, ...], key: str) -> tuple[dict | No
                            for r in here)
 
 
-def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
-    """One result per (target, case present in the rows)."""
+def evaluate(rows: list[dict], targets=TARGETS, *, device_type: str = "cuda") -> list[dict]:
+    """One result per (target, case present in the rows). The targets are the issues' H200 targets:
+    rows measured on another device type are listed, not judged."""
     out = []
     for t in targets:
         pattern = re.compile(t.cases)
@@ -98,6 +99,10 @@ def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
             res["peer"] = peer and peer["contender"]
             if ours is None or (t.peers and peer is None):
                 res["why"] = f"ours: {why}" if ours is None else f"peers: {why_peer}"
+                out.append(res)
+                continue
+            if device_type != "cuda":
+                res["why"] = f"set for CUDA (H200); measured on {device_type}"
                 out.append(res)
                 continue
             if t.peers:  # a verdict against fewer peers than the target names says so

@@ -130,6 +130,12 @@ def test_targets_pass_fail_and_not_judged():
     assert got[("b", comp)]["status"] == "n/a" and "skipped" in got[("b", comp)]["why"]
     text = targets.format_targets(results)
     assert "PASS" in text and "FAIL" in text and "not judged" in text
+    # the same rows measured on a CPU: listed with their contenders, judged never (the targets are the H200's)
+    on_cpu = targets.evaluate(rows, device_type="cpu")
+    assert [(r["case"], r["target"]) for r in on_cpu] == [(r["case"], r["target"]) for r in results]
+    assert all(r["status"] == "n/a" for r in on_cpu)
+    assert got[("a", paper)]["ours"] == [r for r in on_cpu if r["case"] == "a" and paper in r["target"]][0]["ours"]
+    assert any("measured on cpu" in r["why"] for r in on_cpu)
 
 
 def test_run_order_puts_fallbacks_last():
