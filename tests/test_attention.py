@@ -228,8 +228,9 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout(backend):
-    (q, k, v, pk, pv, g), _ = make_inputs(B=4, Hq=4, N=64, M=64, D=8, P=8, gate="example", mask="none",
+@pytest.mark.parametrize("gate", ["example", "token"])
+def test_dropout(backend, gate):
+    (q, k, v, pk, pv, g), _ = make_inputs(B=4, Hq=4, N=64, M=64, D=8, P=8, gate=gate, mask="none",
                                           dtype=torch.float32)
     ones = torch.ones_like(v)
     ones_p = torch.ones_like(pv)
@@ -240,9 +241,15 @@ def test_dropout(backend):
     torch.manual_seed(1)
     b = ak.gated_prefix_attention(q, k, v, pk, pv, g, dropout_p=0.3, backend=backend)
     assert torch.equal(a, b) and not torch.equal(a, plain)
+    # The explicit-matmul paths drop the same probabilities as the reference under the same seed.
+    if gate == "token":
+        torch.manual_seed(1)
+        want = ak.gated_prefix_attention(q, k, v, pk, pv, g, dropout_p=0.3, backend="reference")
+        torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-6)
     # With unit token values and a unit gate, each output entry is sum(kept weights) / (1 - p):
     # its mean over many rows is 1.
-    out = ak.gated_prefix_attention(q, k, ones, pk, ones_p, None, dropout_p=0.3, backend=backend)
+    unit = None if gate == "example" else torch.ones_like(g)
+    out = ak.gated_prefix_attention(q, k, ones, pk, ones_p, unit, dropout_p=0.3, backend=backend)
     mean = out[..., 0].mean().item()
     assert abs(mean - 1.0) < 0.05, mean
 

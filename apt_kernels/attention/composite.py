@@ -4,9 +4,10 @@ When the gate does not vary along the query axis (None, (B,1,1,P), (1,Hq,1,P), .
 into the prefix: the prefix keys and values are scaled by the gate, concatenated in front of the
 token keys/values, and one call to ``F.scaled_dot_product_attention`` does the rest (SDPA's fused
 CPU/GPU kernels, GQA through ``enable_gqa`` when the gate is shared by heads). A per-token gate
-(varying along N) cannot fold into keys, and SDPA does not return the logsumexp; those cases
-(and ``return_lse=True``) take the explicit-matmul path of the reference, which is already a
-composite of stock ops.
+(varying along N) cannot fold into keys: it takes an explicit-matmul path, the reference's math
+with the query heads of a key/value head stacked along N (no copy of K and V per query head) and
+a fused softmax (a prefix column is always visible, so no row is empty). SDPA does not return the
+logsumexp: ``return_lse=True`` takes the reference.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import additive_mask, reference_attention
+from .reference import additive_mask, reference_attention, score_dtype
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -32,10 +33,33 @@ def _shift_rows(mask: torch.Tensor) -> torch.Tensor:
     return (mask - top).masked_fill(masked, float("-inf"))
 
 
+def _per_token_gate_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p):
+    """The reference's math (scores and softmax in float32, float64 for float64) for a gate varying along N."""
+    B, Hq, N, D = q.shape
+    Hkv, M, P = k.shape[1], k.shape[2], prefix_k.shape[2]
+    rep = Hq // Hkv
+    sd = score_dtype(q.dtype)
+    qg = q.reshape(B, Hkv, rep * N, D)  # query head h = kv head h // rep: its rows follow its group's
+    s_tok = (qg @ k.transpose(-1, -2)).view(B, Hq, N, M).to(sd) * scale
+    mask = additive_mask(attn_mask, causal, N, M, sd, q.device)
+    if mask is not None:
+        s_tok = s_tok + mask
+    g = gate.to(sd)
+    s_pre = (qg @ prefix_k.transpose(-1, -2)).view(B, Hq, N, P).to(sd) * scale * g
+    a = torch.softmax(torch.cat([s_pre, s_tok], dim=-1), dim=-1)
+    if dropout_p > 0:
+        a = F.dropout(a, dropout_p)
+    a_pre = (a[..., :P] * g).to(v.dtype).reshape(B, Hkv, rep * N, P)
+    a_tok = a[..., P:].to(v.dtype).reshape(B, Hkv, rep * N, M)
+    return (a_pre @ prefix_v + a_tok @ v).view(B, Hq, N, D).to(q.dtype)
+
+
 def torch_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse):
     per_token_gate = gate is not None and gate.shape[2] != 1
-    if return_lse or per_token_gate or q.numel() == 0 or k.shape[2] + (0 if prefix_k is None else prefix_k.shape[2]) == 0:
+    if return_lse or q.numel() == 0 or k.shape[2] + (0 if prefix_k is None else prefix_k.shape[2]) == 0:
         return reference_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, return_lse)
+    if per_token_gate:
+        return _per_token_gate_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p)
 
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
