@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if args.table:
         doc = json.loads(Path(args.table).read_text())
         print(f"{doc.get('name')}: {doc.get('device')} ({doc.get('date')})")
-        device_type = "cuda" if doc.get("floors") else "cpu"  # floors are measured on CUDA only
+        device_type = doc.get("device_type") or ("cuda" if doc.get("floors") else "cpu")
         print(report(doc["rows"], doc.get("autotune") or {}, targets.evaluate(doc["rows"], device_type=device_type)))
         if not args.no_plots:  # the GPU script leaves plots out (files that come back are few): draw them here
             harness.write_plots(doc["rows"], args.out_dir, doc["name"], doc.get("device", ""))
