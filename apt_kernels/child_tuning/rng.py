@@ -18,7 +18,7 @@ draws exactly the bits the unsharded tensor would.
 This module holds the plain-PyTorch definition (``philox4x32``: uint32 arithmetic emulated in int64 without
 overflow; the "reference" backend of ``keep_mask``), exact but slow, and the "torch" backend, the same
 stream drawn faster (``keep_masks``: every tensor of a step in one batched pass, with numpy's native
-uint32/uint64 arithmetic on the CPU). The Triton and CUDA kernels draw the bits in-kernel
+uint64 arithmetic on the CPU). The Triton and CUDA kernels draw the bits in-kernel
 (``triton_rng.philox_keep4``, ``keep_bits4`` in csrc/child_tuning_kernel.cuh), and the "triton" and
 "cuda" backends of ``keep_mask`` expose those draws.
 """
