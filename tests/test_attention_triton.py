@@ -321,7 +321,8 @@ def test_dropout_bits_do_not_depend_on_the_tile_sizes(monkeypatch):
     for bn in (32, 64):
         def blocks(D, device, table=None, bn=bn):
             got, launch = real(D, device, table)
-            wide = table is None or table is fused._FWD_TABLE  # forward tiles wider, backward kept at 16
+            # forward tiles wider, backward kept at 16
+            wide = table is None or table is fused._FWD_TABLE or table is fused._FWD_TABLE_IEEE
             return dict(got, BLOCK_N=bn if wide else got["BLOCK_N"]), launch
 
         monkeypatch.setattr(fused, "_blocks", blocks)
@@ -342,7 +343,7 @@ def test_prefix_tiles_narrower_than_key_tiles(monkeypatch, bn, P, causal):
 
     def blocks(D, device, table=None):
         got, launch = real(D, device, table)
-        narrow = isinstance(table, dict) and table is not fused._FWD_TABLE and table is not fused._BWD_TABLE
+        narrow = isinstance(table, dict) and not any(table is t for t in fused._tables("ieee")[:2] + fused._tables("tf32")[:2])
         return dict(got, BLOCK_N=got["BLOCK_N"] if narrow else bn), launch  # the prefix kv launch stays at 16
 
     monkeypatch.setattr(fused, "_blocks", blocks)
@@ -498,31 +499,8 @@ _AOT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from apt_kernels._launch import FP_FUSION
 from apt_kernels.attention import fused as f
-
-FLOAT_ARGS = {"scale", "mask_min", "inv_keep"}
-INT_ARGS = {"Hq", "Hkv", "N", "M", "P", "L", "REP", "keep_thr", "seed_lo", "seed_hi"}
-
-
-def build(fn, dt, consts, opts):
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {}
-    for a in fn.arg_names:
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a in FLOAT_ARGS:
-            sig[a] = "fp32"
-        elif a in INT_ARGS or a.startswith("s"):
-            sig[a] = "i32"
-        elif a in ("G", "Lse", "Stat", "Delta", "DG", "DLse"):
-            sig[a] = "*fp32"
-        elif a == "Mk":
-            sig[a] = "*u8" if consts.get("MASK_KIND") == 1 else "*fp32"
-        else:
-            sig[a] = "*" + dt
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                          options=dict(opts, **FP_FUSION))  # as the launchers ask
+from benchmarks.kernel_resources import build, usage
 
 
 count, worst = 0, 0
@@ -533,8 +511,9 @@ VARIANTS = [("bf16", "tf32", 64, 1, True, True, True), ("bf16", "tf32", 128, 2, 
             ("bf16", "tf32", 256, 1, True, True, True), ("fp16", "tf32", 80, 0, True, False, False),
             ("fp32", "ieee", 128, 1, True, True, True)]
 for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
-    fwd, lf = f._blocks(D, cuda)
-    bwd, lb = f._bwd_blocks(D, cuda)
+    fwd_table, bwd_table, _ = f._tables(prec)  # the fixed choices of the dtype's tables
+    fwd, lf = f._blocks(D, cuda, fwd_table)
+    bwd, lb = f._blocks(D, cuda, bwd_table)
     # row-broadcast masks and gates (MASK_N1 / GATE_N1) alternate with full ones across the variants
     common = dict(D=D, MASK_KIND=mask_kind, MASK_N1=D % 128 == 0, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
     # prefix tiles narrower than the key tiles (PW = 16) and as wide (PW = 256, capped at BLOCK_N)
@@ -559,25 +538,32 @@ ones = dict(seed_lo=1, seed_hi=1, REP=1, P=1, Hq=1, N=1, M=1, keep_thr=1)
 fwd, lf = f._blocks(64, cuda)
 build(f._fwd_kernel, "bf16", dict(D=64, PW=16, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
                                   HAS_GATE=True, GATE_N1=False, **fwd, **ones), lf)
-bwd, lb = f._bwd_blocks(64, cuda)
+bwd, lb = f._blocks(64, cuda, f._BWD_TABLE)
 build(f._bwd_q_kernel, "bf16", dict(D=64, PW=16, MASK_KIND=1, MASK_N1=False, CAUSAL=True, DROPOUT=True,
                                     PREC="tf32", HAS_GATE=True, GATE_N1=True, **bwd, **ones), lb)
 build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
                                      HAS_GATE=True, IS_PREFIX=True, GATE_N1=True, GATE_H1=True, SPLIT=False, L=1,
                                      **bwd, **ones), lb)
 count += 3
-# every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on)
+# every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on); float32's
+# (IEEE dots) at head dims 64 and 128, within Hopper's shared memory (the slow 256 class: its fixed choice above)
 dims = {64: 64, 128: 128, 256: 256}
-for table, kern, extra in ((f._FWD_TABLE, f._fwd_kernel, dict(PW=16)),
-                           (f._BWD_TABLE, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True, SPLIT=False)),
-                           (f._prefix_table(16), f._bwd_kv_kernel, dict(IS_PREFIX=True, GATE_H1=True, SPLIT=True))):
-    for cls, cfgs in table.items():
-        for m, n, w, st in cfgs:
-            build(kern, "bf16", dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1, MASK_N1=False,
-                                     CAUSAL=True, DROPOUT=True, PREC="tf32", HAS_GATE=True, GATE_N1=False, **extra),
-                  dict(num_warps=w, num_stages=st))
-            count += 1
-print("compiled", count, "max shared", worst)
+for dt, prec, classes in (("bf16", "tf32", (64, 128, 256)), ("fp32", "ieee", (64, 128))):
+    fwd_table, bwd_table, _ = f._tables(prec)
+    for table, kern, extra in ((fwd_table, f._fwd_kernel, dict(PW=16)),
+                               (bwd_table, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True, SPLIT=False)),
+                               (f._prefix_table(16, prec), f._bwd_kv_kernel,
+                                dict(IS_PREFIX=True, GATE_H1=True, SPLIT=True))):
+        for cls in classes:
+            for m, n, w, st in table[cls]:
+                k = build(kern, dt, dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1,
+                                         MASK_N1=False, CAUSAL=True, DROPOUT=True, PREC=prec, HAS_GATE=True,
+                                         GATE_N1=False, **extra), dict(num_warps=w, num_stages=st))
+                assert prec != "ieee" or k.metadata.shared <= 227 * 1024, (k.name, m, n, w, st, k.metadata.shared)
+                count += 1
+regs, stack = usage(k)  # the resource report's reading of the last one (an IEEE prefix configuration)
+assert 16 <= regs <= 255 and stack >= 0, (regs, stack)
+print("compiled", count, "max shared", worst, "last", regs, "registers", stack, "stack bytes")
 """
 
 
@@ -585,7 +571,9 @@ def test_autotuning_configs_are_pruned_by_head_dim():
     from apt_kernels.attention import fused
 
     for table, kernel in ((fused._FWD_TABLE, fused._fwd_kernel), (fused._BWD_TABLE, fused._bwd_kv_kernel),
-                          (fused._prefix_table(16), fused._bwd_kv_kernel)):
+                          (fused._prefix_table(16), fused._bwd_kv_kernel),
+                          (fused._FWD_TABLE_IEEE, fused._fwd_kernel), (fused._BWD_TABLE_IEEE, fused._bwd_q_kernel),
+                          (fused._prefix_table(32, "ieee"), fused._bwd_kv_kernel)):
         tuned = fused._autotuned(kernel, table)
         tuned.nargs = {}
         for D, cls in ((16, 64), (64, 64), (80, 128), (128, 128), (192, 256), (256, 256)):
@@ -594,14 +582,18 @@ def test_autotuning_configs_are_pruned_by_head_dim():
             assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(table[cls])
 
 
-def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch):
-    """The prefix launch of the key-side backward autotunes over _BWD_TABLE with key tiles clipped to the
-    prefix length's next power of two (at least 16), under its own tag; the token launch over _BWD_TABLE."""
+@pytest.mark.parametrize("dtype,prec", [(torch.float32, "ieee"), (torch.float16, "tf32")])
+def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch, dtype, prec):
+    """The prefix launch of the key-side backward autotunes over its dtype's backward table with key tiles
+    clipped to the prefix length's next power of two (at least 16), under its own tag; the token launch
+    over the backward table itself. Float32 (IEEE dots) has tables and autotuners of its own."""
     from apt_kernels.attention import fused
 
+    fwd_table, bwd_table, tag = fused._tables(prec)
+    assert (fwd_table is fused._FWD_TABLE_IEEE) == (prec == "ieee") and (bwd_table is fused._BWD_TABLE) == (prec != "ieee")
     for width in (16, 32, 64):
-        clipped = fused._prefix_table(width)
-        for cls, cfgs in fused._BWD_TABLE.items():
+        clipped = fused._prefix_table(width, prec)
+        for cls, cfgs in bwd_table.items():
             assert all(n <= width for _, n, _, _ in clipped[cls])
             assert {(m, w, st) for m, _, w, st in clipped[cls]} == {(m, w, st) for m, _, w, st in cfgs}
             assert {(m, min(n, width), w, st) for m, n, w, st in cfgs} == set(clipped[cls])
@@ -611,12 +603,15 @@ def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch):
         (kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), table, tag)) or real(kernel, table, *a, tag=tag, **k))
     for P, width in ((5, 16), (20, 32)):
         launches.clear()
-        tensors, keep = make_inputs(B=1, Hq=2, Hkv=1, N=9, M=7, D=16, P=P, gate="example", dtype=torch.float32)
+        tensors, keep = make_inputs(B=1, Hq=2, Hkv=1, N=9, M=7, D=16, P=P, gate="example", dtype=dtype)
         tensors = [t.to(DEVICE).requires_grad_(True) for t in tensors]
         out = ak.gated_prefix_attention(*tensors, attn_mask=keep.to(DEVICE), backend="triton")
         out.sum().backward()
-        kv = [(table, tag) for name, table, tag in launches if "bwd_kv" in name]
-        assert kv == [(fused._prefix_table(width), f"prefix<={width}"), (fused._BWD_TABLE, "")]
+        assert [(name, table, t) for name, table, t in launches if "bwd_kv" not in name] == [
+            ("_fwd_kernel", fwd_table, tag), ("_bwd_q_kernel", bwd_table, tag)]
+        kv = [(table, t) for name, table, t in launches if "bwd_kv" in name]
+        assert kv == [(fused._prefix_table(width, prec), ",".join(filter(None, (tag, f"prefix<={width}")))),
+                      (bwd_table, tag)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an offline sm_90 compile check for the CPU lanes; on a GPU the kernels compile for real")
@@ -629,11 +624,12 @@ def test_kernels_compile_for_sm90():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=900)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is imported from there
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=900, cwd=root)
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 55" in res.stdout, res.stdout
+    assert "compiled 78 " in res.stdout, res.stdout
 
 
 def test_double_backward_is_refused():

@@ -286,3 +286,41 @@ def test_partial_verdicts_and_wall_clock_ratio():
     (res,) = [r for r in targets.evaluate(rows, [t]) if r["case"] == case]
     assert res["status"] == "PASS" and res["value"] == pytest.approx(0.9)
     assert "partial: without" in res["why"] and "wall-clock ratio 1.5" in res["why"]
+
+
+def test_kernel_resources_report_walks_each_dtypes_tables(monkeypatch):
+    """benchmarks/kernel_resources.py (the offline sm_90 register report; the real compile and cuobjdump
+    reading are exercised by test_attention_triton's sm_90 test): every configuration of the dtype's own
+    tables for each kernel of a feature set, the first marked as the fixed choice, shared memory past
+    Hopper's limit flagged. Compilation is faked here."""
+    from types import SimpleNamespace
+
+    from apt_kernels.attention import fused
+    from benchmarks import kernel_resources as kr
+
+    built = []
+
+    def fake_build(fn, dt, consts, opts):
+        built.append((fn.__name__, dt, consts["PREC"], consts["BLOCK_M"], consts["BLOCK_N"], opts["num_warps"]))
+        return SimpleNamespace(metadata=SimpleNamespace(shared=1024 * consts["BLOCK_M"] * consts["BLOCK_N"] // 16))
+
+    monkeypatch.setattr(kr, "build", fake_build)
+    monkeypatch.setattr(kr, "usage", lambda k: (200, 0 if k.metadata.shared < 300 * 1024 else 64))
+    got = list(kr.rows(["fp32", "bf16"], ["enc"]))
+    for dt, prec, (fwd, bwd, _) in (("fp32", "ieee", fused._tables("ieee")), ("bf16", "tf32", fused._tables("tf32"))):
+        mine = [r for r in got if r["dtype"] == dt]
+        for kernel, table in (("fwd", fwd[64]), ("bwd_q", bwd[64]), ("bwd_kv tokens", bwd[64]),
+                              ("bwd_kv prefix", fused._prefix_table(16, prec)[64])):
+            rows = [r for r in mine if r["kernel"] == kernel]
+            assert [r["config"] for r in rows] == table and [r["fixed"] for r in rows] == [True] + [False] * (len(table) - 1)
+        assert {b[2] for b in built if b[1] == dt} == {prec}
+    assert not [r for r in kr.rows(["bf16"], ["enc_plain"]) if r["kernel"] == "bwd_kv prefix"]  # no prefix
+    big = next(r for r in got if r["shared"] > kr.SHARED_LIMIT)
+    assert _row_shown(kr.format_row(big), big) and "OVER" in kr.format_row(big)
+    small = next(r for r in got if r["shared"] <= kr.SHARED_LIMIT)
+    assert "OVER" not in kr.format_row(small)
+
+
+def _row_shown(line: str, row: dict) -> bool:
+    m, n, w, st = row["config"]
+    return f"{m}x{n}" in line and f"w{w} s{st}" in line and f"regs {row['regs']}" in line

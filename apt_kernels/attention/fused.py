@@ -510,24 +510,45 @@ def _strides(t: torch.Tensor | None, ndim: int = 4):
 # Block configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class (64, 128, 256).
 # On a GPU the kernels are autotuned over these (key: head dim, sequence-length bucket, features,
 # dtypes; APT_KERNELS_AUTOTUNE=0 turns it off); the first of each list is the fixed choice then.
-# Starting points from the FlashAttention-2 Triton tutorial, not yet measured on hardware.
-_FWD_TABLE = {64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+# For tensor-core dots (fp16, bf16): starting points from the FlashAttention-2 Triton tutorial, not yet
+# measured on hardware; at head dim 64 the first entries are ones that compile for sm_90 without register
+# spills at the benchmark feature sets (the tutorial's 128 x 64 / 4 warps forward and 64 x 64 backward
+# spill 150-450 bytes per thread with the prefix loop, gate and dropout).
+_FWD_TABLE = {64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
               128: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
               256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]}
-_BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+_BWD_TABLE = {64: [(32, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
               128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)],
               256: [(64, 16, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]}
+# For float32's IEEE dots, which Triton lowers to FMA loops holding a whole reduction row of an operand
+# per thread: the tiles above compile for sm_90 to 255 registers and 0.5-16 KB of spills per thread
+# (ptxas drops to 32 registers and keeps the tiles in local memory in most of the key-side backward's
+# configurations). With these narrower ones every kernel has configurations that compile with no spills
+# or a few dozen bytes at head dims 64 and 128 (the first entries among them where one config serves all);
+# at 256 each still spills about 2 KB (the QK^T dot's reduction is the head dim). Static evidence from
+# `python -m benchmarks.kernel_resources` (benchmarks/results/), not yet timed.
+_FWD_TABLE_IEEE = {64: [(64, 16, 8, 1), (32, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+                   128: [(32, 16, 8, 1), (64, 16, 8, 1), (16, 16, 4, 1), (32, 16, 4, 1)],
+                   256: [(32, 16, 8, 1), (16, 16, 4, 1), (64, 16, 8, 1)]}
+_BWD_TABLE_IEEE = {64: [(32, 16, 8, 1), (64, 16, 8, 1), (16, 16, 4, 1), (16, 32, 4, 1)],
+                   128: [(32, 16, 8, 1), (16, 16, 4, 1), (64, 16, 8, 1), (32, 32, 4, 2)],
+                   256: [(32, 16, 8, 1), (16, 16, 4, 1)]}
 _TUNE_KEY = ["D", "PW", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "DROPOUT", "IS_PREFIX", "GATE_N1",
              "GATE_H1", "SPLIT"]
 
 
+def _tables(prec: str) -> tuple[dict, dict, str]:
+    """(forward table, backward table, autotuner tag) for the kernels' dot precision."""
+    return (_FWD_TABLE_IEEE, _BWD_TABLE_IEEE, "ieee") if prec == "ieee" else (_FWD_TABLE, _BWD_TABLE, "")
+
+
 @functools.lru_cache(maxsize=None)
-def _prefix_table(width: int) -> dict:
-    """The key-side backward's table for prefix tiles: _BWD_TABLE with key tiles no wider than ``width``,
-    the prefix length's next power of two (at least 16). A P = 16 prefix in 64-wide tiles would spend 3/4
-    of that launch on empty columns."""
+def _prefix_table(width: int, prec: str = "tf32") -> dict:
+    """The key-side backward's table for prefix tiles: the backward table of ``prec`` with key tiles no
+    wider than ``width``, the prefix length's next power of two (at least 16). A P = 16 prefix in 64-wide
+    tiles would spend 3/4 of that launch on empty columns."""
     return {cls: list(dict.fromkeys((m, min(n, width), w, st) for m, n, w, st in cfgs))
-            for cls, cfgs in _BWD_TABLE.items()}
+            for cls, cfgs in _tables(prec)[1].items()}
 
 
 def _block_d(D: int) -> int:
@@ -548,10 +569,6 @@ def _blocks(D: int, device: torch.device, table=None):
         return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
     m, n, w, st = (table or _FWD_TABLE)[_dclass(D)][0]
     return dict(BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n), dict(num_warps=w, num_stages=st)
-
-
-def _bwd_blocks(D: int, device: torch.device):
-    return _blocks(D, device, _BWD_TABLE)
 
 
 def _autotuned(kernel, table, reset=()):
@@ -660,14 +677,16 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse, stat
-    _launch(_fwd_kernel, _FWD_TABLE, lambda bm, bn: (cdiv(a.N, bm) * a.B * a.Hq,),
+    prec = _precision(q.dtype)
+    table, _, tag = _tables(prec)
+    _launch(_fwd_kernel, table, lambda bm, bn: (cdiv(a.N, bm) * a.B * a.Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse, stat,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *out.stride(),
              a.Hq, a.N, a.M, a.P, a.REP, scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep,
              max(a.N, a.M + a.P)),
             dict(D=a.D, PW=_prefix_width(a.P), HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, MASK_KIND=a.mask_kind,
-                 MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=_precision(q.dtype)), q.device)
+                 MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=prec), q.device, tag=tag)
     return out, lse, stat
 
 
@@ -715,18 +734,20 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)  # written by the query-side launch
     dlse = stat if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     do_strides = _strides(do)
-    common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout,
-                  PREC=_precision(q.dtype))
+    prec = _precision(q.dtype)
+    _, bwd_table, tag = _tables(prec)
+    common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=prec)
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     width = _prefix_width(P)  # the prefix launch's key tiles: no wider than the prefix
     # first: it writes the rows' delta, which the key-side launches read
-    _launch(_bwd_q_kernel, _BWD_TABLE, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
+    _launch(_bwd_q_kernel, bwd_table, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, out, dlse, stat, delta, dq,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
              *a.g_strides, *a.m_strides, *do_strides, *_strides(out), *dq.stride(),
              Hq, N, M, P, a.REP, *tail),
-            dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, HAS_DLSE=grad_lse is not None), q.device)
-    prefix_table = (_prefix_table(width), f"prefix<={width}")
+            dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, HAS_DLSE=grad_lse is not None), q.device,
+            tag=tag)
+    prefix_table = (_prefix_table(width, prec), ",".join(filter(None, (tag, f"prefix<={width}"))))
     for is_prefix in (True, False):
         L = P if is_prefix else M
         if L == 0:
@@ -739,7 +760,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
         # prefix: the (splits, B, Hkv, P, D) partials; tokens: dk, dv themselves (split stride 0)
         DKt, DVt = (dpk_parts, dpv_parts) if is_prefix else (dk.unsqueeze(0), dv.unsqueeze(0))
         n_split = splits if is_prefix else 1
-        table, tag = prefix_table if is_prefix else (_BWD_TABLE, "")
+        table, kv_tag = prefix_table if is_prefix else (bwd_table, tag)
         _launch(_bwd_kv_kernel, table,
                 lambda bm, bn, L=L, n_split=n_split: (n_split * cdiv(L, bn) * B * Hkv,),
                 (q, Kt, Vt, a.gate, a.mask, do, stat, delta, DKt, DVt, DGt,
@@ -748,7 +769,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
                  n_split, DKt.stride(0), DVt.stride(0), DGt.stride(0) if DGt.shape[0] > 1 else 0,
                  Hq, Hkv, N, M, L, a.REP, *tail),
                 dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
-                     GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=tag)
+                     GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=kv_tag)
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
 
 
