@@ -119,11 +119,10 @@ def _philox_keep_numpy(x0, lo1, x2, lo3, k0: int, k1: int, threshold: int, out: 
         np.less(word, threshold, out=out[:, j])
 
 
-def _draw_numpy(rows, counts, first, steps, indices, seed: int, threshold: int, device) -> torch.Tensor:
-    """Keep bits (G * 4, bool, CPU) of G groups of four elements: tensor j's ``counts[j]`` groups, from group
-    number ``first[j]`` on, are rows ``rows[j]`` on, drawn at ``steps[j]`` for parameter ``indices[j]``.
-    The counters are written chunk by chunk, in cache."""
-    total = int(rows[-1] + counts[-1]) if len(rows) else 0
+def _draw_numpy(rows, counts, first, steps, indices, total: int, seed: int, threshold: int, device) -> torch.Tensor:
+    """Keep bits (total * 4, bool, CPU) of ``total`` groups of four elements: tensor j's ``counts[j]`` groups,
+    from group number ``first[j]`` on, are rows ``rows[j]`` on, drawn at ``steps[j]`` for parameter
+    ``indices[j]``. The counters are written chunk by chunk, in cache."""
     out = np.empty((total, 4), dtype=bool)
     bufs = [np.empty(min(total, _NUMPY_CHUNK), np.uint64) for _ in range(4)]
     j = 0
@@ -147,9 +146,9 @@ def _draw_numpy(rows, counts, first, steps, indices, seed: int, threshold: int, 
     return torch.from_numpy(out).view(-1)
 
 
-def _draw_torch(rows, counts, first, steps, indices, seed: int, threshold: int, device) -> torch.Tensor:
+def _draw_torch(rows, counts, first, steps, indices, total: int, seed: int, threshold: int, device) -> torch.Tensor:
     """The same bits with :func:`philox4x32` on ``device`` (where numpy cannot reach)."""
-    q = np.arange(int(rows[-1] + counts[-1]) if len(rows) else 0, dtype=np.int64) + np.repeat(first - rows, counts)
+    q = np.arange(total, dtype=np.int64) + np.repeat(first - rows, counts)
     q, step, index = (torch.from_numpy(x).to(device) for x in (q, np.repeat(steps, counts), np.repeat(indices, counts)))
     words = philox4x32(q & MASK32, q >> 32, step, index, seed & MASK32, seed >> 32)
     return ((torch.stack(words, dim=1) >> KEEP_BITS_SHIFT) < threshold).view(-1)
@@ -167,7 +166,8 @@ def _keep_masks_torch(seed: int, steps: Sequence[int], param_indices: Sequence[i
     rows = np.cumsum(counts) - counts  # row of each tensor's first group
     steps, indices = (np.asarray(x, dtype=np.int64).reshape(-1) & MASK32 for x in (steps, param_indices))
     draw = _draw_numpy if device.type == "cpu" else _draw_torch
-    flat = draw(rows, counts, first, steps, indices, seed & ((1 << 64) - 1), keep_threshold(reserve_p), device)
+    flat = draw(rows, counts, first, steps, indices, int(counts.sum()), seed & ((1 << 64) - 1),
+                keep_threshold(reserve_p), device)
     return [flat[4 * int(r) + (o & 3):4 * int(r) + (o & 3) + sh.numel()].view(sh)
             for r, o, sh in zip(rows, offsets, shapes)]
 
