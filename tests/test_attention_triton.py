@@ -487,7 +487,7 @@ def test_cached_launches_give_the_same_bits_on_gpu(monkeypatch, autotune):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # float32: its own IEEE tables
 @pytest.mark.parametrize("shape", [dict(B=4, Hq=12, Hkv=12, N=128, M=128, D=64, P=16),
                                    dict(B=2, Hq=32, Hkv=8, N=300, M=300, D=128, P=64)])
 def test_larger_shapes_on_gpu(dtype, shape):
