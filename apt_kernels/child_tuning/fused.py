@@ -155,7 +155,7 @@ def hyper(*, lr, beta1, beta2, eps, weight_decay, semantics, masking: Masking) -
         has_decay=weight_decay > 0 if official else weight_decay != 0,
         # float32-finite (a Triton argument beyond float32's range would be typed float64); a reserve_p that
         # small keeps nothing anyway: keep_threshold(p) = floor(p * 2^24) is 0 below 2^-24
-        inv_reserve_p=min(1.0 / masking.reserve_p, torch.finfo(torch.float32).max) if masking.mode == "F" else 1.0,
+        inv_reserve_p=masking.rescale if masking.mode == "F" else 1.0,
         seed_lo=seed & 0xFFFFFFFF, seed_hi=seed >> 32,
         threshold=keep_threshold(masking.reserve_p) if masking.mode == "F" else 0)
 

@@ -57,8 +57,10 @@ class Masking:
 
     @property
     def rescale(self) -> float | None:
-        """The divisor of kept gradients: reserve_p in mode F, None (no rescale) in mode D."""
-        return self.reserve_p if self.mode == "F" else None
+        """The factor of kept gradients: 1 / reserve_p in mode F, None (no rescale) in mode D. Clamped to
+        float32's largest value, as every backend takes it: a reserve_p below 2^-24 keeps nothing anyway, and an
+        infinite factor would make the dropped elements 0 * inf = NaN."""
+        return min(1.0 / self.reserve_p, torch.finfo(torch.float32).max) if self.mode == "F" else None
 
     def offset(self, j: int) -> int:
         return int(self.offsets[j]) if self.offsets else 0
@@ -85,13 +87,15 @@ class Masking:
 
 
 def masked_grad(grad: torch.Tensor, keep: torch.Tensor | None, rescale: float | None) -> torch.Tensor:
-    """keep * grad (/ reserve_p in mode F) in float32; the caller's .grad is never modified."""
+    """keep * grad (* 1 / reserve_p in mode F) in float32; the caller's .grad is never modified."""
     g = grad.float()
     if keep is None:
         return g
     if rescale is None:  # mode D: plain mask (the bool converted first: a bool operand slows the product)
         return keep.float().mul_(g)
-    return keep.float().div_(rescale).mul_(g)  # mode F, as the paper's code: g * (Bernoulli sample / reserve_p)
+    # mode F: g * (Bernoulli sample / reserve_p), as the paper's code, with the float32 factor the kernels take
+    # (a division by a subnormal reserve_p is a product by inf on CUDA: the dropped elements would be NaN)
+    return keep.float().mul_(rescale).mul_(g)
 
 
 def reference_update(params, grads, exp_avgs, exp_avg_sqs, steps, masking: Masking, *, lr, beta1, beta2, eps,
