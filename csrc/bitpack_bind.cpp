@@ -5,7 +5,7 @@
 namespace {
 
 torch::Tensor pack_bits(const torch::Tensor& mask) {
-  TORCH_CHECK(mask.is_cuda() && mask.scalar_type() == torch::kBool, "pack_bits: mask must be a CUDA bool tensor");
+  APT_CHECK(mask.is_cuda() && mask.scalar_type() == torch::kBool, "pack_bits: mask must be a CUDA bool tensor");
   const auto flat = mask.contiguous().view(-1);
   const c10::cuda::CUDAGuard guard(mask.device());
   auto words = torch::empty({(flat.numel() + 31) / 32}, flat.options().dtype(torch::kInt32));
@@ -16,8 +16,8 @@ torch::Tensor pack_bits(const torch::Tensor& mask) {
 }
 
 torch::Tensor unpack_bits(const torch::Tensor& words, int64_t n) {
-  TORCH_CHECK(words.is_cuda() && words.scalar_type() == torch::kInt32, "unpack_bits: words must be a CUDA int32 tensor");
-  TORCH_CHECK(words.numel() * 32 >= n, "unpack_bits: ", words.numel(), " words hold fewer than ", n, " bits");
+  APT_CHECK(words.is_cuda() && words.scalar_type() == torch::kInt32, "unpack_bits: words must be a CUDA int32 tensor");
+  APT_CHECK(words.numel() * 32 >= n, "unpack_bits: ", words.numel(), " words hold fewer than ", n, " bits");
   const auto flat = words.contiguous();
   const c10::cuda::CUDAGuard guard(words.device());
   auto mask = torch::empty({n}, flat.options().dtype(torch::kBool));

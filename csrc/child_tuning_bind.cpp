@@ -15,22 +15,22 @@ void child_tuning_adamw(const torch::Tensor& rows, const torch::Tensor& chunks, 
                         double beta2, double one_minus_beta2, double eps, double decay, double inv_reserve_p,
                         int64_t seed_lo, int64_t seed_hi, int64_t threshold, int64_t step, double step_size,
                         double bc2_sqrt) {
-  TORCH_CHECK(chunk == ct::kChunk, "child_tuning_adamw: the chunk table must cut tensors into ", ct::kChunk,
+  APT_CHECK(chunk == ct::kChunk, "child_tuning_adamw: the chunk table must cut tensors into ", ct::kChunk,
               "-element chunks (the kernel's kChunk), got ", chunk);
-  TORCH_CHECK(dtype == ct::kFloat32 || dtype == ct::kBFloat16 || dtype == ct::kFloat16,
+  APT_CHECK(dtype == ct::kFloat32 || dtype == ct::kBFloat16 || dtype == ct::kFloat16,
               "child_tuning_adamw: unknown dtype code ", dtype);
-  TORCH_CHECK(mode == ct::kModeNone || mode == ct::kModeF || mode == ct::kModeD, "child_tuning_adamw: unknown mode ",
+  APT_CHECK(mode == ct::kModeNone || mode == ct::kModeF || mode == ct::kModeD, "child_tuning_adamw: unknown mode ",
               mode);
-  TORCH_CHECK(rows.is_cuda() && rows.scalar_type() == torch::kInt64 && rows.dim() == 2 &&
+  APT_CHECK(rows.is_cuda() && rows.scalar_type() == torch::kInt64 && rows.dim() == 2 &&
                   rows.size(1) * 8 == static_cast<int64_t>(sizeof(ct::TensorRow)) && rows.is_contiguous(),
               "child_tuning_adamw: the tensor table must be a contiguous CUDA int64 tensor of shape [tensors, ",
               sizeof(ct::TensorRow) / 8, "]");
-  TORCH_CHECK(chunks.is_cuda() && chunks.device() == rows.device() && chunks.scalar_type() == torch::kInt32 &&
+  APT_CHECK(chunks.is_cuda() && chunks.device() == rows.device() && chunks.scalar_type() == torch::kInt32 &&
                   chunks.dim() == 2 && chunks.size(1) == 2 && chunks.is_contiguous(),
               "child_tuning_adamw: the chunk table must be a contiguous int32 tensor of shape [chunks, 2] on the "
               "tensor table's device");
-  TORCH_CHECK(chunks.size(0) <= 0x7FFFFFFF, "child_tuning_adamw: too many chunks (", chunks.size(0), ")");
-  TORCH_CHECK(seed_lo >= 0 && seed_lo <= 0xFFFFFFFFLL && seed_hi >= 0 && seed_hi <= 0xFFFFFFFFLL && threshold >= 0 &&
+  APT_CHECK(chunks.size(0) <= 0x7FFFFFFF, "child_tuning_adamw: too many chunks (", chunks.size(0), ")");
+  APT_CHECK(seed_lo >= 0 && seed_lo <= 0xFFFFFFFFLL && seed_hi >= 0 && seed_hi <= 0xFFFFFFFFLL && threshold >= 0 &&
                   threshold <= (1LL << ct::kKeepBits) && step >= 0 && step <= 0xFFFFFFFFLL,
               "child_tuning_adamw: seed words and step must be uint32 and the threshold in [0, 2^24]");
   if (chunks.size(0) == 0) return;
@@ -57,7 +57,7 @@ void child_tuning_adamw(const torch::Tensor& rows, const torch::Tensor& chunks, 
 
 torch::Tensor child_tuning_keep_mask(int64_t numel, int64_t elem_offset, int64_t step, int64_t param_index,
                                      int64_t seed_lo, int64_t seed_hi, int64_t threshold, int64_t device_index) {
-  TORCH_CHECK(numel >= 0 && elem_offset >= 0, "child_tuning_keep_mask: numel and offset must be >= 0");
+  APT_CHECK(numel >= 0 && elem_offset >= 0, "child_tuning_keep_mask: numel and offset must be >= 0");
   const torch::Device device(torch::kCUDA, static_cast<c10::DeviceIndex>(device_index));
   const c10::cuda::CUDAGuard guard(device);
   auto out = torch::empty({numel}, torch::dtype(torch::kBool).device(device));

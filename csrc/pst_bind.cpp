@@ -10,7 +10,7 @@ int w0_dtype_code(const torch::Tensor& w0) {
     case torch::kFloat: return APT_PST_F32;
     case torch::kHalf: return APT_PST_F16;
     case torch::kBFloat16: return APT_PST_BF16;
-    default: TORCH_CHECK(false, "pst_forward: w0 must be float32, float16 or bfloat16, got ", w0.scalar_type());
+    default: APT_CHECK(false, "pst_forward: w0 must be float32, float16 or bfloat16, got ", w0.scalar_type());
   }
   return APT_PST_F32;
 }
@@ -25,19 +25,19 @@ struct Problem {
   Problem(const char* op, const torch::Tensor& w0, const torch::Tensor& u0, const torch::Tensor& v0,
           const torch::Tensor& a0, const torch::Tensor& b0, const torch::Tensor* r0, const torch::Tensor* c0,
           double beta, double alpha1, double alpha2) {
-    TORCH_CHECK(w0.is_cuda() && w0.dim() == 2, op, ": w0 must be a 2-D CUDA tensor");
+    APT_CHECK(w0.is_cuda() && w0.dim() == 2, op, ": w0 must be a 2-D CUDA tensor");
     n = w0.size(0);
     k = w0.size(1);
     rw = u0.dim() == 2 ? u0.size(1) : -1;
     rs = a0.dim() == 2 ? a0.size(1) : -1;
-    TORCH_CHECK(u0.sizes() == torch::IntArrayRef({n, rw}) && v0.sizes() == torch::IntArrayRef({rw, k}), op,
+    APT_CHECK(u0.sizes() == torch::IntArrayRef({n, rw}) && v0.sizes() == torch::IntArrayRef({rw, k}), op,
                 ": u must be (n, rw) and v (rw, k)");
-    TORCH_CHECK(a0.sizes() == torch::IntArrayRef({n, rs}) && b0.sizes() == torch::IntArrayRef({rs, k}), op,
+    APT_CHECK(a0.sizes() == torch::IntArrayRef({n, rs}) && b0.sizes() == torch::IntArrayRef({rs, k}), op,
                 ": a must be (n, rs) and b (rs, k)");
-    TORCH_CHECK(!r0 || (r0->sizes() == torch::IntArrayRef({n}) && c0->sizes() == torch::IntArrayRef({k})), op,
+    APT_CHECK(!r0 || (r0->sizes() == torch::IntArrayRef({n}) && c0->sizes() == torch::IntArrayRef({k})), op,
                 ": r must be (n,) and c (k,)");
     for (const auto* t : {&u0, &v0, &a0, &b0, r0, c0})
-      TORCH_CHECK(!t || t->device() == w0.device(), op, ": every tensor must be on w0's device");
+      APT_CHECK(!t || t->device() == w0.device(), op, ": every tensor must be on w0's device");
     auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
     w = w0.contiguous();
     u = f32(u0);
@@ -73,7 +73,7 @@ std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Ten
   const Problem pr("pst_forward", w0, u, v, a, b, &r, &c, beta, alpha1, alpha2);
   const c10::cuda::CUDAGuard guard(w0.device());
   const int64_t n = pr.n, k = pr.k;
-  TORCH_CHECK(nm_m == 0 ? (n_pruned >= 0 && (n * k == 0 || n_pruned < n * k))
+  APT_CHECK(nm_m == 0 ? (n_pruned >= 0 && (n * k == 0 || n_pruned < n * k))
                         : (nm_m <= 32 && 0 <= nm_n && nm_n <= nm_m && k % nm_m == 0),
               "pst_forward: need 0 <= n_pruned < n * k, or N:M with M <= 32, 0 <= N <= M and k % M == 0");
   auto out = torch::empty_like(pr.w);
@@ -94,11 +94,11 @@ std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::
   const Problem pr("pst_backward", w0, u, v, a, b, nullptr, nullptr, beta, alpha1, alpha2);
   const c10::cuda::CUDAGuard guard(w0.device());
   const int64_t n = pr.n, k = pr.k, rw = pr.rw, rs = pr.rs;
-  TORCH_CHECK(rw <= APT_PST_BACKWARD_MAX_RANK && rs <= APT_PST_BACKWARD_MAX_RANK,
+  APT_CHECK(rw <= APT_PST_BACKWARD_MAX_RANK && rs <= APT_PST_BACKWARD_MAX_RANK,
               "pst_backward: ranks of at most ", APT_PST_BACKWARD_MAX_RANK, ", got rw = ", rw, ", rs = ", rs);
-  TORCH_CHECK(grad.sizes() == w0.sizes() && grad.device() == w0.device(),
+  APT_CHECK(grad.sizes() == w0.sizes() && grad.device() == w0.device(),
               "pst_backward: grad must have w0's shape and device");
-  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 1 && words.numel() == (n * k + 31) / 32 &&
+  APT_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 1 && words.numel() == (n * k + 31) / 32 &&
                   words.device() == w0.device(),
               "pst_backward: words must be the forward's int32 bitmask of ceil(n * k / 32) words, on w0's device");
   const auto g = grad.to(pr.w.scalar_type()).contiguous();
