@@ -81,9 +81,17 @@ def assert_same_run(params_a, opt_a, params_b, opt_b, dtype):
     distance it moved: m / sqrt(v) amplifies last-bit differences of m where v is tiny, and the kernels
     round differently from PyTorch's CPU ops (FMA contraction); a wrong mask or formula moves it by ~lr."""
     for pa, pb in zip(params_a, params_b):
-        moved = float((pa.detach().float() - opt_a.initial[pa]).abs().max())
-        torch.testing.assert_close(pb.detach().float(), pa.detach().float(), rtol=ULP_RTOL[dtype],
-                                   atol=1e-7 + 1e-3 * moved)
+        got, want = pb.detach().float(), pa.detach().float()
+        rtol, atol = ULP_RTOL[dtype], 1e-7 + 1e-3 * float((want - opt_a.initial[pa]).abs().max())
+        apart = (got - want).abs() > atol + rtol * want.abs()
+        if dtype != torch.float32 and apart.any():
+            # A 16-bit parameter is rounded at every step. Where the float32 result lands within a float32
+            # rounding of a halfway point, the two runs may round to different neighbours, and the next steps
+            # start from there (the CUDA build and Triton round apart from torch's CUDA ops at 2 of 3.1M
+            # float16 elements over 5 steps). Allowed at no more than 1 element in 10^5, one ulp per step.
+            assert int(apart.sum()) <= max(1, want.numel() // 100_000), f"{int(apart.sum())} elements apart"
+            rtol *= opt_a.state[pa]["step"]
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
         for key in ("exp_avg", "exp_avg_sq"):  # a few float32 ulps of the terms (m may cancel to ~0)
             ref = opt_a.state[pa][key]
             scale = max(1.0, float(ref.abs().max()))
@@ -730,8 +738,10 @@ def test_gpu_f_masks_are_bit_exact(backend):
     for i, (p, m) in enumerate(zip(params, got)):
         assert torch.equal(m.cpu(), keep_mask(2 ** 63 + 5, 2, i, p.shape, 0.3, backend="reference")), i
     for offset in (0, 2 ** 32 - 1000, 2 ** 32 - 999, 3):
-        want = keep_mask(11, 3, 4, (5000,), 0.7, offset=offset, backend="reference")
+        # shard_keep_bits draws seed 9, step 4, parameter 6, reserve_p 0.5
+        want = keep_mask(9, 4, 6, (5000,), 0.5, offset=offset, backend="reference")
         assert torch.equal(shard_keep_bits(optimizer.REGISTRY._entries[backend].fn, offset, 5000, "cuda"), want)
+        want = keep_mask(11, 3, 4, (5000,), 0.7, offset=offset, backend="reference")
         assert torch.equal(keep_mask(11, 3, 4, (5000,), 0.7, "cuda", offset, backend=backend).cpu(), want)
 
 

@@ -496,8 +496,9 @@ def test_deberta_relative_bias_gradients_on_every_backend():
     """DeBERTa's c2p/p2c terms reach the attention as a float mask computed from q and k: its gradient
     carries the relative terms' share of the earlier layers' prefix and gate gradients. With trained-size
     relative embeddings and projections (where that share is large) every backend gives the reference's."""
-    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
-    upstream = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled on a GPU, interpreted on CPU
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    upstream = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5)).to(device)
     results = {}
     for backend in ("reference", "torch", "triton"):
         model = _deberta()
@@ -506,6 +507,7 @@ def test_deberta_relative_bias_gradients_on_every_backend():
         with torch.no_grad():
             for p in model.apt_adapter.parameters():
                 p.add_(torch.randn_like(p) * 0.5)
+        model.to(device)
         (model(input_ids=ids).last_hidden_state * upstream).sum().backward()
         results[backend] = {n: p.grad.clone() for n, p in model.apt_adapter.named_parameters()}
     for backend in ("torch", "triton"):
