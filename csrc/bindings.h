@@ -12,7 +12,7 @@ namespace apt {
 
 // Error messages are put together here, never by streaming numbers (TORCH_CHECK streams its arguments into
 // a std::ostringstream). A toolchain that links its own libstdc++ into the extension (the H200 image's
-// /opt/gcc does) leaves that copy's locale unset up, and streaming an integer (num_put) then crashed the
+// /opt/gcc does) leaves that copy's locale not set up, and streaming an integer (num_put) then crashed the
 // process instead of raising; strings stream safely. std::to_string formats through the C library.
 namespace detail {
 inline std::string piece(const char* s) { return s; }

@@ -16,23 +16,23 @@ void child_tuning_adamw(const torch::Tensor& rows, const torch::Tensor& chunks, 
                         int64_t seed_lo, int64_t seed_hi, int64_t threshold, int64_t step, double step_size,
                         double bc2_sqrt) {
   APT_CHECK(chunk == ct::kChunk, "child_tuning_adamw: the chunk table must cut tensors into ", ct::kChunk,
-              "-element chunks (the kernel's kChunk), got ", chunk);
+            "-element chunks (the kernel's kChunk), got ", chunk);
   APT_CHECK(dtype == ct::kFloat32 || dtype == ct::kBFloat16 || dtype == ct::kFloat16,
-              "child_tuning_adamw: unknown dtype code ", dtype);
+            "child_tuning_adamw: unknown dtype code ", dtype);
   APT_CHECK(mode == ct::kModeNone || mode == ct::kModeF || mode == ct::kModeD, "child_tuning_adamw: unknown mode ",
-              mode);
+            mode);
   APT_CHECK(rows.is_cuda() && rows.scalar_type() == torch::kInt64 && rows.dim() == 2 &&
-                  rows.size(1) * 8 == static_cast<int64_t>(sizeof(ct::TensorRow)) && rows.is_contiguous(),
-              "child_tuning_adamw: the tensor table must be a contiguous CUDA int64 tensor of shape [tensors, ",
-              sizeof(ct::TensorRow) / 8, "]");
+                rows.size(1) * 8 == static_cast<int64_t>(sizeof(ct::TensorRow)) && rows.is_contiguous(),
+            "child_tuning_adamw: the tensor table must be a contiguous CUDA int64 tensor of shape [tensors, ",
+            sizeof(ct::TensorRow) / 8, "]");
   APT_CHECK(chunks.is_cuda() && chunks.device() == rows.device() && chunks.scalar_type() == torch::kInt32 &&
-                  chunks.dim() == 2 && chunks.size(1) == 2 && chunks.is_contiguous(),
-              "child_tuning_adamw: the chunk table must be a contiguous int32 tensor of shape [chunks, 2] on the "
-              "tensor table's device");
+                chunks.dim() == 2 && chunks.size(1) == 2 && chunks.is_contiguous(),
+            "child_tuning_adamw: the chunk table must be a contiguous int32 tensor of shape [chunks, 2] on the "
+            "tensor table's device");
   APT_CHECK(chunks.size(0) <= 0x7FFFFFFF, "child_tuning_adamw: too many chunks (", chunks.size(0), ")");
   APT_CHECK(seed_lo >= 0 && seed_lo <= 0xFFFFFFFFLL && seed_hi >= 0 && seed_hi <= 0xFFFFFFFFLL && threshold >= 0 &&
-                  threshold <= (1LL << ct::kKeepBits) && step >= 0 && step <= 0xFFFFFFFFLL,
-              "child_tuning_adamw: seed words and step must be uint32 and the threshold in [0, 2^24]");
+                threshold <= (1LL << ct::kKeepBits) && step >= 0 && step <= 0xFFFFFFFFLL,
+            "child_tuning_adamw: seed words and step must be uint32 and the threshold in [0, 2^24]");
   if (chunks.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(rows.device());
   const ct::Hyper hyper{static_cast<float>(beta1),

@@ -31,11 +31,11 @@ struct Problem {
     rw = u0.dim() == 2 ? u0.size(1) : -1;
     rs = a0.dim() == 2 ? a0.size(1) : -1;
     APT_CHECK(u0.sizes() == torch::IntArrayRef({n, rw}) && v0.sizes() == torch::IntArrayRef({rw, k}), op,
-                ": u must be (n, rw) and v (rw, k)");
+              ": u must be (n, rw) and v (rw, k)");
     APT_CHECK(a0.sizes() == torch::IntArrayRef({n, rs}) && b0.sizes() == torch::IntArrayRef({rs, k}), op,
-                ": a must be (n, rs) and b (rs, k)");
+              ": a must be (n, rs) and b (rs, k)");
     APT_CHECK(!r0 || (r0->sizes() == torch::IntArrayRef({n}) && c0->sizes() == torch::IntArrayRef({k})), op,
-                ": r must be (n,) and c (k,)");
+              ": r must be (n,) and c (k,)");
     for (const auto* t : {&u0, &v0, &a0, &b0, r0, c0})
       APT_CHECK(!t || t->device() == w0.device(), op, ": every tensor must be on w0's device");
     auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
@@ -74,8 +74,8 @@ std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Ten
   const c10::cuda::CUDAGuard guard(w0.device());
   const int64_t n = pr.n, k = pr.k;
   APT_CHECK(nm_m == 0 ? (n_pruned >= 0 && (n * k == 0 || n_pruned < n * k))
-                        : (nm_m <= 32 && 0 <= nm_n && nm_n <= nm_m && k % nm_m == 0),
-              "pst_forward: need 0 <= n_pruned < n * k, or N:M with M <= 32, 0 <= N <= M and k % M == 0");
+                      : (nm_m <= 32 && 0 <= nm_n && nm_n <= nm_m && k % nm_m == 0),
+            "pst_forward: need 0 <= n_pruned < n * k, or N:M with M <= 32, 0 <= N <= M and k % M == 0");
   auto out = torch::empty_like(pr.w);
   auto words = torch::empty({(n * k + 31) / 32}, pr.w.options().dtype(torch::kInt32));
   auto ws = torch::empty({static_cast<int64_t>(apt_pst_workspace_bytes(n, k))}, pr.w.options().dtype(torch::kUInt8));
@@ -95,12 +95,12 @@ std::vector<torch::Tensor> pst_backward(const torch::Tensor& grad, const torch::
   const c10::cuda::CUDAGuard guard(w0.device());
   const int64_t n = pr.n, k = pr.k, rw = pr.rw, rs = pr.rs;
   APT_CHECK(rw <= APT_PST_BACKWARD_MAX_RANK && rs <= APT_PST_BACKWARD_MAX_RANK,
-              "pst_backward: ranks of at most ", APT_PST_BACKWARD_MAX_RANK, ", got rw = ", rw, ", rs = ", rs);
+            "pst_backward: ranks of at most ", APT_PST_BACKWARD_MAX_RANK, ", got rw = ", rw, ", rs = ", rs);
   APT_CHECK(grad.sizes() == w0.sizes() && grad.device() == w0.device(),
-              "pst_backward: grad must have w0's shape and device");
+            "pst_backward: grad must have w0's shape and device");
   APT_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 1 && words.numel() == (n * k + 31) / 32 &&
-                  words.device() == w0.device(),
-              "pst_backward: words must be the forward's int32 bitmask of ceil(n * k / 32) words, on w0's device");
+                words.device() == w0.device(),
+            "pst_backward: words must be the forward's int32 bitmask of ceil(n * k / 32) words, on w0's device");
   const auto g = grad.to(pr.w.scalar_type()).contiguous();
   const auto bits = words.contiguous();
   // the six float32 accumulators: one zeroed buffer

@@ -153,8 +153,8 @@ def hyper(*, lr, beta1, beta2, eps, weight_decay, semantics, masking: Masking) -
         official=official, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
         eps=eps, decay=-lr * weight_decay if official else 1 - lr * weight_decay,
         has_decay=weight_decay > 0 if official else weight_decay != 0,
-        # float32-finite (a Triton argument beyond float32's range would be typed float64); a reserve_p that
-        # small keeps nothing anyway: keep_threshold(p) = floor(p * 2^24) is 0 below 2^-24
+        # masking.rescale is clamped float32-finite: a Triton argument beyond float32's range would be typed
+        # float64 (a reserve_p that small keeps nothing anyway: keep_threshold(p) = floor(p * 2^24) is 0 below 2^-24)
         inv_reserve_p=masking.rescale if masking.mode == "F" else 1.0,
         seed_lo=seed & 0xFFFFFFFF, seed_hi=seed >> 32,
         threshold=keep_threshold(masking.reserve_p) if masking.mode == "F" else 0)
