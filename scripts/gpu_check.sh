@@ -3,7 +3,8 @@
 # the GPU test lanes, run the benchmarks, and print the benchmark summary and the issues' targets last.
 #
 #   bash scripts/gpu_check.sh          # build, host timings, every GPU test, then benchmarks with what is left
-#   SKIP_TESTS=1 BENCH_OPS=attention bash scripts/gpu_check.sh                  # a second call
+#   SKIP_TESTS=1 BENCH_OPS=attention bash scripts/gpu_check.sh                  # a second call (also runs
+#                                      benchmarks.host_gaps first: host vs GPU time per call, about a minute)
 #   SKIP_TESTS=1 BENCH_OPS=pst,child_tuning,apt_train bash scripts/gpu_check.sh  # a third
 #   BENCH_QUICK=1 bash scripts/gpu_check.sh              # fewer shapes
 #
@@ -83,6 +84,11 @@ fi
 if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",attention,"* ]]; then
     echo "== attention host time per call, this machine's CPU (python3 -m benchmarks.attention_host)"
     python3 -m benchmarks.attention_host --repeats 3 2>&1 | tee "${LOGS}/${NAME}-attn-host.log" || true
+fi
+
+if [[ ",${BENCH_OPS:-}," == *",attention,"* ]]; then  # asked for by name (the attention call), not in the tests' call
+    echo "== host and GPU time per call, apart (python3 -m benchmarks.host_gaps: attention, PST, an empty autograd Function)"
+    timeout -s INT -k 10 150 python3 -m benchmarks.host_gaps --out-dir "$LOGS" 2>&1 | tee "${LOGS}/${NAME}-host-gaps.log" || true
 fi
 
 # The nvcc lane is left out: the extension build above compiles the same sources for real. Tests run

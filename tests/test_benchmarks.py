@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,46 @@ def test_kernel_resources_report_walks_each_dtypes_tables(monkeypatch):
 def _row_shown(line: str, row: dict) -> bool:
     m, n, w, st = row["config"]
     return f"{m}x{n}" in line and f"w{w} s{st}" in line and f"regs {row['regs']}" in line
+
+
+class _FakeEvent:
+    """A CUDA event on the CPU clock; ``reached`` is what query() says (the held stream's progress)."""
+
+    reached = False
+
+    def __init__(self, **kwargs):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def query(self):
+        return _FakeEvent.reached
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+def test_host_gaps_script_on_cpu_stand_ins(monkeypatch):
+    """benchmarks/host_gaps.py (GPU only: gpu_check.sh's attention call runs it) runs its whole flow with CPU
+    stand-ins for the held stream and the events, and flags a call during which the stream moved on."""
+    from benchmarks import host_gaps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        host_gaps.main([])
+    for name, fn in (("synchronize", lambda *a: None), ("_sleep", lambda cycles: None), ("Event", _FakeEvent),
+                     ("set_sync_debug_mode", lambda mode: None), ("empty_cache", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    lines = []
+    rows = host_gaps._noop_rows(2, lines.append, CPU)
+    case = ops_attention.make_case("enc-tiny", B=2, Hq=2, Hkv=2, N=16, P=4, D=8, causal=False, mask="padding",
+                                   gate="per-example", device=CPU, dtype=torch.float32)
+    rows += host_gaps._case_rows(case, ("torch", "sdpa_concat"), 2, lines.append, CPU)
+    assert [(r["contender"], r["mode"]) for r in rows[2:]] == [(c, m) for c in ("torch", "sdpa_concat")
+                                                               for m in host_gaps.MODES]
+    assert len(lines) == len(rows) == 8
+    assert all(r["host_us"] > 0 and r["gpu_us"] > 0 and not r["synced"] for r in rows)
+    monkeypatch.setattr(_FakeEvent, "reached", True)  # the stream passed `start` while the host was queueing
+    assert host_gaps.split(lambda: None, 2)["synced"]
+    assert "SYNCED" in host_gaps._fmt(dict(rows[0], synced=True))
