@@ -226,16 +226,37 @@ def test_non_contiguous_inputs_honour_strides():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_outputs_and_gradients_in_the_inputs_layout():
+    """Hugging Face's layout, (B, N, H, D) projections viewed as (B, H, N, D): out and dq/dk/dv come back in
+    it (their transposes are contiguous, as SDPA's: no copies after), with the same values as from
+    contiguous inputs, forward and backward."""
+    (q, k, v, pk, pv, g), keep = make_inputs(**SMALL, gate="token", dtype=torch.float32, device=DEVICE)
+    hf = [t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (q, k, v)]
+    plain = [t.contiguous().requires_grad_(True) for t in (q, k, v)]
+    grad = torch.randn(q.shape, device=DEVICE)
+    results = []
+    for qkv in (hf, plain):
+        out = ak.gated_prefix_attention(*qkv, pk, pv, g, attn_mask=keep, backend="triton")
+        results.append([out] + list(torch.autograd.grad(out, qkv, grad)))
+    for t in results[0]:
+        assert t.transpose(1, 2).is_contiguous() and not t.is_contiguous()
+    assert all(t.is_contiguous() for t in results[1])
+    for name, a, b in zip(NAMES, *results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.fixture
 def nan_empty(monkeypatch):
-    """torch.empty returns float tensors filled with NaN: a kernel output element never written shows."""
-    real_empty = torch.empty
+    """torch.empty and torch.empty_like return float tensors filled with NaN: a kernel output element never
+    written shows."""
+    for name in ("empty", "empty_like"):
+        real = getattr(torch, name)
 
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        def poisoned(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", poisoned)
+        monkeypatch.setattr(torch, name, poisoned)
 
 
 def test_every_output_element_is_written(nan_empty):
@@ -452,7 +473,9 @@ def test_more_than_65535_heads_times_batch():
 
 @pytest.mark.gpu
 def test_autotuned_path_on_gpu(monkeypatch):
-    monkeypatch.setenv("APT_KERNELS_AUTOTUNE", "1")
+    from apt_kernels.attention import fused
+
+    monkeypatch.setattr(fused, "AUTOTUNE", True)
     tensors, keep = make_inputs(B=2, Hq=8, Hkv=2, N=200, M=200, D=64, P=16, gate="token", dtype=torch.float64)
     check(tensors, keep, torch.bfloat16, causal=True)
 
@@ -463,8 +486,9 @@ def test_cached_launches_give_the_same_bits_on_gpu(monkeypatch, autotune):
     """apt_kernels._launch: launches from the cache (the second call of a shape and later) compute the same
     bits as the usual launch path; tests/test_launch.py checks their arguments on CPU."""
     from apt_kernels import _launch
+    from apt_kernels.attention import fused
 
-    monkeypatch.setenv("APT_KERNELS_AUTOTUNE", autotune)
+    monkeypatch.setattr(fused, "AUTOTUNE", autotune == "1")
     assert _launch.ENABLED, "the launch cache is off here (APT_KERNELS_FAST_LAUNCH=0 or an unchecked triton)"
     tensors, keep = make_inputs(B=2, Hq=8, Hkv=2, N=150, M=150, D=64, P=16, gate="token", device="cuda",
                                 dtype=torch.bfloat16, requires_grad=True)

@@ -222,13 +222,9 @@ def test_autotune_choices_are_reported(monkeypatch):
     from apt_kernels.attention import fused
 
     assert run.autotune_choices() == {} or all(isinstance(v, dict) for v in run.autotune_choices().values())
-    def _attn_fwd():  # stands in for the JITFunction (hashable, has a __name__)
-        pass
-
-    kernel = _attn_fwd
     tuner = SimpleNamespace(cache={(64, 128, False): "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"})
-    monkeypatch.setitem(fused._TUNED, (kernel, ""), tuner)
-    monkeypatch.setitem(fused._TUNED, (kernel, "prefix<=16"), tuner)
+    monkeypatch.setitem(fused._TUNED, ("_attn_fwd", ""), tuner)
+    monkeypatch.setitem(fused._TUNED, ("_attn_fwd", "prefix<=16"), tuner)
     choices = run.autotune_choices()
     assert choices["_attn_fwd"] == {"(64, 128, False)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4, num_stages: 3"}
     assert choices["_attn_fwd[prefix<=16]"] == choices["_attn_fwd"]

@@ -509,7 +509,8 @@ def _strides(t: torch.Tensor | None, ndim: int = 4):
 
 # Block configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head-dim class (64, 128, 256).
 # On a GPU the kernels are autotuned over these (key: head dim, sequence-length bucket, features,
-# dtypes; APT_KERNELS_AUTOTUNE=0 turns it off); the first of each list is the fixed choice then.
+# dtypes; APT_KERNELS_AUTOTUNE=0 at import, or AUTOTUNE = False, turns it off); the first of each list is the
+# fixed choice then.
 # For tensor-core dots (fp16, bf16): starting points from the FlashAttention-2 Triton tutorial, not yet
 # measured on hardware; at head dim 64 the first entries are ones that compile for sm_90 without register
 # spills at the benchmark feature sets (the tutorial's 128 x 64 / 4 warps forward and 64 x 64 backward
@@ -584,17 +585,16 @@ def _autotuned(kernel, table, reset=()):
                            reset_to_zero=list(reset))(kernel)
 
 
-_TUNED = {}  # (kernel, tag) -> its autotuner; tag names a table other than the kernel's default ("")
+_TUNED = {}  # (kernel name, tag) -> its autotuner; tag names a table other than the kernel's default ("")
+# Read once (a launch's host time counts: short sequences pay it in full); tests set the attribute.
+AUTOTUNE = os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0"
 
 
 def autotune_choices() -> dict[str, dict[str, str]]:
     """{kernel name: {autotuning key: picked configuration}} of the kernels autotuned so far in this process
     (for the benchmark reports: which tiles won on this GPU)."""
-    def name(kernel, tag):
-        return getattr(kernel, "__name__", str(kernel)) + (f"[{tag}]" if tag else "")
-
-    return {name(*key): {str(k): str(cfg) for k, cfg in tuner.cache.items()}
-            for key, tuner in _TUNED.items() if getattr(tuner, "cache", None)}
+    return {name + (f"[{tag}]" if tag else ""): {str(k): str(cfg) for k, cfg in tuner.cache.items()}
+            for (name, tag), tuner in _TUNED.items() if getattr(tuner, "cache", None)}
 
 
 def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
@@ -605,10 +605,11 @@ def _launch(kernel, table, grid_of, args, consts, device, reset=(), tag=""):
     D = consts["D"]
     seq_bucket = min(next_power_of_2(max(args[-1], 1)), 1 << 14)  # args end with the longest length
     args = args[:-1] + (seq_bucket,)
-    if launches.compiled(device) and os.environ.get("APT_KERNELS_AUTOTUNE", "1") != "0":
-        tuner = _TUNED.get((kernel, tag))
+    if AUTOTUNE and launches.compiled(device):
+        key = (kernel.__name__, tag)  # (a JITFunction's own hash is Python code, under a lock)
+        tuner = _TUNED.get(key)
         if tuner is None:
-            tuner = _TUNED[kernel, tag] = _autotuned(kernel, table, reset)
+            tuner = _TUNED[key] = _autotuned(kernel, table, reset)
         run(tuner, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), args,
             dict(BLOCK_D=_block_d(D), **consts, **FP_FUSION), device)
         return
@@ -671,7 +672,9 @@ def attention_forward(q, k, v, pk, pv, gate, mask, causal: bool, scale: float, d
 
 def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, seed):
     a = _Prepared(q, k, v, pk, pv, gate, mask, dropout_p, seed)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # in q's memory layout: Hugging Face's (B, N, H, D) projections viewed as (B, H, N, D) get an output whose
+    # transpose back is contiguous, so the caller's .transpose(1, 2).contiguous() copies nothing (as SDPA's)
+    out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     stat = torch.empty(q.shape[:3] + (2,), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -709,9 +712,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     # buffer is accumulated into. With nothing to attend to (no keys at all) the gradients are zero.
     nothing = q.numel() == 0 or (M == 0 and P == 0)
     alloc = torch.zeros_like if nothing else torch.empty_like
-    dq = alloc(q, memory_format=torch.contiguous_format)
-    dk = alloc(k, memory_format=torch.contiguous_format)
-    dv = alloc(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)  # each in its input's memory layout (as out: no copies after)
     dpk_parts = dpv_parts = None
     gate_h1 = False
     # the prefix launch's query splits (each writes partial dprefix_k/v, summed below): a prefix has one
@@ -867,7 +868,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.T
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, seed):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32),
+    return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32),
             q.new_empty(q.shape[:3] + (2,), dtype=torch.float32))
 
 
@@ -887,8 +888,8 @@ def _bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: 
 def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat, causal, scale,
               dropout_p, seed):
     like = [q, k, v, prefix_k, prefix_v, gate]
-    return tuple(q.new_empty(_EMPTY) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in like)
+    return tuple(q.new_empty(_EMPTY) if t is None else torch.empty_like(t) if i < 3 else
+                 torch.empty_like(t, memory_format=torch.contiguous_format) for i, t in enumerate(like))
 
 
 def _setup_context(ctx, inputs, output):
