@@ -192,6 +192,9 @@ __device__ long long block_inclusive_scan(long long x, long long* total) {
 
 constexpr int kTileRows = 16;
 constexpr int kMaxTileBlocks = 1024;
+// W0 entries a thread loads before computing them (whole rows of its columns; for_each_score's Ahead): 16, or 8
+// in the histogram passes, whose two blocks per SM leave 128 registers (16 spill there at rank 16 and when listing).
+constexpr int kAheadWide = 16, kAheadNarrow = 8;
 
 // Columns per thread of a tile: the V and B runs of a thread's columns fill 64 registers.
 __host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
@@ -213,9 +216,10 @@ __device__ __forceinline__ float weight_of(const float (&u)[RR], const float (&v
 // consecutive columns of one row, the first a multiple of 32). valid: the slot is an entry of W
 // (then w is its weight and key its ordered score key; both 0 otherwise). Blocks own contiguous runs
 // of tiles, rows fastest, so that the column factors are reloaded only when a run crosses columns.
-template <int R, class T, class Visit>
+template <int R, class T, int Ahead = kAheadWide, class Visit>
 __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& visit) {
   constexpr int kCpt = cols_per_thread(R), RR = R ? R : 1;
+  constexpr int kGroup = R && Ahead > kCpt ? Ahead / kCpt : 1;  // rows loaded ahead: Ahead entries per thread
   __shared__ __align__(16) float su[kTileRows][RR];
   __shared__ __align__(16) float sa[kTileRows][RR];
   __shared__ float sr[kTileRows];
@@ -252,33 +256,50 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
     if (threadIdx.x < kTileRows) sr[threadIdx.x] = i0 + threadIdx.x < p.n ? p.r[i0 + threadIdx.x] : 0.0f;
     __syncthreads();
     const int rows = p.n - i0 < kTileRows ? static_cast<int>(p.n - i0) : kTileRows;
-    for (int row = 0; row < rows; ++row) {
-      const int64_t i = i0 + row;
-      float ur[RR], ar[RR];  // the row's factors, read once for all of the thread's columns
+    for (int row0 = 0; row0 < rows; row0 += kGroup) {
+      // The W0 entries of kGroup rows, all loaded before any of them is visited: a visit may store (W' in the
+      // mask pass), and the compiler, which cannot tell W' from W0, would otherwise issue each load only after
+      // the previous entry's store, one load in flight per thread (the first H200 run: mask pass 724 us at
+      // 4096 x 11008, 7x its instruction count).
+      T w0g[kGroup][kCpt];
 #pragma unroll
-      for (int j = 0; j < RR; ++j) {
-        ur[j] = su[row][j];
-        ar[j] = sa[row][j];
-      }
-      const float rr = sr[row];
+      for (int g = 0; g < kGroup; ++g)
 #pragma unroll
-      for (int q = 0; q < kCpt; ++q) {
-        const int64_t c = c0 + static_cast<int64_t>(q) * kThreads, f = i * p.k + c;
-        const bool valid = c < p.k;
-        float w = 0.0f;
-        unsigned int key = 0u;
-        if (valid) {
-          if (R) {  // the documented order, from registers and shared memory
-            w = weight_of(ur, v[q], p.beta, load_w0_as<T>(p, f));
-            float ab = 0.0f;
-#pragma unroll
-            for (int j = 0; j < RR; ++j) ab = fma_rn(ar[j], b[q][j], ab);
-            key = ukey(fma_rn(p.alpha2, add_rn(rr, cc[q]), fma_rn(p.alpha1, ab, abs_bits(w))));
-          } else {
-            key = key_at(p, i, c, &w);
-          }
+        for (int q = 0; q < kCpt; ++q) {
+          const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+          if (R && row0 + g < rows && c < p.k) w0g[g][q] = static_cast<const T*>(p.w0)[(i0 + row0 + g) * p.k + c];
         }
-        visit(q, i, c, f, valid, w, key);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        const int row = row0 + g;
+        if (row >= rows) break;  // block-uniform: the visits' warp collectives see every lane
+        const int64_t i = i0 + row;
+        float ur[RR], ar[RR];  // the row's factors, read once for all of the thread's columns
+#pragma unroll
+        for (int j = 0; j < RR; ++j) {
+          ur[j] = su[row][j];
+          ar[j] = sa[row][j];
+        }
+        const float rr = sr[row];
+#pragma unroll
+        for (int q = 0; q < kCpt; ++q) {
+          const int64_t c = c0 + static_cast<int64_t>(q) * kThreads, f = i * p.k + c;
+          const bool valid = c < p.k;
+          float w = 0.0f;
+          unsigned int key = 0u;
+          if (valid) {
+            if (R) {  // the documented order, from registers and shared memory
+              w = weight_of(ur, v[q], p.beta, to_f32(w0g[g][q]));
+              float ab = 0.0f;
+#pragma unroll
+              for (int j = 0; j < RR; ++j) ab = fma_rn(ar[j], b[q][j], ab);
+              key = ukey(fma_rn(p.alpha2, add_rn(rr, cc[q]), fma_rn(p.alpha1, ab, abs_bits(w))));
+            } else {
+              key = key_at(p, i, c, &w);
+            }
+          }
+          visit(q, i, c, f, valid, w, key);
+        }
       }
     }
   }
@@ -403,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, R && R <= 16 ? 2 : 1) hist_kernel(Ap
     const bool listing = LIST && p.n <= 0xffffffffll && static_cast<unsigned long long>(st->count0) <= cand.cap;
     const int warp_at = LIST ? (threadIdx.x >> 5) * kWarpStage : 0;
     Stage stage{s_keys + warp_at, s_rows + warp_at, 0u};
-    for_each_score<R, T>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
+    for_each_score<R, T, kAheadNarrow>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
       const bool in = valid && (pass == 0 || (key >> hi) == (prefix >> hi));
       if (in) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
       if (listing) {
