@@ -17,12 +17,13 @@ OP = "pack_bits"
 REGISTRY = registry(OP)
 
 
-_BYTE_SHIFTS = (0, 8, 16, 24)  # byte i of an int32 word holds its bits 8 i .. 8 i + 7
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The small tables below are made on the device (arange), never copied from Python data: torch.tensor(...,
+# device="cuda") from host memory synchronises the stream.
 
 
 def _byte_shifts(device) -> torch.Tensor:
-    return torch.tensor(_BYTE_SHIFTS, dtype=torch.int64, device=device)
+    """(0, 8, 16, 24): byte i of an int32 word holds its bits 8 i .. 8 i + 7."""
+    return torch.arange(0, 32, 8, dtype=torch.int64, device=device)
 
 
 def _byte_bits(device) -> torch.Tensor:
@@ -39,7 +40,7 @@ def _pack_torch(mask: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     padded = torch.zeros(((n + 31) // 32) * 32, dtype=torch.int32, device=mask.device)
     padded[:n] = flat
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=mask.device)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=mask.device)  # bit j of a byte weighs 2 ** j
     byte = (padded.view(-1, 8) * weights).sum(1, dtype=torch.int64).view(-1, 4)
     words = (byte << _byte_shifts(mask.device)).sum(1)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # reinterpret as signed 32-bit

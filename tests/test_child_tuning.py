@@ -526,3 +526,26 @@ def test_layer_stack_is_the_largest_module_list_first_one_on_ties():
     assert layer_stack_parameters(larger_second) == ids(larger_second.b)
     plain = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     assert layer_stack_parameters(plain) == ids(plain)
+
+
+def test_per_step_helpers_copy_no_python_data_to_the_device(monkeypatch):
+    """The torch paths that run every step (the F-mode keep masks, packing and unpacking bits) make their
+    small tables on the device: torch.tensor(data, device=...) copies from host memory, which on CUDA
+    synchronises the stream (the GPU then idles while Python prepares the next launch)."""
+    from apt_kernels import bits
+    from apt_kernels.child_tuning.rng import keep_mask_torch
+
+    real, calls = torch.tensor, []
+
+    def recording(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            calls.append(kwargs["device"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording)
+    m = keep_mask_torch(7, 3, 2, (5, 37), 0.4, device="cpu")
+    words = bits.pack_bits(m, backend="torch")
+    assert torch.equal(bits.unpack_bits(words, m.shape), m)
+    assert calls == []
+    torch.tensor([1], device="cpu")  # the recorder sees such a call
+    assert calls == ["cpu"]

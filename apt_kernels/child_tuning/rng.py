@@ -73,8 +73,9 @@ def random_bits(seed: int, step: int, param_index: int, numel: int, device=None,
     first, last = offset >> 2, (offset + numel - 1) >> 2
     q = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     seed &= (1 << 64) - 1
-    words = philox4x32(q & MASK32, q >> 32, torch.tensor(step, device=device),
-                       torch.tensor(param_index, device=device), seed & MASK32, seed >> 32)
+    # the counter's constant words filled on the device (torch.tensor(x, device="cuda") would synchronise)
+    words = philox4x32(q & MASK32, q >> 32, torch.full((), step, dtype=torch.int64, device=device),
+                       torch.full((), param_index, dtype=torch.int64, device=device), seed & MASK32, seed >> 32)
     x = torch.stack(words, dim=1).reshape(-1)  # element 4 q + j is word j of group q
     return x[offset & 3:(offset & 3) + numel]
 
