@@ -148,10 +148,17 @@ def _draw_numpy(rows, counts, first, steps, indices, total: int, seed: int, thre
 
 
 def _draw_torch(rows, counts, first, steps, indices, total: int, seed: int, threshold: int, device) -> torch.Tensor:
-    """The same bits with :func:`philox4x32` on ``device`` (where numpy cannot reach)."""
-    q = np.arange(total, dtype=np.int64) + np.repeat(first - rows, counts)
-    q, step, index = (torch.from_numpy(x).to(device) for x in (q, np.repeat(steps, counts), np.repeat(indices, counts)))
-    words = philox4x32(q & MASK32, q >> 32, step, index, seed & MASK32, seed >> 32)
+    """The same bits with :func:`philox4x32` on ``device`` (where numpy cannot reach). The counters are
+    spread over the groups on the device from one small copy of four per-tensor values (pinned and
+    asynchronous on CUDA: a pageable copy would synchronise the stream, and the spread counters, 24 bytes
+    per group, would be a copy of their own every step)."""
+    small = torch.from_numpy(np.stack([first - rows, steps, indices, counts]))
+    if device.type == "cuda":
+        small = small.pin_memory()
+    small = small.to(device, non_blocking=True)
+    per_group = lambda x: torch.repeat_interleave(x, small[3], output_size=total)  # noqa: E731 (no size sync)
+    q = torch.arange(total, dtype=torch.int64, device=device) + per_group(small[0])
+    words = philox4x32(q & MASK32, q >> 32, per_group(small[1]), per_group(small[2]), seed & MASK32, seed >> 32)
     return ((torch.stack(words, dim=1) >> KEEP_BITS_SHIFT) < threshold).view(-1)
 
 
