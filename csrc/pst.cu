@@ -109,8 +109,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // W0[f] and W'[f] = x: T is W0's element type (a template parameter of the tile passes: no per-entry dtype
 // branches); the untyped versions serve the per-entry paths (ranks above 32, N:M, the tie cut).
 template <class T>
+__device__ __forceinline__ T w0_at(const AptPstProblem& p, int64_t f) {  // in its own type (converted at use)
+  return static_cast<const T*>(p.w0)[f];
+}
+template <class T>
 __device__ __forceinline__ float load_w0_as(const AptPstProblem& p, int64_t f) {
-  return to_f32(static_cast<const T*>(p.w0)[f]);
+  return to_f32(w0_at<T>(p, f));
 }
 template <class T>
 __device__ __forceinline__ void store_as(void* out, int64_t f, float x) {
@@ -267,7 +271,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
 #pragma unroll
         for (int q = 0; q < kCpt; ++q) {
           const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
-          if (R && row0 + g < rows && c < p.k) w0g[g][q] = static_cast<const T*>(p.w0)[(i0 + row0 + g) * p.k + c];
+          if (R && row0 + g < rows && c < p.k) w0g[g][q] = w0_at<T>(p, (i0 + row0 + g) * p.k + c);
         }
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {

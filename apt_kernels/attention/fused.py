@@ -887,9 +887,10 @@ def _bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: 
 @_bwd_op.register_fake
 def _bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, gate, attn_mask, out, stat, causal, scale,
               dropout_p, seed):
-    like = [q, k, v, prefix_k, prefix_v, gate]
-    return tuple(q.new_empty(_EMPTY) if t is None else torch.empty_like(t) if i < 3 else
-                 torch.empty_like(t, memory_format=torch.contiguous_format) for i, t in enumerate(like))
+    # dq, dk, dv in their inputs' layouts (as attention_backward allocates them); the rest contiguous
+    return (*(torch.empty_like(t) for t in (q, k, v)),
+            *(q.new_empty(_EMPTY) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+              for t in (prefix_k, prefix_v, gate)))
 
 
 def _setup_context(ctx, inputs, output):
