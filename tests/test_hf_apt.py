@@ -823,3 +823,67 @@ def test_deberta_attention_dropout_only_in_training():
     torch.testing.assert_close(hidden(model, ids), hidden(model, ids), rtol=0, atol=0)
     model.train()
     assert not torch.equal(hidden(model, ids), hidden(model, ids))
+
+
+def _spec_gate(adapter, layer, h, keep):
+    """SPEC section 2's gate in float64: lambda * sigmoid(pool(h) @ W + b), pooled before the matmul."""
+    h = h.double()
+    W, b = adapter.gate_weight[layer].double(), adapter.gate_bias[layer].double()
+    pool = adapter.cfg.pool
+    if pool == "token":
+        pooled = h
+    elif pool == "first":
+        pooled = torch.stack([h[i, int(keep[i].nonzero()[0])] for i in range(h.shape[0])])[:, None]
+    else:
+        w = keep.double()[..., None]
+        pooled = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+    return (torch.sigmoid(pooled @ W + b) * adapter.layer_scale[layer].double())[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pool", ["mean", "first", "token"])
+def test_gate_matches_the_spec(pool, dtype):
+    """The gate (pooled logits, the hidden states in their own dtype) against SPEC's formula in float64, on
+    left- and right-padded rows. bf16: W rounded to bf16 and bf16 per-token logits, as under autocast."""
+    model = build("bert", pool=pool)
+    adapter = model.apt_adapter
+    torch.manual_seed(3)
+    h = torch.randn(3, 7, 32).to(dtype)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[0, 5:] = False  # right padding
+    keep[1, :2] = False  # left padding
+    got = adapter.gate(1, h, keep)
+    assert got.dtype == torch.float32 and got.shape == ((3, 1, 7, 3) if pool == "token" else (3, 1, 1, 3))
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=4e-3)
+    torch.testing.assert_close(got.double(), _spec_gate(adapter, 1, h, keep), **tol)
+
+
+def test_gate_makes_no_copy_of_the_hidden_states():
+    """A bf16 model's gate (mean pool) makes no tensor as large as the (B, N, d) hidden states in its forward
+    (neither a float32 copy nor one weighted by the mask) and one, the hidden states' own gradient, in its
+    backward. The old formulation made three in the forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in () if func.is_view else out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= h.numel():
+                    self.big.append(str(func))
+            return out
+
+    model = build("bert", pool="mean")
+    adapter = model.apt_adapter
+    h = torch.randn(4, 64, 32, dtype=torch.bfloat16, requires_grad=True)
+    keep = torch.arange(64)[None] < torch.tensor([[64], [40], [33], [64]])
+    with Sizes() as fwd:
+        g = adapter.gate(0, h, keep)
+    with Sizes() as bwd:
+        g.sum().backward()
+    assert fwd.big == [], fwd.big
+    assert len(bwd.big) == 1, bwd.big
+    assert h.grad.dtype == torch.bfloat16

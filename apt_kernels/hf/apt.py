@@ -157,30 +157,42 @@ class APTAdapter(nn.Module):
 
     def gate(self, layer: int, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off.
-        keep: (B, N) bool, the real tokens of h (mean pooling; None: every token)."""
+        keep: (B, N) bool, the real tokens of h (mean pooling; None: every token).
+
+        The mean is taken of the logits, pool(h) W = pool(h W) (both linear): h meets W_i once, in h's own
+        dtype, and only the (B, N, P) logits are pooled, in float32. So no copy of the (B, N, d) hidden states is
+        made, neither in float32 nor weighted by the mask (in a bf16 model that copy and its backward cost more
+        than the gate's matmul). A half-precision h takes W_i rounded to its dtype with float32 accumulation,
+        what autocast does with a float32 weight; float32 and float64 models compute in W_i's dtype."""
         cfg = self.cfg
         g = None
         if cfg.token_gate:
-            hf = h.to(self.gate_weight.dtype)
-            if cfg.pool == "token":
-                pooled = hf  # (B, N, d)
-            elif cfg.pool == "first":  # the first real token (left padding puts pads first)
+            if cfg.pool == "first":  # the first real token (left padding puts pads first)
                 if keep is None or keep.shape[-1] < h.shape[1]:
-                    pooled = hf[:, :1]
+                    h = h[:, :1]
                 else:
                     first = keep[:, -h.shape[1]:].to(torch.int8).argmax(1)  # first True (0 for a row of pads)
-                    pooled = hf[torch.arange(hf.shape[0], device=hf.device), first][:, None]
-            else:  # mean over real tokens
+                    h = h[torch.arange(h.shape[0], device=h.device), first][:, None]
+            z = _logits(h, self.gate_weight[layer])  # (B, N | 1, P) float32 (W's dtype)
+            if cfg.pool == "mean":  # over real tokens
                 if keep is None or keep.shape[-1] < h.shape[1]:
-                    pooled = hf.mean(1, keepdim=True)
+                    z = z.mean(1, keepdim=True)
                 else:
-                    w = keep[:, -h.shape[1]:].to(hf.dtype)[..., None]
-                    pooled = (hf * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
-            g = torch.sigmoid(pooled @ self.gate_weight[layer] + self.gate_bias[layer])[:, None]  # (B, 1, N|1, P)
+                    w = keep[:, -h.shape[1]:].to(z.dtype)[..., None]
+                    z = (z * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+            g = torch.sigmoid(z + self.gate_bias[layer])[:, None]  # (B, 1, N|1, P)
         if cfg.layer_gate:
             lam = self.layer_scale[layer]
             g = lam.reshape(1, 1, 1, 1).expand(1, 1, 1, cfg.prefix_len) if g is None else g * lam
         return g
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h @ weight in weight's dtype: for a half-precision h, a matmul in h's dtype (float32 accumulation) whose
+    small (..., P) result is cast up, instead of a copy of h in weight's dtype."""
+    if h.dtype in (torch.float16, torch.bfloat16) and weight.dtype != h.dtype:
+        return (h @ weight.to(h.dtype)).to(weight.dtype)
+    return h.to(weight.dtype) @ weight
 
 
 def _apt_state(module: nn.Module):
