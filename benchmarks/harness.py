@@ -27,8 +27,10 @@ A contender that cannot run (``BackendUnavailable``, a peer that does not exist 
 failed compile) is recorded with status "skipped" and the reason; an unexpected exception from one of
 *our* backends is recorded as "error" (a bug to look at) without stopping the run.
 
-With ``profile=True`` every measured mode of our fused backends (not the PyTorch fallbacks) gets a
-``kernels`` list: the time per call of its heaviest kernels (CUDA; CPU: operators), from a few calls
+With ``profile=True`` every measured mode of our fused backends (not the PyTorch fallbacks; and of the peers
+too where the case sets ``profile_peers``) gets a ``kernels`` list: the time per call of its heaviest kernels
+(CUDA; CPU: operators), and ``kernel_totals``: the device time of all of them, their number and their time
+by kernel class (set against the median: the time the device idled within the call), from a few calls
 under ``torch.profiler`` once every contender of the case has been timed (so the profiler never runs
 before a timing of the same case), so that one GPU run says where the time goes.
 
@@ -104,6 +106,7 @@ class Case:
     grad_names: tuple[str, ...] = ()  # input tensors the backward differentiates with respect to
     flops: dict[str, float] | None = None  # per mode
     bytes: dict[str, float] | None = None  # per mode
+    profile_peers: bool = False  # --profile covers the peers too (whole training steps: where each one's time goes)
 
 
 @dataclasses.dataclass
@@ -269,6 +272,11 @@ def kernel_breakdown(fn, device: torch.device, calls: int = 3, top: int = 8) -> 
     """The heaviest kernels of ``fn`` (CUDA: device time of each kernel, copy and fill; CPU: self time of
     each operator), per call of ``fn``, averaged over ``calls`` calls under ``torch.profiler``:
     ``[{"name", "calls", "us"}]``, heaviest first. ``calls`` is how often it ran per call of ``fn``."""
+    return profile_kernels(fn, device, calls)[:top]
+
+
+def profile_kernels(fn, device: torch.device, calls: int = 3) -> list[dict]:
+    """Every kernel of ``fn`` as :func:`kernel_breakdown` lists them (all of them, heaviest first)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
@@ -299,7 +307,55 @@ def kernel_breakdown(fn, device: torch.device, calls: int = 3, top: int = 8) -> 
                for e in prof.key_averages()
                if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("ProfilerStep")]
     out.sort(key=lambda k: -k["us"])
-    return out[:top]
+    return out
+
+
+# Our kernels by exact name (C++ template arguments dropped): a peer's "flash_fwd_kernel" is not ours.
+OUR_KERNELS = {
+    "ours:attention": {"_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel", "_sums_kernel"},
+    "ours:pst": {"_hist_kernel", "_mask_kernel", "_tie_rows_kernel", "_threshold_kernel", "_cut_kernel", "_bwd_kernel",
+                 "hist_kernel", "mask_kernel", "tie_rows_kernel", "bwd_kernel", "nm_kernel"},
+    "ours:child_tuning": {"_child_tuning_adamw_kernel", "adamw_kernel", "_keep_mask_kernel", "keep_mask_kernel",
+                          "pack_bits_kernel", "unpack_bits_kernel"},
+}
+# Everything else by a piece of its name (first match wins): what a training step's device time goes to.
+KERNEL_CLASSES = (
+    ("attention", ("fmha", "flash", "attention", "sdpa", "attn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "matmul", "addmm", "bmm",
+              "linear", "mm")),
+    ("norm", ("layer_norm", "layernorm", "rms_norm", "norm")),
+    ("softmax", ("softmax",)),
+    ("dropout", ("dropout", "bernoulli")),
+    ("reduce", ("reduce", "sum", "mean")),
+    ("copy", ("copy", "memcpy", "cat", "clone", "contiguous")),
+    ("fill", ("memset", "fill", "zero")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("elementwise", ("elementwise", "vectorized", "add", "mul", "div", "gelu", "tanh", "sigmoid", "silu", "where",
+                     "masked")),
+)
+
+
+def kernel_class(name: str) -> str:
+    base = name.split("<")[0].strip()
+    for cls, names in OUR_KERNELS.items():
+        if base in names:
+            return cls
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def kernel_totals(kernels: list[dict]) -> dict:
+    """{"us": device time per call of every kernel, "launches": kernels per call, "classes": {class: us}}
+    (classes heaviest first): set against the call's median, the time the device idled within it."""
+    classes: dict[str, float] = {}
+    for k in kernels:
+        cls = kernel_class(k["name"])
+        classes[cls] = classes.get(cls, 0.0) + k["us"]
+    return dict(us=sum(k["us"] for k in kernels), launches=sum(k["calls"] for k in kernels),
+                classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])))
 
 
 def format_kernels(kernels: list[dict], top: int = 5) -> str:
@@ -414,7 +470,7 @@ def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: floa
         _cleanup(device)
     if profile:  # after every contender of the case was timed: the profiler cannot touch a timing
         for c in case.contenders:
-            if c.ours and c.name not in FALLBACKS:
+            if (c.ours and c.name not in FALLBACKS) or (case.profile_peers and not c.ours):
                 _profile_contender(case, c, [r for r in rows if r["contender"] == c.name and r["status"] == "ok"],
                                    device, log)
                 _cleanup(device)
@@ -432,8 +488,10 @@ def _profile_contender(case, c, rows, device, log) -> None:
         for row in rows:
             call = _mode_calls(case, row["mode"], fns, inputs, device)[0]
             call()  # warm (compiled and autotuned already, but a fresh closure)
-            row["kernels"] = kernel_breakdown(call, device)
+            kernels = profile_kernels(call, device)
+            row["kernels"], row["kernel_totals"] = kernels[:8], kernel_totals(kernels)
             log(f"    {c.name:22s} {row['mode']:8s} kernels: {format_kernels(row['kernels'])}")
+            log(f"    {'':22s} {'':8s} {format_totals(row)}")
     except Exception as e:  # noqa: BLE001  (a profiler problem must not cost the timings)
         log(f"    {c.name:22s} not profiled: {_reason(e)}")
 
@@ -677,12 +735,25 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_totals(row: dict, top: int = 6) -> str:
+    """A profiled row's device time in all, per kernel class, against its median (what is left: idle)."""
+    t = row.get("kernel_totals")
+    if not t:
+        return ""
+    busy = f" = {t['us'] / (row['median_ms'] * 1e3):.0%} of the median" if row.get("median_ms") else ""
+    classes = ", ".join(f"{c} {us / 1e3:.2f}" for c, us in list(t["classes"].items())[:top])
+    return f"all kernels {t['us'] / 1e3:.2f} ms in {t['launches']:g} launches{busy}; by class (ms): {classes}"
+
+
 def format_kernel_table(rows: list[dict], top: int = 4) -> str:
-    """Per measured row of ours with a profile: its heaviest kernels (empty string when none)."""
+    """Per measured row with a profile: its heaviest kernels and its device time by class (empty string when
+    none)."""
     prof = [r for r in rows if r.get("kernels")]
     if not prof:
         return ""
     lines = ["heaviest kernels per call (torch.profiler, after the timing):"]
     for r in prof:
         lines.append(f"  {r['op']} {r['case']} {r['mode']} {r['contender']}: {format_kernels(r['kernels'], top)}")
+        if r.get("kernel_totals"):
+            lines.append(f"    {format_totals(r)}")
     return "\n".join(lines)

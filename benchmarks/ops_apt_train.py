@@ -155,5 +155,5 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             _step_contender("hf_cache_prefix_sdpa", cls, cfg, device, dtype, _hf_cache_prefix(P), ours=False),
         ]
         out.append(Case(OP, name, dict(B=B, N=N, P=P, dtype=str(dtype).replace("torch.", "")),
-                        _make_inputs(cfg, B, N, device), contenders, modes=("step",)))
+                        _make_inputs(cfg, B, N, device), contenders, modes=("step",), profile_peers=True))
     return out

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated contender names to leave out (e.g. reference)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--profile", action="store_true",
-                    help="also record the heaviest kernels of our fused backends per case and mode (torch.profiler)")
+                    help="also record the heaviest kernels of our fused backends per case and mode, and the device "
+                         "time by kernel class (torch.profiler; the peers' too for whole training steps)")
     ap.add_argument("--table", metavar="RESULTS.json", help="only print the summary table of a results file")
     args = ap.parse_args(argv)
     if args.table:

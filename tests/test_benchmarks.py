@@ -213,7 +213,36 @@ def test_profile_records_kernels_of_fused_contenders_only(monkeypatch):
     for r in ok:
         assert bool(r.get("kernels")) == (r["contender"] == "triton"), r
     table = harness.format_kernel_table(rows)
-    assert table.count("\n") == sum(r["contender"] == "triton" for r in ok) and " us" in table
+    assert table.count("\n") == 2 * sum(r["contender"] == "triton" for r in ok) and " us" in table
+    totals = [r for r in ok if r["contender"] == "triton"][0]["kernel_totals"]
+    assert totals["us"] >= sum(k["us"] for k in [r for r in ok if r["contender"] == "triton"][0]["kernels"]) > 0
+    assert "all kernels" in table and "of the median" in table
+
+
+def test_profile_peers_covers_the_peers_too():
+    case = ops_pst.make_case(16, 24, device=CPU, wdtype=torch.float32)
+    case.contenders = [c for c in case.contenders if c.name in ("torch", "torch_kthvalue")]
+    case.profile_peers = True
+    rows = harness.run_case(case, CPU, FAST, log=lambda s: None, profile=True)
+    ok = {r["contender"]: r for r in rows if r["status"] == "ok"}
+    assert not ok["torch"].get("kernels")  # our fallback: never profiled
+    assert ok["torch_kthvalue"]["kernels"] and ok["torch_kthvalue"]["kernel_totals"]["launches"] > 0
+
+
+def test_kernel_classes():
+    cls = harness.kernel_class
+    assert cls("_fwd_kernel") == "ours:attention" and cls("flash_fwd_kernel") == "attention"
+    assert cls("adamw_kernel<float, 1, true, false>") == "ours:child_tuning"
+    assert cls("fmha_cutlassB_bf16_aligned_64x64_k64_sm80") == "attention"
+    assert cls("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert cls("unrolled_elementwise_kernel<at::native::direct_copy_kerne...") == "copy"
+    assert cls("vectorized_elementwise_kernel<4, at::native::CUDAFunctor_...") == "elementwise"
+    assert cls("vectorized_layer_norm_kernel<c10::BFloat16, float>") == "norm"
+    assert cls("reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::...") == "reduce"
+    assert cls("mm") == "gemm" and cls("something_else") == "other"
+    t = harness.kernel_totals([dict(name="mm", calls=2, us=30.0), dict(name="_fwd_kernel", calls=1, us=50.0),
+                               dict(name="addmm", calls=1, us=10.0)])
+    assert t == dict(us=90.0, launches=4, classes={"ours:attention": 50.0, "gemm": 40.0})
 
 
 def test_autotune_choices_are_reported(monkeypatch):
