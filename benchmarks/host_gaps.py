@@ -19,7 +19,9 @@ calls, so
 
 A call is host-bound when its host time exceeds its GPU time: then the wall clock of a loop of calls is
 the host time. Rows: our attention (triton) and SDPA on the concatenated prefix at two encoder shapes and a
-decoder one; our attention's backward launcher called directly (``bwd-direct``: no autograd engine); PST's
+decoder one; our attention's backward launcher called directly (``bwd-direct``: no autograd engine); our
+attention with the backward's prefix launch on the caller's stream (``triton-one-stream``; by default it runs
+on a side stream, beside the token launch); PST's
 CUDA and Triton backends and the paper's path at two shapes; and an empty autograd Function (``noop``):
 what one ``torch.autograd.grad`` through a custom Function costs the host on CUDA, the device thread's
 hand-off included.
@@ -108,8 +110,27 @@ def _case_rows(case, names, calls, log, device) -> list[dict]:
                        **measure(_attention_bwd_direct(inputs[0]), calls))
             rows.append(row)
             log(_fmt(row))
+            rows += _one_stream_rows(case, fns, inputs, calls, log, device)
         del fns, inputs
         torch.cuda.empty_cache()
+    return rows
+
+
+def _one_stream_rows(case, fns, inputs, calls, log, device) -> list[dict]:
+    """Our attention's backward with its prefix launch on the caller's stream (``fused.PREFIX_STREAM`` off):
+    set against the default rows, what running the prefix launch beside the token launch gains."""
+    from apt_kernels.attention import fused
+
+    rows, before = [], fused.PREFIX_STREAM
+    fused.PREFIX_STREAM = False
+    try:
+        for mode in ("bwd", "fwd+bwd"):
+            call = harness._mode_calls(case, mode, fns, inputs, device)[0]
+            row = dict(op=case.op, case=case.name, contender="triton-one-stream", mode=mode, **measure(call, calls))
+            rows.append(row)
+            log(_fmt(row))
+    finally:
+        fused.PREFIX_STREAM = before
     return rows
 
 

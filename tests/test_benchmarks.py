@@ -390,6 +390,16 @@ def test_host_gaps_script_on_cpu_stand_ins(monkeypatch):
                                                                for m in host_gaps.MODES]
     assert len(lines) == len(rows) == 8
     assert all(r["host_us"] > 0 and r["gpu_us"] > 0 and not r["synced"] for r in rows)
+    # the one-stream rows: the backward's prefix launch on the caller's stream while they are measured, only
+    from apt_kernels.attention import fused
+
+    seen = []
+    torch_build = [c for c in case.contenders if c.name == "torch"][0].build
+    inputs = [case.make_inputs(0)]
+    fns = [lambda: seen.append(fused.PREFIX_STREAM) or torch_build(inputs[0])()]
+    one = host_gaps._one_stream_rows(case, fns, inputs, 2, lines.append, CPU)
+    assert [(r["contender"], r["mode"]) for r in one] == [("triton-one-stream", m) for m in ("bwd", "fwd+bwd")]
+    assert seen and not any(seen) and fused.PREFIX_STREAM
     monkeypatch.setattr(_FakeEvent, "reached", True)  # the stream passed `start` while the host was queueing
     assert host_gaps.split(lambda: None, 2)["synced"]
     assert "SYNCED" in host_gaps._fmt(dict(rows[0], synced=True))

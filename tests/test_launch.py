@@ -152,3 +152,62 @@ def test_specialisation_rules_assumed_by_the_key():
     assert all(len(s) == 1 for s in by_width.values()) and len(by_width) == 3, by_width
     # and the specialised integers do differ by value (the key keeps their values)
     assert spec(1) != spec(2) != spec(16)
+
+
+def test_attention_backward_runs_the_prefix_launch_beside_the_token_launch(monkeypatch):
+    """The backward's stream choreography, with CUDA streams and launches replaced by recorders (CPU): the
+    prefix launch goes to the side stream after it waited for the query side (which writes delta), the token
+    launch stays on the caller's stream, and the caller's stream waits for the side stream before the sums
+    launch reads the prefix partials. With PREFIX_STREAM off, or no prefix, everything stays on one stream."""
+    import torch
+
+    from apt_kernels.attention import fused
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    current = [Stream("main")]
+
+    class use:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(fused.launches, "compiled", lambda device: True)
+    monkeypatch.setattr(fused, "PREFIX_SPLITS", 2)
+    monkeypatch.setattr(fused, "_SIDE", {0: Stream("side")})
+    monkeypatch.setattr(fused.torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(fused.torch.cuda, "stream", use)
+    monkeypatch.setattr(fused, "_launch", lambda kernel, *a, **k: events.append(
+        f"{kernel.__name__}{'[prefix]' if a[3].get('IS_PREFIX') else ''} on {current[-1].name}"))
+    monkeypatch.setattr(fused, "run", lambda kernel, *a: events.append(f"{kernel.__name__} on {current[-1].name}"))
+    monkeypatch.setattr(fused, "_side_stream", lambda device: fused._SIDE[0])
+
+    B, H, N, P, D = 2, 2, 8, 3, 16
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    pk, pv = (torch.randn(1, H, P, D) for _ in range(2))
+    out, stat = torch.randn(B, H, N, D), torch.randn(B, H, N, 2)
+
+    def backward(pk, pv):
+        events.clear()
+        fused.attention_backward(torch.randn_like(out), None, q, k, v, pk, pv, None, None, out, stat, False, 0.25,
+                                 0.0, 0)
+        return list(events)
+
+    assert backward(pk, pv) == ["_bwd_q_kernel on main", "side waits main", "_bwd_kv_kernel[prefix] on side",
+                                "_bwd_kv_kernel on main", "main waits side", "_sums_kernel on main"]
+    assert backward(None, None) == ["_bwd_q_kernel on main", "_bwd_kv_kernel on main"]
+    monkeypatch.setattr(fused, "PREFIX_STREAM", False)
+    assert backward(pk, pv) == ["_bwd_q_kernel on main", "_bwd_kv_kernel[prefix] on main", "_bwd_kv_kernel on main",
+                                "_sums_kernel on main"]

@@ -23,6 +23,7 @@ Design (docs/attention.md has the long form):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -749,6 +750,12 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
             dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, HAS_DLSE=grad_lse is not None), q.device,
             tag=tag)
     prefix_table = (_prefix_table(width, prec), ",".join(filter(None, (tag, f"prefix<={width}"))))
+    # The prefix launch on a side stream (forked after the query side, which writes delta; joined below): its
+    # few programs then share the GPU with the token launch's instead of running alone after them.
+    side = _side_stream(q.device) if P and M and PREFIX_STREAM else None
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
     for is_prefix in (True, False):
         L = P if is_prefix else M
         if L == 0:
@@ -762,16 +769,37 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
         DKt, DVt = (dpk_parts, dpv_parts) if is_prefix else (dk.unsqueeze(0), dv.unsqueeze(0))
         n_split = splits if is_prefix else 1
         table, kv_tag = prefix_table if is_prefix else (bwd_table, tag)
-        _launch(_bwd_kv_kernel, table,
-                lambda bm, bn, L=L, n_split=n_split: (n_split * cdiv(L, bn) * B * Hkv,),
-                (q, Kt, Vt, a.gate, a.mask, do, stat, delta, DKt, DVt, DGt,
-                 *a.q_strides, *k_st, *v_st, *a.g_strides, *a.m_strides, *do_strides,
-                 *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
-                 n_split, DKt.stride(0), DVt.stride(0), DGt.stride(0) if DGt.shape[0] > 1 else 0,
-                 Hq, Hkv, N, M, L, a.REP, *tail),
-                dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
-                     GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=kv_tag)
+        with torch.cuda.stream(side) if is_prefix and side is not None else contextlib.nullcontext():
+            _launch(_bwd_kv_kernel, table,
+                    lambda bm, bn, L=L, n_split=n_split: (n_split * cdiv(L, bn) * B * Hkv,),
+                    (q, Kt, Vt, a.gate, a.mask, do, stat, delta, DKt, DVt, DGt,
+                     *a.q_strides, *k_st, *v_st, *a.g_strides, *a.m_strides, *do_strides,
+                     *DKt.stride()[1:], *DVt.stride()[1:], *_strides(DGt[0]),
+                     n_split, DKt.stride(0), DVt.stride(0), DGt.stride(0) if DGt.shape[0] > 1 else 0,
+                     Hq, Hkv, N, M, L, a.REP, *tail),
+                    dict(common, IS_PREFIX=is_prefix, HAS_GATE=a.has_gate and is_prefix, GATE_N1=a.gate_n1,
+                         GATE_H1=gate_h1, SPLIT=n_split > 1), q.device, reset=("DG",), tag=kv_tag)
+    if side is not None:  # every tensor the side stream touched outlives this join: no record_stream needed
+        main.wait_stream(side)
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
+
+
+# Whether the backward's prefix launch runs on a side stream (APT_KERNELS_PREFIX_STREAM=0 at import, or
+# PREFIX_STREAM = False, keeps every launch on the caller's stream; the benchmarks time both).
+PREFIX_STREAM = os.environ.get("APT_KERNELS_PREFIX_STREAM", "1") != "0"
+_SIDE: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device):
+    """This process's side stream on ``device`` (one per device, made on first use); None where the kernels do
+    not run compiled on a CUDA device (the interpreter; CPU tensors standing in for CUDA ones)."""
+    if device.type != "cuda" or not launches.compiled(device):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE.get(index)
+    if stream is None:
+        stream = _SIDE[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 _SUM_BLOCK = 1024
