@@ -515,6 +515,36 @@ def test_cached_launches_give_the_same_bits_on_gpu(monkeypatch, autotune):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["example", "token"])
+def test_prefix_launch_on_a_side_stream_gives_the_same_bits_on_gpu(monkeypatch, gate):
+    """The backward's prefix launch on the side stream (the default), on the caller's stream, and with the
+    caller itself on a non-default stream: the same bits (disjoint outputs, fixed-order sums)."""
+    from apt_kernels.attention import fused
+
+    tensors, keep = make_inputs(B=3, Hq=8, Hkv=2, N=130, M=130, D=64, P=20, gate=gate, device="cuda",
+                                dtype=torch.bfloat16, requires_grad=True)
+    keep = keep.cuda()
+    grad = torch.randn(3, 8, 130, 64, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        out = ak.gated_prefix_attention(*tensors, attn_mask=keep, backend="triton")
+        return list(torch.autograd.grad(out, [t for t in tensors if t is not None], grad))
+
+    monkeypatch.setattr(fused, "PREFIX_STREAM", True)
+    side = run()
+    other = torch.cuda.Stream()
+    other.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(other):
+        on_other = run()
+    torch.cuda.current_stream().wait_stream(other)
+    monkeypatch.setattr(fused, "PREFIX_STREAM", False)
+    one = run()
+    assert len(side) == 6
+    for a, b, c in zip(side, on_other, one):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # float32: its own IEEE tables
 @pytest.mark.parametrize("shape", [dict(B=4, Hq=12, Hkv=12, N=128, M=128, D=64, P=16),
                                    dict(B=2, Hq=32, Hkv=8, N=300, M=300, D=128, P=64)])
