@@ -887,3 +887,19 @@ def test_gate_makes_no_copy_of_the_hidden_states():
     assert fwd.big == [], fwd.big
     assert len(bwd.big) == 1, bwd.big
     assert h.grad.dtype == torch.bfloat16
+
+
+def test_gate_logits_are_pooled_in_float32_under_autocast():
+    """A float32 model under bf16 autocast: the gate's matmul runs in bf16, its logits are pooled in float32."""
+    model = build("bert", pool="mean")
+    adapter = model.apt_adapter
+    h = torch.randn(2, 9, 32)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False
+    from apt_kernels.hf import apt as hf_apt
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = hf_apt._logits(h, adapter.gate_weight[0])
+        g = adapter.gate(0, h, keep)
+    assert z.dtype == torch.float32 and g.dtype == torch.float32
+    torch.testing.assert_close(g.double(), _spec_gate(adapter, 0, h, keep), rtol=0, atol=4e-3)

@@ -189,10 +189,11 @@ class APTAdapter(nn.Module):
 
 def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ weight in weight's dtype: for a half-precision h, a matmul in h's dtype (float32 accumulation) whose
-    small (..., P) result is cast up, instead of a copy of h in weight's dtype."""
+    small (..., P) result is cast up, instead of a copy of h in weight's dtype. The logits are pooled in that
+    dtype, under autocast too."""
     if h.dtype in (torch.float16, torch.bfloat16) and weight.dtype != h.dtype:
         return (h @ weight.to(h.dtype)).to(weight.dtype)
-    return h.to(weight.dtype) @ weight
+    return (h.to(weight.dtype) @ weight).to(weight.dtype)  # (autocast may have run the matmul in half precision)
 
 
 def _apt_state(module: nn.Module):
