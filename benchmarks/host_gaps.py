@@ -100,11 +100,7 @@ def _case_rows(case, names, calls, log, device) -> list[dict]:
             log(f"  {case.name} {c.name}: skipped ({why})")
             continue
         fns = [c.build(inputs[0])]
-        for mode in MODES:
-            call = harness._mode_calls(case, mode, fns, inputs, device)[0]
-            row = dict(op=case.op, case=case.name, contender=c.name, mode=mode, **measure(call, calls))
-            rows.append(row)
-            log(_fmt(row))
+        rows += _mode_rows(case, c.name, MODES, fns, inputs, calls, log, device)
         if case.op == "attention" and c.name == "triton":
             row = dict(op=case.op, case=case.name, contender=c.name, mode="bwd-direct",
                        **measure(_attention_bwd_direct(inputs[0]), calls))
@@ -121,16 +117,22 @@ def _one_stream_rows(case, fns, inputs, calls, log, device) -> list[dict]:
     set against the default rows, what running the prefix launch beside the token launch gains."""
     from apt_kernels.attention import fused
 
-    rows, before = [], fused.PREFIX_STREAM
+    before = fused.PREFIX_STREAM
     fused.PREFIX_STREAM = False
     try:
-        for mode in ("bwd", "fwd+bwd"):
-            call = harness._mode_calls(case, mode, fns, inputs, device)[0]
-            row = dict(op=case.op, case=case.name, contender="triton-one-stream", mode=mode, **measure(call, calls))
-            rows.append(row)
-            log(_fmt(row))
+        return _mode_rows(case, "triton-one-stream", ("bwd", "fwd+bwd"), fns, inputs, calls, log, device)
     finally:
         fused.PREFIX_STREAM = before
+
+
+def _mode_rows(case, contender, modes, fns, inputs, calls, log, device) -> list[dict]:
+    """One measured row per mode of the built callables ``fns`` (as the benchmark harness calls them)."""
+    rows = []
+    for mode in modes:
+        call = harness._mode_calls(case, mode, fns, inputs, device)[0]
+        row = dict(op=case.op, case=case.name, contender=contender, mode=mode, **measure(call, calls))
+        rows.append(row)
+        log(_fmt(row))
     return rows
 
 

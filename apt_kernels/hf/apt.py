@@ -191,9 +191,8 @@ def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ weight in weight's dtype: for a half-precision h, a matmul in h's dtype (float32 accumulation) whose
     small (..., P) result is cast up, instead of a copy of h in weight's dtype. The logits are pooled in that
     dtype, under autocast too."""
-    if h.dtype in (torch.float16, torch.bfloat16) and weight.dtype != h.dtype:
-        return (h @ weight.to(h.dtype)).to(weight.dtype)
-    return (h.to(weight.dtype) @ weight).to(weight.dtype)  # (autocast may have run the matmul in half precision)
+    x = h if h.dtype in (torch.float16, torch.bfloat16) else h.to(weight.dtype)
+    return (x @ weight.to(x.dtype)).to(weight.dtype)  # (autocast may also have run a float32 matmul in half precision)
 
 
 def _apt_state(module: nn.Module):
