@@ -36,7 +36,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compiled Triton on the GPU
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"  # parallel nvcc jobs for the extension build
 
 LIMIT="${CHECK_LIMIT_S:-570}"
 STAMP="$(date -u +%Y%m%d-%H%M%S)"
@@ -57,19 +56,12 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA 
 echo "== toolchain: nvcc $( (command -v nvcc >/dev/null && nvcc --version | tail -n 1) || echo "not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"); ninja $(ninja --version 2>/dev/null || echo "missing: the extension's sources compile one after the other")"
 PIPLOG="${LOGS}/${NAME}-pip.log"
 echo "== install (builds apt_kernels._C from csrc/; log: ${PIPLOG})"
-if ! python3 -m pip install -v --no-build-isolation --no-deps -e . >"$PIPLOG" 2>&1; then
-    # e.g. setuptools < 70.1 without the wheel package ("invalid command 'bdist_wheel'"): build in place
-    tail -n 5 "$PIPLOG"
-    echo "   pip install failed; building in place with setup.py build_ext --inplace instead"
-    if ! python3 setup.py build_ext --inplace >>"$PIPLOG" 2>&1; then
-        tail -n 40 "$PIPLOG"
-        # the Triton kernels, the tests of everything else and the benchmarks do not need the extension
-        echo "gpu_check: the CUDA extension build failed; going on without it (exit status 1 at the end)" >&2
-        status=1
-    fi
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/gpu_install.sh
+if ! install_extension "$PIPLOG"; then
+    # the Triton kernels, the tests of everything else and the benchmarks do not need the extension
+    echo "gpu_check: the CUDA extension build failed; going on without it (exit status 1 at the end)" >&2
+    status=1
 fi
-grep -E "apt-kernels setup:|Successfully" "$PIPLOG" || tail -n 5 "$PIPLOG"
 python3 -c "import torch; from apt_kernels import _env; print('   CUDA extension:', _env.cuda_reason(torch.device('cuda')) or 'built and loaded')"
 echo "   install took ${SECONDS} s"
 

@@ -403,3 +403,82 @@ def test_host_gaps_script_on_cpu_stand_ins(monkeypatch):
     monkeypatch.setattr(_FakeEvent, "reached", True)  # the stream passed `start` while the host was queueing
     assert host_gaps.split(lambda: None, 2)["synced"]
     assert "SYNCED" in host_gaps._fmt(dict(rows[0], synced=True))
+
+
+def _ncu_raw_csv(path: Path) -> Path:
+    """A raw-page CSV as ``ncu --import R --csv --page raw`` writes it: header, units row, one row per kernel
+    (numbers with thousands separators), two marker kernels opening two cases."""
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    header = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream",
+              "gpu__time_duration.sum", "launch__grid_size", "launch__registers_per_thread",
+              "sm__warps_active.avg.pct_of_peak_sustained_active", "dram__bytes.sum.per_second",
+              stall.format("long_scoreboard"), stall.format("mio_throttle"), stall.format("selected"),
+              stall.format("barrier")]
+    units = ["", "", "", "", "", "", "", "usecond", "", "register/thread", "%", "Tbyte/second", "", "", "", ""]
+    rows = [
+        [0, 1, "python3", "h", "spin_kernel(long)", 1, 7, "3.1", "1", "16", "1.5", "0.01", "0", "0", "1", "0"],
+        [1, 1, "python3", "h", "void (anonymous namespace)::hist_kernel<8, true, __nv_bfloat16>(AptPstProblem, int)",
+         1, 7, "1,451.25", "264", "128", "23.5", "0.24", "18.2", "3.1", "1", "0.4"],
+        [2, 1, "python3", "h", "_mask_kernel", 1, 7, "343.8", "1,024", "96", "40", "0.5", "", "", "", ""],
+        [3, 1, "python3", "h", "spin_kernel(long)", 1, 7, "3.0", "1", "16", "1.5", "0.01", "0", "0", "1", "0"],
+        [4, 1, "python3", "h", "_fwd_kernel", 1, 7, "230", "3,072", "255", "12", "1.1", "2", "5.5", "1", "7"],
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(header)
+        w.writerow(units)
+        w.writerows(rows)
+    return path
+
+
+def test_ncu_summary_reads_the_raw_page_and_groups_by_case(tmp_path, capsys):
+    """benchmarks/ncu_summary.py: units applied (us, TB/s -> GB/s), separators read, stall reasons sorted
+    (the issuing 'selected' state left out, blanks skipped), kernels grouped by the markers, markers dropped."""
+    from benchmarks import ncu_summary
+
+    raw = _ncu_raw_csv(tmp_path / "raw.csv")
+    with open(raw, newline="") as f:
+        kernels = ncu_summary.parse(f)
+    assert [k["name"][:11] for k in kernels] == ["spin_kernel", "void (anony", "_mask_kerne", "spin_kernel",
+                                                 "_fwd_kernel"]
+    hist = kernels[1]
+    assert hist["us"] == pytest.approx(1451.25) and hist["grid"] == 264 and hist["regs"] == 128
+    assert hist["dram_gbs"] == pytest.approx(240.0) and hist["occ"] == pytest.approx(23.5)
+    assert list(hist["stalls"]) == ["long_scoreboard", "mio_throttle", "barrier"]
+    assert kernels[2]["stalls"] == {} and kernels[2]["grid"] == 1024 and kernels[2]["issue_pct"] is None
+    grouped = ncu_summary.group(kernels, ["pst", "attn"])
+    assert [(k["case"], k["name"][:5]) for k in grouped] == [("pst", "void "), ("pst", "_mask"), ("attn", "_fwd_")]
+    (tmp_path / "cases.json").write_text(json.dumps({"cases": ["pst", "attn"], "marker": "spin_kernel"}))
+    ncu_summary.main([str(raw), "--cases", str(tmp_path / "cases.json"), "--json", str(tmp_path / "k.json")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("pst") and "hist_kernel<8, true, __nv_bfloat16>" in out[2]
+    assert "long_scoreboard 18.2, mio_throttle 3.1, barrier 0.4" in out[2]
+    assert out[4].startswith("attn") and len(json.loads((tmp_path / "k.json").read_text())) == 3
+    with pytest.raises(ValueError, match="Kernel Name"):
+        ncu_summary.parse(["a,b", "1,2"])
+
+
+def test_ncu_cases_script_checks_its_arguments(monkeypatch):
+    """benchmarks/ncu_cases.py (GPU only: scripts/gpu_ncu.sh runs it under ncu) refuses unknown cases and
+    says why it stops without CUDA."""
+    from benchmarks import ncu_cases
+
+    with pytest.raises(SystemExit):
+        ncu_cases.main(["--cases", "no-such-case"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        ncu_cases.main(["--cases", "pst-768x768-cuda"])
+
+
+@pytest.mark.gpu
+def test_ncu_cases_run_on_gpu():
+    """Every ncu case builds, warms up and runs again in the profiled region (here a null context)."""
+    import contextlib
+
+    from apt_kernels import _env
+    from benchmarks import ncu_cases
+
+    ran = ncu_cases.run(list(ncu_cases.CASES), torch.device("cuda"), warmup=1, profile=contextlib.nullcontext)
+    cuda_cases = {n for n in ncu_cases.CASES if n.endswith("-cuda")}
+    expected = [n for n in ncu_cases.CASES if n not in cuda_cases or _env.cuda_reason(torch.device("cuda")) is None]
+    assert ran == expected
