@@ -194,8 +194,9 @@ __device__ long long block_inclusive_scan(long long x, long long* total) {
 
 // ---- score tiles ---------------------------------------------------------------------------------
 
-constexpr int kTileRows = 16;
+constexpr int kTileRows = 16;  // rows of a score tile, at most
 constexpr int kMaxTileBlocks = 1024;
+constexpr int64_t kTargetTiles = 256;  // tiles (blocks) wanted at least: about two blocks on each of 132 SMs
 // W0 entries a thread loads before computing them (whole rows of its columns; for_each_score's Ahead): 16, or 8
 // in the histogram passes, whose two blocks per SM leave 128 registers (16 spill there at rank 16 and when listing).
 constexpr int kAheadWide = 16, kAheadNarrow = 8;
@@ -203,6 +204,17 @@ constexpr int kAheadWide = 16, kAheadNarrow = 8;
 // Columns per thread of a tile: the V and B runs of a thread's columns fill 64 registers.
 __host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
 __host__ __device__ constexpr int64_t tile_cols(int R) { return static_cast<int64_t>(kThreads) * cols_per_thread(R); }
+
+// log2 of the rows of the score tiles of an n x k matrix in bucket R: kTileRows, fewer (a power of two) where
+// that would give fewer than kTargetTiles tiles (at 16 rows 768 x 768 has 48 tiles: 48 blocks on 132 SMs, each
+// with a chain of 16 rows' dependent loads; the first H200 run took 17-26 us a pass there). A function of the
+// shape only, so the grid (host) and the tiles (device) agree.
+__host__ __device__ constexpr int tile_rows_log2(int64_t n, int64_t k, int R) {
+  const int64_t want = n * ((k + tile_cols(R) - 1) / tile_cols(R)) / kTargetTiles;  // rows for kTargetTiles tiles
+  int lg = 0;
+  while ((int64_t{2} << lg) <= want && (2 << lg) <= kTileRows) ++lg;
+  return lg;
+}
 
 // W of one entry in the documented order, from a row's U and a column's V held in registers (RR values each,
 // zero-padded in front): the score tiles and the backward share it, so the backward's W is the forward's.
@@ -228,13 +240,14 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
   __shared__ __align__(16) float sa[kTileRows][RR];
   __shared__ float sr[kTileRows];
   float v[kCpt][RR], b[kCpt][RR], cc[kCpt];
-  const int64_t row_tiles = (p.n + kTileRows - 1) / kTileRows;
+  const int lg = tile_rows_log2(p.n, p.k, R);  // tiles of 1 << lg rows (the row factors of kTileRows are loaded)
+  const int64_t row_tiles = (p.n + (1 << lg) - 1) >> lg;
   const int64_t tiles = row_tiles * ((p.k + tile_cols(R) - 1) / tile_cols(R));
   const int64_t per = (tiles + gridDim.x - 1) / gridDim.x;
   const int64_t t_end = (blockIdx.x + 1) * per < tiles ? (blockIdx.x + 1) * per : tiles;
   int64_t loaded = -1;
   for (int64_t t = blockIdx.x * per; t < t_end; ++t) {
-    const int64_t ct = t / row_tiles, i0 = (t - ct * row_tiles) * kTileRows;
+    const int64_t ct = t / row_tiles, i0 = (t - ct * row_tiles) << lg;
     const int64_t c0 = ct * tile_cols(R) + threadIdx.x;
     if (ct != loaded) {  // block-uniform
       loaded = ct;
@@ -259,7 +272,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
     }
     if (threadIdx.x < kTileRows) sr[threadIdx.x] = i0 + threadIdx.x < p.n ? p.r[i0 + threadIdx.x] : 0.0f;
     __syncthreads();
-    const int rows = p.n - i0 < kTileRows ? static_cast<int>(p.n - i0) : kTileRows;
+    const int rows = p.n - i0 < (1 << lg) ? static_cast<int>(p.n - i0) : 1 << lg;
     for (int row0 = 0; row0 < rows; row0 += kGroup) {
       // The W0 entries of kGroup rows, all loaded before any of them is visited: a visit may store (W' in the
       // mask pass), and the compiler, which cannot tell W' from W0, would otherwise issue each load only after
@@ -316,7 +329,8 @@ int rank_bucket(int rw, int rs) {
 }
 
 unsigned int tile_grid(const AptPstProblem& p, int R) {
-  const int64_t tiles = (p.n + kTileRows - 1) / kTileRows * ((p.k + tile_cols(R) - 1) / tile_cols(R));
+  const int lg = tile_rows_log2(p.n, p.k, R);
+  const int64_t tiles = ((p.n + (1 << lg) - 1) >> lg) * ((p.k + tile_cols(R) - 1) / tile_cols(R));
   return static_cast<unsigned int>(tiles < 1 ? 1 : (tiles > kMaxTileBlocks ? kMaxTileBlocks : tiles));
 }
 

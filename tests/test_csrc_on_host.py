@@ -176,8 +176,12 @@ def test_pst_dtypes_equal_fused_order_emulation(cuda_on_host, dtype, ties):
 # columns not multiples of a tile (16 rows x 256 * 32 / R columns), several column tiles, and more tiles
 # than the 1024 blocks of a launch: runs of two tiles per block that stay in one column tile (16400 x 1)
 # or cross into the next one every time (1 x 262200: the column factors are reloaded).
+# Tiles of 1 to 16 rows (csrc/pst.cu: tile_rows_log2; fewer rows where 16 would give under 256 tiles): most
+# cases have 1-row tiles; 2 rows with a 1-row last tile (1001 x 40), 8 with a 3-row last one (2051 x 5), 2 over
+# two column tiles (300 x 600, rank 16), 16 with two tiles a block (16400 x 1).
 TILE_CASES = [(37, 53, 0, 0), (20, 1100, 8, 8), (37, 300, 9, 3), (19, 70, 16, 16), (21, 600, 17, 2),
-              (5, 40, 32, 1), (6, 45, 33, 2), (16400, 1, 20, 1), (1, 262200, 20, 1)]
+              (5, 40, 32, 1), (6, 45, 33, 2), (16400, 1, 20, 1), (1, 262200, 20, 1), (1001, 40, 8, 8),
+              (2051, 5, 8, 3), (300, 600, 16, 16)]
 
 
 @pytest.mark.parametrize("n,k,rw,rs", TILE_CASES)
