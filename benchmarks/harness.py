@@ -60,6 +60,8 @@ import torch
 from apt_kernels import _env
 from apt_kernels.registry import REGISTRIES, BackendUnavailable, Probe
 
+from .names import short_kernel_name
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 N_INPUT_SETS = 3
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
@@ -245,27 +247,6 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
     fn()
     _sync(device)
     return max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
-def short_kernel_name(name: str, width: int = 60) -> str:
-    """A kernel's name without its parameter list, return type and namespaces (C++), at most ``width`` chars."""
-    base = name.strip()
-    if base.endswith(")"):  # drop the parameter list: back to the "(" matching the final ")"
-        depth = 0
-        for i in range(len(base) - 1, -1, -1):
-            depth += (base[i] == ")") - (base[i] == "(")
-            if depth == 0:
-                base = base[:i].strip()
-                break
-    if base.startswith("void "):
-        base = base[5:]
-    depth, cut = 0, 0  # after the last "::" outside brackets
-    for i, ch in enumerate(base):
-        depth += (ch in "<(") - (ch in ">)")
-        if depth == 0 and base.startswith("::", i):
-            cut = i + 2
-    base = base[cut:] or name
-    return base if len(base) <= width else base[: width - 3] + "..."
 
 
 TOP_KERNELS = 8  # kernels kept per profiled row

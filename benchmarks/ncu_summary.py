@@ -16,7 +16,7 @@ import json
 import re
 import sys
 
-from .harness import short_kernel_name
+from .names import short_kernel_name
 
 # key -> the raw-page columns that carry it, the first found wins (ncu versions differ in a few names)
 METRICS = {

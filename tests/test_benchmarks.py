@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repos
     sys.path.insert(0, str(ROOT))
 
 from apt_kernels import _launch  # noqa: E402
-from benchmarks import harness, ops_apt_train, ops_attention, ops_child_tuning, ops_pst, run  # noqa: E402
+from benchmarks import harness, names, ops_apt_train, ops_attention, ops_child_tuning, ops_pst, run  # noqa: E402
 
 CPU = torch.device("cpu")
 FAST = harness.Timing(cpu_min_runs=3, cpu_max_runs=20, cpu_target_s=0.005)
@@ -194,11 +194,11 @@ def test_kernel_breakdown_names_the_heaviest_work():
     assert ks and ks[0]["us"] > 0 and ks == sorted(ks, key=lambda k: -k["us"])
     assert ks[0]["name"] == "mm" and ks[0]["calls"] == 1, ks  # aten::mm, namespace dropped
     assert not [k for k in ks if k["name"].startswith("ProfilerStep")], ks
-    assert harness.short_kernel_name("void (anonymous namespace)::hist_kernel(AptPstProblem, int, State const*)") \
+    assert names.short_kernel_name("void (anonymous namespace)::hist_kernel(AptPstProblem, int, State const*)") \
         == "hist_kernel"
-    assert harness.short_kernel_name("void apt::ct::adamw_kernel<float, 1, true, false>(apt::Row const*)") \
+    assert names.short_kernel_name("void apt::ct::adamw_kernel<float, 1, true, false>(apt::Row const*)") \
         == "adamw_kernel<float, 1, true, false>"
-    assert harness.short_kernel_name("_attn_fwd") == "_attn_fwd"
+    assert names.short_kernel_name("_attn_fwd") == "_attn_fwd"
 
 
 def test_profile_records_kernels_of_fused_contenders_only(monkeypatch):
