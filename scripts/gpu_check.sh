@@ -7,6 +7,7 @@
 #                                      benchmarks.host_gaps first: host vs GPU time per call, about a minute)
 #   SKIP_TESTS=1 BENCH_OPS=pst,child_tuning,apt_train bash scripts/gpu_check.sh  # a third
 #   BENCH_QUICK=1 bash scripts/gpu_check.sh              # fewer shapes
+#   bash scripts/gpu_ncu.sh                              # Nsight Compute counters of chosen kernels (its header)
 #
 # On the H200 (2026-11-22): the build took 50 s, the GPU tests 225 s with 8 xdist workers, the attention
 # benchmarks 270 s and the other three ops' 320 s: three 10-minute calls cover everything, the first one
