@@ -11,7 +11,8 @@ are whose. ``--order FILE`` writes the case names in that order.
 What each case asks:
   * pst-*: are the CUDA C++ histogram and mask passes (about 240 GB/s at 4096 x 11008) bound by latency
     (long-scoreboard stalls, few warps) or by the shared-memory histogram's atomics (MIO / LSU stalls);
-    what the Triton passes and the backward wait on; why 768 x 768 passes take 17-26 us each;
+    what the Triton passes and the backward wait on; why 768 x 768 passes took 17-26 us each (CUDA C++, 48
+    blocks then: now 384) and about 52 us (Triton);
   * attn-*: what dropout's Philox draws and their trip through shared memory (the SASS's extra STS / LDS /
     BAR) cost the forward and backward kernels at BERT's shape, against the same case without dropout;
     the decoder shape for the key-side backward.
@@ -76,6 +77,7 @@ CASES = {
     "pst-4096x11008-cuda": _pst(4096, 11008, "cuda"),
     "pst-4096x11008-triton": _pst(4096, 11008, "triton"),
     "pst-768x768-cuda": _pst(768, 768, "cuda"),
+    "pst-768x768-triton": _pst(768, 768, "triton"),
     "attn-bert-h12-n512-p16": _attention("bert", 0.0),
     "attn-bert-h12-n512-p16-dropout0.1": _attention("bert", 0.1),
     "attn-llama-n4096-p64": _attention("llama", 0.0),
