@@ -252,15 +252,10 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
 TOP_KERNELS = 8  # kernels kept per profiled row
 
 
-def kernel_breakdown(fn, device: torch.device, calls: int = 3, top: int = TOP_KERNELS) -> list[dict]:
-    """The heaviest kernels of ``fn`` (CUDA: device time of each kernel, copy and fill; CPU: self time of
-    each operator), per call of ``fn``, averaged over ``calls`` calls under ``torch.profiler``:
-    ``[{"name", "calls", "us"}]``, heaviest first. ``calls`` is how often it ran per call of ``fn``."""
-    return profile_kernels(fn, device, calls)[:top]
-
-
 def profile_kernels(fn, device: torch.device, calls: int = 3) -> list[dict]:
-    """Every kernel of ``fn`` as :func:`kernel_breakdown` lists them (all of them, heaviest first)."""
+    """Every kernel of ``fn`` (CUDA: device time of each kernel, copy and fill; CPU: self time of each
+    operator), per call of ``fn``, averaged over ``calls`` calls under ``torch.profiler``:
+    ``[{"name", "calls", "us"}]``, heaviest first. ``calls`` is how often it ran per call of ``fn``."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
@@ -462,7 +457,8 @@ def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: floa
 
 
 def _profile_contender(case, c, rows, device, log) -> None:
-    """Adds ``kernels`` (see :func:`kernel_breakdown`) to the measured ``rows`` of contender ``c``."""
+    """Adds ``kernels`` (the TOP_KERNELS heaviest of :func:`profile_kernels`) and ``kernel_totals`` to the
+    measured ``rows`` of contender ``c``."""
     if not rows:
         return
     try:

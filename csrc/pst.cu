@@ -205,16 +205,21 @@ constexpr int kAheadWide = 16, kAheadNarrow = 8;
 __host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
 __host__ __device__ constexpr int64_t tile_cols(int R) { return static_cast<int64_t>(kThreads) * cols_per_thread(R); }
 
+__host__ __device__ constexpr int64_t score_col_tiles(int64_t k, int R) { return (k + tile_cols(R) - 1) / tile_cols(R); }
+
 // log2 of the rows of the score tiles of an n x k matrix in bucket R: kTileRows, fewer (a power of two) where
 // that would give fewer than kTargetTiles tiles (at 16 rows 768 x 768 has 48 tiles: 48 blocks on 132 SMs, each
 // with a chain of 16 rows' dependent loads; the first H200 run took 17-26 us a pass there). A function of the
 // shape only, so the grid (host) and the tiles (device) agree.
 __host__ __device__ constexpr int tile_rows_log2(int64_t n, int64_t k, int R) {
-  const int64_t want = n * ((k + tile_cols(R) - 1) / tile_cols(R)) / kTargetTiles;  // rows for kTargetTiles tiles
+  const int64_t want = n * score_col_tiles(k, R) / kTargetTiles;  // rows for kTargetTiles tiles
   int lg = 0;
   while ((int64_t{2} << lg) <= want && (2 << lg) <= kTileRows) ++lg;
   return lg;
 }
+
+// Row tiles of n rows in tiles of 1 << lg (a matrix's score tiles: score_row_tiles x score_col_tiles, rows fastest).
+__host__ __device__ constexpr int64_t score_row_tiles(int64_t n, int lg) { return (n + (int64_t{1} << lg) - 1) >> lg; }
 
 // W of one entry in the documented order, from a row's U and a column's V held in registers (RR values each,
 // zero-padded in front): the score tiles and the backward share it, so the backward's W is the forward's.
@@ -241,13 +246,12 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
   __shared__ float sr[kTileRows];
   float v[kCpt][RR], b[kCpt][RR], cc[kCpt];
   const int lg = tile_rows_log2(p.n, p.k, R);  // tiles of 1 << lg rows (the row factors of kTileRows are loaded)
-  const int64_t row_tiles = (p.n + (1 << lg) - 1) >> lg;
-  const int64_t tiles = row_tiles * ((p.k + tile_cols(R) - 1) / tile_cols(R));
+  const int64_t rtiles = score_row_tiles(p.n, lg), tiles = rtiles * score_col_tiles(p.k, R);
   const int64_t per = (tiles + gridDim.x - 1) / gridDim.x;
   const int64_t t_end = (blockIdx.x + 1) * per < tiles ? (blockIdx.x + 1) * per : tiles;
   int64_t loaded = -1;
   for (int64_t t = blockIdx.x * per; t < t_end; ++t) {
-    const int64_t ct = t / row_tiles, i0 = (t - ct * row_tiles) << lg;
+    const int64_t ct = t / rtiles, i0 = (t - ct * rtiles) << lg;
     const int64_t c0 = ct * tile_cols(R) + threadIdx.x;
     if (ct != loaded) {  // block-uniform
       loaded = ct;
@@ -329,8 +333,7 @@ int rank_bucket(int rw, int rs) {
 }
 
 unsigned int tile_grid(const AptPstProblem& p, int R) {
-  const int lg = tile_rows_log2(p.n, p.k, R);
-  const int64_t tiles = ((p.n + (1 << lg) - 1) >> lg) * ((p.k + tile_cols(R) - 1) / tile_cols(R));
+  const int64_t tiles = score_row_tiles(p.n, tile_rows_log2(p.n, p.k, R)) * score_col_tiles(p.k, R);
   return static_cast<unsigned int>(tiles < 1 ? 1 : (tiles > kMaxTileBlocks ? kMaxTileBlocks : tiles));
 }
 

@@ -182,7 +182,7 @@ def test_pst_peer_masks_prune_the_same_n_smallest(n):
         assert torch.equal(m, want), name
 
 
-def test_kernel_breakdown_names_the_heaviest_work():
+def test_profile_kernels_names_the_heaviest_work():
     # a matmul of ~0.9 GFLOP (milliseconds on a CI core): a scheduler hiccup of a few milliseconds in the
     # cheap ops cannot outweigh it (at 256 x 256 one did on a loaded 2-core machine)
     a = torch.randn(768, 768)
@@ -190,7 +190,7 @@ def test_kernel_breakdown_names_the_heaviest_work():
     def fn():
         return (a @ a).relu_().sum()
 
-    ks = harness.kernel_breakdown(fn, CPU, calls=2)
+    ks = harness.profile_kernels(fn, CPU, calls=2)
     assert ks and ks[0]["us"] > 0 and ks == sorted(ks, key=lambda k: -k["us"])
     assert ks[0]["name"] == "mm" and ks[0]["calls"] == 1, ks  # aten::mm, namespace dropped
     assert not [k for k in ks if k["name"].startswith("ProfilerStep")], ks
