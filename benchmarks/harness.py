@@ -32,7 +32,9 @@ too where the case sets ``profile_peers``) gets a ``kernels`` list: the time per
 (CUDA; CPU: operators), and ``kernel_totals``: the device time of all of them, their number and their time
 by kernel class (set against the median: the time the device idled within the call), from a few calls
 under ``torch.profiler`` once every contender of the case has been timed (so the profiler never runs
-before a timing of the same case), so that one GPU run says where the time goes.
+before a timing of the same case), so that one GPU run says where the time goes; and ``host``: the host's side
+of the same calls (wall clock per call, launches, time in CUDA API calls, and the calls that waited for the GPU),
+which says whether device time the kernels leave idle went to host work or to a synchronisation.
 
 Every ok row gets ``ratio_to_best_peer`` = its median / the best peer's median in the same
 (op, case, mode): below 1 means faster than every peer measured in that run.
@@ -252,11 +254,62 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
 TOP_KERNELS = 8  # kernels kept per profiled row
 
 
-def profile_kernels(fn, device: torch.device, calls: int = 3) -> list[dict]:
-    """Every kernel of ``fn`` (CUDA: device time of each kernel, copy and fill; CPU: self time of each
-    operator), per call of ``fn``, averaged over ``calls`` calls under ``torch.profiler``:
-    ``[{"name", "calls", "us"}]``, heaviest first. ``calls`` is how often it ran per call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+CALL_RANGE = "apt_bench_call"  # the record_function range around each profiled call
+# CUDA runtime / driver calls, as the profiler names them (CPU events): kernel launches, and the calls that
+# block the host until the GPU has caught up (a pageable copy to the host is a cudaMemcpyAsync followed by a
+# cudaStreamSynchronize: counted by the latter).
+LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel",
+               "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNC_APIS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+             "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cuMemcpyDtoH", "cuMemcpyHtoD")
+
+
+def _api_kind(name: str) -> str | None:
+    """"launch", "sync" or "api" for a CUDA runtime/driver call's profiler name, None for anything else."""
+    if not (name.startswith("cuda") or (name.startswith("cu") and name[2:3].isupper())):
+        return None
+    base = name.split("_v")[0]  # cuMemcpyDtoH_v2
+    if base in LAUNCH_APIS:
+        return "launch"
+    if base in SYNC_APIS:
+        return "sync"
+    return "api"
+
+
+def host_totals(calls: list[tuple[float, float]], events: list[tuple[str, float, float]]) -> dict:
+    """Where the host's time goes in the profiled calls: ``calls`` are their (start, end) in microseconds,
+    ``events`` the profile's (name, start, end) from every thread (the autograd engine's device thread
+    included). Per call: ``host_us`` (wall clock from entering the call to leaving it: Python, torch, the
+    launches, and any wait on the GPU), ``launches``, ``syncs`` and ``sync_us`` (calls that wait for the GPU),
+    ``api_us`` (time in every CUDA runtime/driver call, those included); ``apis``: the heaviest of them."""
+    n = max(1, len(calls))
+    spans = sorted(calls)
+    per: dict[str, list[float]] = {}
+    kinds = dict(launch=[0, 0.0], sync=[0, 0.0], api=[0, 0.0])
+    for name, t0, t1 in events:
+        kind = _api_kind(name)
+        if kind is None or not any(a <= t0 and t1 <= b for a, b in spans):
+            continue
+        kinds[kind][0] += 1
+        kinds[kind][1] += t1 - t0
+        per.setdefault(name, [0, 0.0])
+        per[name][0] += 1
+        per[name][1] += t1 - t0
+    apis = sorted(per.items(), key=lambda kv: -kv[1][1])[:6]
+    return dict(host_us=sum(b - a for a, b in spans) / n, launches=kinds["launch"][0] / n,
+                syncs=kinds["sync"][0] / n, sync_us=kinds["sync"][1] / n,
+                api_us=sum(v[1] for v in kinds.values()) / n,
+                apis=[dict(name=k, calls=c / n, us=us / n) for k, (c, us) in apis])
+
+
+def profile_call(fn, device: torch.device, calls: int = 3) -> tuple[list[dict], dict]:
+    """``(kernels, host)`` of ``fn`` from ``calls`` calls under ``torch.profiler``, per call.
+
+    ``kernels``: every kernel (CUDA: device time of each kernel, copy and fill; CPU: self time of each
+    operator), ``[{"name", "calls", "us"}]``, heaviest first; ``calls`` is how often it ran per call of ``fn``.
+    ``host``: :func:`host_totals` (the profiler's own cost is in ``host_us``: an upper bound), and ``ops``: the
+    operators with the most self CPU time per call."""
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -266,12 +319,23 @@ def profile_kernels(fn, device: torch.device, calls: int = 3) -> list[dict]:
     with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
         for step in range(2):
             for _ in range(1 if step == 0 else calls):
-                fn()
+                with record_function(CALL_RANGE):
+                    fn()
             _sync(device)
             prof.step()
+    events = prof.events()
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == CALL_RANGE]
+    host = host_totals(spans, [(e.name, e.time_range.start, e.time_range.end) for e in events
+                               if e.device_type == torch.autograd.DeviceType.CPU])
+    avgs = prof.key_averages()
+    # the operators heaviest on the host (self CPU time, the autograd engine's thread included)
+    cpu_ops = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CPU and _api_kind(e.key) is None
+               and not e.key.startswith("ProfilerStep") and e.key != CALL_RANGE]
+    cpu_ops.sort(key=lambda e: -e.self_cpu_time_total)
+    host["ops"] = [dict(name=e.key, calls=e.count / calls, us=e.self_cpu_time_total / calls) for e in cpu_ops[:8]]
     out = []
-    for e in prof.key_averages():
-        if e.key.startswith("ProfilerStep"):
+    for e in avgs:
+        if e.key.startswith("ProfilerStep") or e.key == CALL_RANGE:
             continue
         if cuda:
             us = getattr(e, "self_device_time_total", None)
@@ -283,10 +347,11 @@ def profile_kernels(fn, device: torch.device, calls: int = 3) -> list[dict]:
             out.append(dict(name=short_kernel_name(e.key), calls=e.count / calls, us=us / calls))
     if cuda and not out:  # a profiler that files kernels under their operators only
         out = [dict(name=short_kernel_name(e.key), calls=e.count / calls, us=e.self_device_time_total / calls)
-               for e in prof.key_averages()
-               if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("ProfilerStep")]
+               for e in avgs
+               if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("ProfilerStep")
+               and e.key != CALL_RANGE]
     out.sort(key=lambda k: -k["us"])
-    return out
+    return out, host
 
 
 # Our kernels by exact name (C++ template arguments dropped): a peer's "flash_fwd_kernel" is not ours.
@@ -457,8 +522,8 @@ def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: floa
 
 
 def _profile_contender(case, c, rows, device, log) -> None:
-    """Adds ``kernels`` (the TOP_KERNELS heaviest of :func:`profile_kernels`) and ``kernel_totals`` to the
-    measured ``rows`` of contender ``c``."""
+    """Adds ``kernels`` (the TOP_KERNELS heaviest of :func:`profile_call`), ``kernel_totals`` and ``host`` to
+    the measured ``rows`` of contender ``c``."""
     if not rows:
         return
     try:
@@ -467,7 +532,7 @@ def _profile_contender(case, c, rows, device, log) -> None:
         for row in rows:
             call = _mode_calls(case, row["mode"], fns, inputs, device)[0]
             call()  # warm (compiled and autotuned already, but a fresh closure)
-            kernels = profile_kernels(call, device)
+            kernels, row["host"] = profile_call(call, device)
             row["kernels"], row["kernel_totals"] = kernels[:TOP_KERNELS], kernel_totals(kernels)
             log(f"    {c.name:22s} {row['mode']:8s} kernels: {format_kernels(row['kernels'])}")
             log(f"    {'':22s} {'':8s} {format_totals(row)}")
@@ -721,7 +786,22 @@ def format_totals(row: dict, top: int = 6) -> str:
         return ""
     busy = f" = {t['us'] / (row['median_ms'] * 1e3):.0%} of the median" if row.get("median_ms") else ""
     classes = ", ".join(f"{c} {us / 1e3:.2f}" for c, us in list(t["classes"].items())[:top])
-    return f"all kernels {t['us'] / 1e3:.2f} ms in {t['launches']:g} launches{busy}; by class (ms): {classes}"
+    line = f"all kernels {t['us'] / 1e3:.2f} ms in {t['launches']:g} launches{busy}; by class (ms): {classes}"
+    h = row.get("host")
+    if h:
+        line += f"; {format_host(h)}"
+    return line
+
+
+def format_host(h: dict) -> str:
+    """A profiled call's host side (:func:`host_totals`) in one phrase."""
+    text = f"host {h['host_us'] / 1e3:.3f} ms a call under the profiler"
+    if h["api_us"]:
+        text += f" ({h['launches']:g} launches, {h['api_us'] / 1e3:.3f} ms in CUDA API calls"
+        if h["syncs"]:
+            text += f", {h['syncs']:g} waiting on the GPU for {h['sync_us'] / 1e3:.3f} ms"
+        text += ")"
+    return text
 
 
 def format_kernel_table(rows: list[dict], top: int = 4) -> str:

@@ -190,15 +190,37 @@ def test_profile_kernels_names_the_heaviest_work():
     def fn():
         return (a @ a).relu_().sum()
 
-    ks = harness.profile_kernels(fn, CPU, calls=2)
+    ks, host = harness.profile_call(fn, CPU, calls=2)
     assert ks and ks[0]["us"] > 0 and ks == sorted(ks, key=lambda k: -k["us"])
     assert ks[0]["name"] == "mm" and ks[0]["calls"] == 1, ks  # aten::mm, namespace dropped
-    assert not [k for k in ks if k["name"].startswith("ProfilerStep")], ks
+    assert not [k for k in ks if k["name"].startswith("ProfilerStep") or k["name"] == harness.CALL_RANGE], ks
+    # the host side: every call's wall clock, at least its operators' time; no CUDA API calls on a CPU
+    assert host["host_us"] >= sum(k["us"] for k in ks) * 0.99 and host["api_us"] == 0 == host["launches"], host
+    assert host["ops"][0]["name"] == "aten::mm" and host["ops"][0]["calls"] == 1, host
     assert names.short_kernel_name("void (anonymous namespace)::hist_kernel(AptPstProblem, int, State const*)") \
         == "hist_kernel"
     assert names.short_kernel_name("void apt::ct::adamw_kernel<float, 1, true, false>(apt::Row const*)") \
         == "adamw_kernel<float, 1, true, false>"
     assert names.short_kernel_name("_attn_fwd") == "_attn_fwd"
+
+
+def test_host_totals_counts_the_api_calls_inside_the_calls():
+    calls = [(0.0, 100.0), (200.0, 260.0)]
+    events = [("cudaLaunchKernel", 10, 14), ("cuLaunchKernelEx", 20, 26),  # launches, runtime and driver API
+              ("cudaStreamSynchronize", 30, 80),  # a wait on the GPU
+              ("cuMemcpyDtoH_v2", 210, 230),  # a synchronous copy, versioned name
+              ("cudaEventRecord", 240, 241), ("aten::mm", 50, 60),  # another API call; an operator (not counted)
+              ("cudaDeviceSynchronize", 150, 190),  # between the calls: the harness's own, not counted
+              ("cudaLaunchKernel", 95, 105)]  # straddles a call's end: not inside it
+    h = harness.host_totals(calls, events)
+    assert h["host_us"] == 80.0 and h["launches"] == 1.0 and h["syncs"] == 1.0 and h["sync_us"] == 35.0
+    assert h["api_us"] == (4 + 6 + 50 + 20 + 1) / 2
+    assert [a["name"] for a in h["apis"]] == ["cudaStreamSynchronize", "cuMemcpyDtoH_v2", "cuLaunchKernelEx",
+                                              "cudaLaunchKernel", "cudaEventRecord"]
+    assert harness._api_kind("custom_op") is None and harness._api_kind("cudnnConvolution") is None
+    text = harness.format_host(h)
+    assert "host 0.080 ms" in text and "1 launches" in text and "1 waiting on the GPU for 0.035 ms" in text
+    assert harness.format_host(dict(h, api_us=0.0)) == "host 0.080 ms a call under the profiler"
 
 
 def test_profile_records_kernels_of_fused_contenders_only(monkeypatch):
@@ -216,7 +238,8 @@ def test_profile_records_kernels_of_fused_contenders_only(monkeypatch):
     assert table.count("\n") == 2 * sum(r["contender"] == "triton" for r in ok) and " us" in table
     totals = [r for r in ok if r["contender"] == "triton"][0]["kernel_totals"]
     assert totals["us"] >= sum(k["us"] for k in [r for r in ok if r["contender"] == "triton"][0]["kernels"]) > 0
-    assert "all kernels" in table and "of the median" in table
+    assert "all kernels" in table and "of the median" in table and "host " in table
+    assert [r for r in ok if r["contender"] == "triton"][0]["host"]["host_us"] > 0
 
 
 def test_profile_peers_covers_the_peers_too():
