@@ -138,14 +138,10 @@ def _mode_rows(case, contender, modes, fns, inputs, calls, log, device) -> list[
 
 def _attention_bwd_direct(inp):
     """Our attention's backward launcher on the forward's saved outputs, without the autograd engine."""
-    from apt_kernels.attention import fused
+    from apt_kernels.attention import fused, normalise_inputs
 
-    q, k, v = (inp[n].detach() for n in ("q", "k", "v"))
-    pk = None if inp["prefix_k"] is None else inp["prefix_k"].detach()[None]
-    pv = None if inp["prefix_v"] is None else inp["prefix_v"].detach()[None]
-    gate = None if inp["gate"] is None else inp["gate"].detach()
-    mask = None if inp["keep"] is None else inp["keep"].view(q.shape[0], 1, 1, -1)
-    causal, scale = inp["causal"], q.shape[-1] ** -0.5
+    detached = (None if inp[n] is None else inp[n].detach() for n in ("q", "k", "v", "prefix_k", "prefix_v", "gate"))
+    q, k, v, pk, pv, gate, mask, causal, scale, _ = normalise_inputs(*detached, inp["keep"], inp["causal"], None, 0.0)
     out, _, stat = fused.attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, 0.0, 0)
     grad = torch.randn_like(out)
     return lambda: fused.attention_backward(grad, None, q, k, v, pk, pv, gate, mask, out, stat, causal, scale, 0.0, 0)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
+import apt_kernels  # noqa: E402
 from apt_kernels import _launch  # noqa: E402
 from benchmarks import harness, names, ops_apt_train, ops_attention, ops_child_tuning, ops_pst, run  # noqa: E402
 
@@ -426,6 +427,26 @@ def test_host_gaps_script_on_cpu_stand_ins(monkeypatch):
     monkeypatch.setattr(_FakeEvent, "reached", True)  # the stream passed `start` while the host was queueing
     assert host_gaps.split(lambda: None, 2)["synced"]
     assert "SYNCED" in host_gaps._fmt(dict(rows[0], synced=True))
+
+
+@pytest.mark.triton
+def test_host_gaps_direct_backward_is_the_ops_backward():
+    """host_gaps' ``bwd-direct`` row times the backward launcher on the public entry's normalised inputs:
+    its gradients are those of autograd through gated_prefix_attention (through the interpreter here)."""
+    from benchmarks import host_gaps
+
+    case = ops_attention.make_case("enc-tiny", B=2, Hq=2, Hkv=2, N=16, P=4, D=8, causal=False, mask="padding",
+                                   gate="per-example", device=CPU, dtype=torch.float32)
+    inp = case.make_inputs(0)
+    torch.manual_seed(7)  # the direct call's output gradient: torch.randn_like
+    direct = host_gaps._attention_bwd_direct(inp)()
+    leaves = [inp[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "gate")]
+    out = apt_kernels.gated_prefix_attention(*leaves, attn_mask=inp["keep"], causal=inp["causal"], backend="triton")
+    torch.manual_seed(7)
+    want = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    got = direct[:3] + tuple(g.sum(0) for g in direct[3:5]) + direct[5:6]  # a shared prefix: (1, ...) summed
+    for name, g, w in zip(("dq", "dk", "dv", "dpk", "dpv", "dgate"), got, want):
+        torch.testing.assert_close(g.reshape(w.shape), w, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def _ncu_raw_csv(path: Path) -> Path:

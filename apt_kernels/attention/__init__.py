@@ -106,6 +106,20 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         >>> apt_kernels.gated_prefix_attention(q, k, v, pk, pv, gate, causal=True).shape
         torch.Size([2, 4, 8, 16])
     """
+    args = normalise_inputs(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p)
+    q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p = args
+    features = ("dropout" if dropout_p > 0 else "", "lse" if return_lse else "",
+                "prefix" if prefix_k is not None else "", "gate" if gate is not None else "",
+                "head_dim>256" if q.shape[-1] > 256 else "",
+                "mask_grad" if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled() else "")
+    _, fn = REGISTRY.select(backend, Probe.of(q, *features))
+    return fn(*args, bool(return_lse))
+
+
+def normalise_inputs(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p) -> tuple:
+    """The checks of :func:`gated_prefix_attention` and its arguments as every backend takes them:
+    ``(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p)`` in the autocast dtype, the
+    prefix 4-D (None when P == 0), the gate and mask 4-D, the scale a float."""
     V.tensor("q", q, ndim=4)
     if _autocast_on(q.device.type):
         # as F.scaled_dot_product_attention: in the autocast dtype
@@ -151,10 +165,4 @@ def gated_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, gate=None, *, 
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = D ** -0.5 if scale is None else V.number("scale", scale)
     dropout_p = V.number("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
-
-    features = ("dropout" if dropout_p > 0 else "", "lse" if return_lse else "",
-                "prefix" if prefix_k is not None else "", "gate" if gate is not None else "",
-                "head_dim>256" if D > 256 else "",
-                "mask_grad" if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled() else "")
-    _, fn = REGISTRY.select(backend, Probe.of(q, *features))
-    return fn(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p, bool(return_lse))
+    return q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale, dropout_p
