@@ -28,6 +28,7 @@
 #include "pst.cuh"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 
 #include <cuda_bf16.h>
@@ -231,10 +232,74 @@ __device__ __forceinline__ float weight_of(const float (&u)[RR], const float (&v
   return fma_rn(beta, uv, w0);
 }
 
+// kCpt consecutive entries of type T, aligned to their size: one load or store instruction of 4, 8 or 16 bytes.
+// They move as 32-bit words in a vector type (a store built from the entries' bits and written in PTX: a struct
+// copied as a whole, or even a uint4, is split by the compiler into one store per entry or word).
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T x[N];
+};
+__device__ __forceinline__ unsigned int bits_of(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ unsigned int bits_of(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ unsigned int bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+template <class T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* at) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
+  Pack<T, N> out;
+  if constexpr (kBytes == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(at);
+    *reinterpret_cast<uint4*>(&out) = v;
+  } else if constexpr (kBytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(at);
+    *reinterpret_cast<uint2*>(&out) = v;
+  } else if constexpr (kBytes == 4 && N == 2) {
+    const unsigned int v = *reinterpret_cast<const unsigned int*>(at);
+    *reinterpret_cast<unsigned int*>(&out) = v;
+  } else {
+#pragma unroll
+    for (int q = 0; q < N; ++q) out.x[q] = at[q];
+  }
+  return out;
+}
+
+template <class T, int N>
+__device__ __forceinline__ void store_pack(T* at, const Pack<T, N>& x) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
+  if constexpr (kBytes == 4 && N == 2) {
+    *reinterpret_cast<unsigned int*>(at) = bits_of(x.x[0]) | (bits_of(x.x[1]) << 16);
+  } else if constexpr (kBytes < 8) {
+#pragma unroll
+    for (int q = 0; q < N; ++q) at[q] = x.x[q];
+  } else {
+    unsigned int w[kBytes / 4];
+#pragma unroll
+    for (int i = 0; i < kBytes / 4; ++i)
+      w[i] = sizeof(T) == 4 ? bits_of(x.x[i]) : (bits_of(x.x[2 * i]) | (bits_of(x.x[(2 * i + 1) % N]) << 16));
+#ifdef __CUDA_ARCH__  // written out: through a uint4 pointer NVVM still emits one store per word
+    if constexpr (kBytes == 16)
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(at), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]));
+    else
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(at), "r"(w[0]), "r"(w[1]));
+#else
+    if constexpr (kBytes == 16) *reinterpret_cast<uint4*>(at) = make_uint4(w[0], w[1], w[2], w[3]);
+    else *reinterpret_cast<uint2*>(at) = make_uint2(w[0], w[1]);
+#endif
+  }
+}
+
+// Whether ptr + f .. f + N - 1 (f a multiple of N) can move as one Pack: every row of an n x k matrix starts on
+// a multiple of N entries (k % N == 0) and so does the matrix (a view into a larger tensor may not).
+template <class T, int N>
+__host__ __device__ inline bool packs_fit(const void* ptr, int64_t k) {
+  return N > 1 && k % N == 0 && reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * N) == 0;
+}
+
 // visit(q, i, c, f, valid, w, key) for every (row, column) slot of the tiles this block owns (q: the
-// thread's column slot, 0 .. cols_per_thread(R) - 1, the last one visited last in a row), by every
-// thread of the block at every step (visit may use warp collectives; the 32 lanes of a warp hold 32
-// consecutive columns of one row, the first a multiple of 32). valid: the slot is an entry of W
+// thread's column slot, 0 .. kCpt - 1 with kCpt = cols_per_thread(R), visited in order in a row), by every
+// thread of the block at every step (visit may use warp collectives). Lane l of a warp holds kCpt consecutive
+// columns of a row, c = c_w + l kCpt + q, with the warp's first column c_w a multiple of 32 kCpt, so that a
+// thread's W0 entries of a row are one load (a Pack) wherever packs_fit. valid: the slot is an entry of W
 // (then w is its weight and key its ordered score key; both 0 otherwise). Blocks own contiguous runs
 // of tiles, rows fastest, so that the column factors are reloaded only when a run crosses columns.
 template <int R, class T, int Ahead = kAheadWide, class Visit>
@@ -249,15 +314,16 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
   const int64_t rtiles = score_row_tiles(p.n, lg), tiles = rtiles * score_col_tiles(p.k, R);
   const int64_t per = (tiles + gridDim.x - 1) / gridDim.x;
   const int64_t t_end = (blockIdx.x + 1) * per < tiles ? (blockIdx.x + 1) * per : tiles;
+  const bool packed = R && packs_fit<T, kCpt>(p.w0, p.k);
   int64_t loaded = -1;
   for (int64_t t = blockIdx.x * per; t < t_end; ++t) {
     const int64_t ct = t / rtiles, i0 = (t - ct * rtiles) << lg;
-    const int64_t c0 = ct * tile_cols(R) + threadIdx.x;
+    const int64_t c0 = ct * tile_cols(R) + static_cast<int64_t>(threadIdx.x) * kCpt;  // the thread's first column
     if (ct != loaded) {  // block-uniform
       loaded = ct;
 #pragma unroll
       for (int q = 0; q < kCpt; ++q) {
-        const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+        const int64_t c = c0 + q;
         cc[q] = c < p.k ? p.c[c] : 0.0f;
 #pragma unroll
         for (int j = 0; j < RR; ++j) {
@@ -282,14 +348,19 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
       // mask pass), and the compiler, which cannot tell W' from W0, would otherwise issue each load only after
       // the previous entry's store, one load in flight per thread (the first H200 run: mask pass 724 us at
       // 4096 x 11008, 7x its instruction count).
-      T w0g[kGroup][kCpt];
+      Pack<T, kCpt> w0g[kGroup];  // (packed: kept as loaded, e.g. four bf16 in two registers)
 #pragma unroll
-      for (int g = 0; g < kGroup; ++g)
+      for (int g = 0; g < kGroup; ++g) {
+        const int64_t f0 = (i0 + row0 + g) * p.k + c0;
+        if (!R || row0 + g >= rows || c0 >= p.k) continue;
+        if (packed) {  // the kCpt entries at once (all in the matrix: k % kCpt == 0)
+          w0g[g] = load_pack<T, kCpt>(static_cast<const T*>(p.w0) + f0);
+        } else {
 #pragma unroll
-        for (int q = 0; q < kCpt; ++q) {
-          const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
-          if (R && row0 + g < rows && c < p.k) w0g[g][q] = w0_at<T>(p, (i0 + row0 + g) * p.k + c);
+          for (int q = 0; q < kCpt; ++q)
+            if (c0 + q < p.k) w0g[g].x[q] = w0_at<T>(p, f0 + q);
         }
+      }
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
         const int row = row0 + g;
@@ -304,13 +375,13 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
         const float rr = sr[row];
 #pragma unroll
         for (int q = 0; q < kCpt; ++q) {
-          const int64_t c = c0 + static_cast<int64_t>(q) * kThreads, f = i * p.k + c;
+          const int64_t c = c0 + q, f = i * p.k + c;
           const bool valid = c < p.k;
           float w = 0.0f;
           unsigned int key = 0u;
           if (valid) {
             if (R) {  // the documented order, from registers and shared memory
-              w = weight_of(ur, v[q], p.beta, to_f32(w0g[g][q]));
+              w = weight_of(ur, v[q], p.beta, to_f32(w0g[g].x[q]));
               float ab = 0.0f;
 #pragma unroll
               for (int j = 0; j < RR; ++j) ab = fma_rn(ar[j], b[q][j], ab);
@@ -519,35 +590,46 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, Sta
   if (finished_last(&st->arrived[kPasses])) cut(p, st, rowcnt);
 }
 
-// W' and the bitmask. A warp's ballot is 32 consecutive entries of a row from a multiple-of-32
-// column: one whole word when k % 32 == 0 (stored), else the parts of two words (ORed into zeroed words).
-// Lane q keeps the word of column slot q; after the row's last slot lanes 0 .. cols_per_thread(R) - 1
-// write theirs together (one store per row, not one per slot).
+// W' and the bitmask. A lane's kCpt keep bits of a row are a run of one 32-bit word (whose first column is a
+// multiple of 32); the 32 / kCpt lanes sharing that word OR their runs together (shuffles; a ballot when
+// kCpt == 1) and the first of them writes it: stored when k % 32 == 0, else its parts ORed into two zeroed
+// words. W' is written a Pack at a time where packs_fit (else entry by entry).
 template <int R, class T>
 __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out,
                                                         uint32_t* words) {
+  constexpr int kCpt = cols_per_thread(R), kLanesPerWord = 32 / kCpt;
   const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
   // ties with a flat index below f_excl are pruned: all of them unless they are split (need < count)
   const long long f_excl = !any_pruned ? 0 : (st->need == st->count ? p.n * p.k : st->f_excl);
-  const bool aligned = p.k % 32 == 0;
+  const bool aligned = p.k % 32 == 0, packed = packs_fit<T, kCpt>(out, p.k) && packs_fit<T, kCpt>(p.w0, p.k);
   const int lane = threadIdx.x & 31;
-  unsigned int mine = 0u;  // this lane's word, and the flat index of its first entry (-1: none)
-  int64_t mine_f = -1;
+  Pack<T, kCpt> vals;  // the row's kCpt entries of W', stored together after the last
+  unsigned int run = 0u;  // their keep bits, bit q for column slot q
   for_each_score<R, T>(p, [&](int q, int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
     const bool keep = valid & ((key > thr) | ((key == thr) & (f >= f_excl)));  // no branches
-    if (valid) store_as<T>(out, f, mul_rn(w, keep ? 1.0f : 0.0f));
-    const unsigned int word = __ballot_sync(0xffffffffu, keep);
-    if (lane == q) {
-      mine = word;
-      mine_f = c - lane < p.k ? f - lane : -1;  // the warp's first column is in the matrix
+    const T x = from_f32<T>(mul_rn(w, keep ? 1.0f : 0.0f));
+    if (packed) vals.x[q] = x;
+    else if (valid) static_cast<T*>(out)[f] = x;
+    run |= static_cast<unsigned int>(keep) << q;
+    if (q != kCpt - 1) return;  // warp-uniform
+    const int64_t c0 = c - q, f0 = f - q;  // the thread's first column and its flat index
+    if (packed && c0 < p.k) store_pack(static_cast<T*>(out) + f0, vals);
+    unsigned int word;
+    if constexpr (kCpt == 1) {
+      word = __ballot_sync(0xffffffffu, keep);
+    } else {
+      word = run << ((lane % kLanesPerWord) * kCpt);
+#pragma unroll
+      for (int s = 1; s < kLanesPerWord; s <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, s);
     }
-    if (q == cols_per_thread(R) - 1 && lane < cols_per_thread(R) && mine_f >= 0) {
+    run = 0u;
+    if (lane % kLanesPerWord == 0 && c0 < p.k) {  // the word's first column is in the matrix
       if (aligned) {
-        words[mine_f >> 5] = mine;
+        words[f0 >> 5] = word;
       } else {
-        const int s = static_cast<int>(mine_f & 31);
-        if (mine << s) atomicOr(&words[mine_f >> 5], mine << s);
-        if (s && (mine >> (32 - s))) atomicOr(&words[(mine_f >> 5) + 1], mine >> (32 - s));
+        const int sh = static_cast<int>(f0 & 31);
+        if (word << sh) atomicOr(&words[f0 >> 5], word << sh);
+        if (sh && (word >> (32 - sh))) atomicOr(&words[(f0 >> 5) + 1], word >> (32 - sh));
       }
     }
   });

@@ -195,6 +195,35 @@ def test_pst_score_tiles_equal_fused_order_emulation(cuda_on_host, n, k, rw, rs)
                            want_w.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # -0.0 too
 
 
+def _misaligned(w0: torch.Tensor) -> torch.Tensor:
+    """w0's values in a view one element into a larger buffer: contiguous, but its rows no longer start on a
+    multiple of 4 entries' bytes (the kernels' packed loads and stores must then go entry by entry)."""
+    flat = torch.empty(w0.numel() + 1, dtype=w0.dtype)
+    view = flat[1:].view(w0.shape)
+    view.copy_(w0)
+    return view
+
+
+@pytest.mark.parametrize("n,k,rw,rs", [(23, 300, 8, 8), (40, 1100, 8, 2), (9, 258, 16, 16)])
+def test_pst_packed_and_entrywise_tiles_agree(cuda_on_host, n, k, rw, rs):
+    """A thread's consecutive columns move as one load (W0) and one store (W') when k is a multiple of their
+    number and W0 is aligned; the same matrix in a misaligned view goes entry by entry. Both give the
+    documented order's W' and mask bit for bit, with split ties, and k not a multiple of 32 (the mask words
+    straddle rows)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        ts = make(n, k, rw=rw, rs=rs, dtype=dtype, device="cpu")
+        want_keep, want_w = _emulated(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+        shifted = [_misaligned(ts[0])] + ts[1:]
+        assert shifted[0].data_ptr() % 8 and torch.equal(shifted[0], ts[0])
+        for inputs in (ts, shifted):
+            wp, keep = _cuda(inputs, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+            assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+        tied = make(n, k, rw=rw, rs=rs, ties=True, dtype=dtype, device="cpu")
+        want = ak.pst_mask(*tied, sparsity=0.45, backend="reference")
+        for inputs in (tied, [_misaligned(tied[0])] + tied[1:]):
+            assert torch.equal(_cuda(inputs, 0.45)[1], want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,rw,rs", [(20, 1100, 8, 8), (37, 300, 9, 3), (6, 45, 33, 2)])
 def test_pst_score_tiles_split_ties(cuda_on_host, n, k, rw, rs, dtype):
