@@ -661,7 +661,7 @@ __global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_
 
 // ---- backward ------------------------------------------------------------------------------------
 //
-// A block owns one column tile (kThreads threads x Q columns each) and a run of rows. A thread keeps, for
+// A block owns one column tile (kThreads threads x Q consecutive columns each) and a run of rows. A thread keeps, for
 // each of its columns, V and B (read once) and the sums dV, dB, dC over the run's rows in registers:
 // those need no reduction inside the block and reach the outputs with one atomic per value per block.
 // dU, dA and dR of a row are sums over the row's columns, i.e. over the threads: a thread first sums its
@@ -670,10 +670,12 @@ __global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_
 // value per block). W is recomputed in the forward's order (factor runs padded with zeros in front).
 
 constexpr int kBwdRows = 16;
+constexpr int kBwdAhead = 2;  // rows whose W0, G and keep bits a thread loads before using any of them (4 would cost
+// the two-column variant its second block per SM: 169 registers; at 2 it keeps 128, with a 4-byte spill)
 constexpr int kWarps = kThreads / 32;
 
 // Columns per thread of the backward: registers hold V, B, dV and dB of each (4 R Q floats). The default
-// keeps rank 8 at 128 registers (two blocks per SM); "wide" doubles it up to rank 16 (about 220 registers,
+// keeps rank 8 at 128 registers (two blocks per SM); "wide" doubles it up to rank 16 (about 240 registers,
 // one block per SM; fewer reduction instructions per entry). Which is faster is for the GPU to say.
 __host__ __device__ constexpr int bwd_cols(int R, bool wide) { return (R <= 8 ? 2 : 1) * (wide && R <= 16 ? 2 : 1); }
 
@@ -706,8 +708,8 @@ __device__ __forceinline__ void reduce_scatter(float (&x)[N], int lane, int& idx
 
 // T: W0's element type (also G's and dW0's); Q: columns per thread (bwd_cols).
 template <int R, int Q, class T>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T* grad, const uint32_t* words,
-                                                       int64_t rows_per_block, AptPstGrads g) {
+__global__ void __launch_bounds__(kThreads, R * Q <= 16 ? 2 : 1)
+    bwd_kernel(AptPstProblem p, const T* grad, const uint32_t* words, int64_t rows_per_block, AptPstGrads g) {
   const T* w0 = static_cast<const T*>(p.w0);
   T* dw0 = static_cast<T*>(g.dw0);
   constexpr int NV = 2 * R;  // per row: R partial sums for dU, R for dA (and dR apart)
@@ -720,12 +722,14 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T*
   const int64_t i_begin = blockIdx.x / col_tiles * rows_per_block;
   const int64_t i_end = i_begin + rows_per_block < p.n ? i_begin + rows_per_block : p.n;
   if (i_begin >= i_end) return;  // block-uniform
-  const int64_t c0 = blockIdx.x % col_tiles * tc + threadIdx.x;
+  const int64_t c0 = blockIdx.x % col_tiles * tc + static_cast<int64_t>(threadIdx.x) * Q;  // Q consecutive columns
   const int pw = R - p.rw, ps = R - p.rs;  // zero padding in front of each factor run
+  // a row's Q entries of W0 and G as one load each, dW0's as one store (and the Q keep bits in one word)
+  const bool packed = packs_fit<T, Q>(w0, p.k) && packs_fit<T, Q>(grad, p.k) && (!dw0 || packs_fit<T, Q>(dw0, p.k));
   float v[Q][R], b[Q][R], gv[Q][R], gb[Q][R], gc[Q];
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+    const int64_t c = c0 + q;
     gc[q] = 0.0f;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
@@ -744,44 +748,73 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T*
       sa[row][j] = row < rows && j >= ps ? p.a[i * p.rs + j - ps] : 0.0f;
     }
     __syncthreads();
-    for (int row = 0; row < rows; ++row) {
-      const int64_t i = i0 + row, f0 = i * p.k + c0;
-      float ur[R], ar[R], x[NV], xr = 0.0f;  // the row's factors, read once for all of the thread's columns
+    for (int row0 = 0; row0 < rows; row0 += kBwdAhead) {
+      // W0, G and the keep bits of kBwdAhead rows, all loaded before any is used (loads in flight)
+      Pack<T, Q> wl[kBwdAhead], gl[kBwdAhead];
+      uint32_t ml[kBwdAhead];
 #pragma unroll
-      for (int j = 0; j < R; ++j) {
-        ur[j] = su[row][j];
-        ar[j] = sa[row][j];
-        x[j] = x[R + j] = 0.0f;
-      }
+      for (int a = 0; a < kBwdAhead; ++a) {
+        const int64_t f0 = (i0 + row0 + a) * p.k + c0;
+        if (row0 + a >= rows || c0 >= p.k) continue;
+        if (packed) {  // all Q entries in the matrix, their bits in one word
+          wl[a] = load_pack<T, Q>(w0 + f0);
+          gl[a] = load_pack<T, Q>(grad + f0);
+          ml[a] = words[f0 >> 5] >> (f0 & 31);
+        } else {
+          ml[a] = 0u;
 #pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        if (c0 + q * kThreads < p.k) {
-          const int64_t f = f0 + q * kThreads;
-          const float w = weight_of(ur, v[q], p.beta, to_f32(w0[f]));
-          const float gr = to_f32(grad[f]);
-          const float m = (words[f >> 5] >> (f & 31)) & 1u ? 1.0f : 0.0f;
-          const float ds = gr * w, dw = (m + abs_bits(w)) * gr;
-          if (dw0) dw0[f] = from_f32<T>(dw);
-#pragma unroll
-          for (int j = 0; j < R; ++j) {
-            gv[q][j] += ur[j] * dw;
-            gb[q][j] += ar[j] * ds;
-            x[j] += dw * v[q][j];
-            x[R + j] += ds * b[q][j];
-          }
-          gc[q] += ds;
-          xr += ds;
+          for (int q = 0; q < Q; ++q)
+            if (c0 + q < p.k) {
+              wl[a].x[q] = w0[f0 + q];
+              gl[a].x[q] = grad[f0 + q];
+              ml[a] |= ((words[(f0 + q) >> 5] >> ((f0 + q) & 31)) & 1u) << q;
+            }
         }
       }
-      int idx = 0, dup = 0;
-      reduce_scatter<NV, 16>(x, lane, idx, dup);
 #pragma unroll
-      for (int s = 16; s >= 1; s >>= 1) xr += __shfl_xor_sync(0xffffffffu, xr, s);
-      if ((lane & dup) == 0) {
+      for (int a = 0; a < kBwdAhead; ++a) {
+        const int row = row0 + a;
+        if (row >= rows) break;  // block-uniform: the reductions below see every lane
+        const int64_t i = i0 + row, f0 = i * p.k + c0;
+        float ur[R], ar[R], x[NV], xr = 0.0f;  // the row's factors, read once for all of the thread's columns
 #pragma unroll
-        for (int t = 0; t < (NV > 32 ? NV / 32 : 1); ++t) red[warp][row][idx + t] = x[t];
+        for (int j = 0; j < R; ++j) {
+          ur[j] = su[row][j];
+          ar[j] = sa[row][j];
+          x[j] = x[R + j] = 0.0f;
+        }
+        Pack<T, Q> dwl;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          if (c0 + q < p.k) {
+            const float w = weight_of(ur, v[q], p.beta, to_f32(wl[a].x[q]));
+            const float gr = to_f32(gl[a].x[q]);
+            const float m = (ml[a] >> q) & 1u ? 1.0f : 0.0f;
+            const float ds = gr * w, dw = (m + abs_bits(w)) * gr;
+            dwl.x[q] = from_f32<T>(dw);
+            if (dw0 && !packed) dw0[f0 + q] = dwl.x[q];
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+              gv[q][j] += ur[j] * dw;
+              gb[q][j] += ar[j] * ds;
+              x[j] += dw * v[q][j];
+              x[R + j] += ds * b[q][j];
+            }
+            gc[q] += ds;
+            xr += ds;
+          }
+        }
+        if (dw0 && packed && c0 < p.k) store_pack(dw0 + f0, dwl);
+        int idx = 0, dup = 0;
+        reduce_scatter<NV, 16>(x, lane, idx, dup);
+#pragma unroll
+        for (int s = 16; s >= 1; s >>= 1) xr += __shfl_xor_sync(0xffffffffu, xr, s);
+        if ((lane & dup) == 0) {
+#pragma unroll
+          for (int t = 0; t < (NV > 32 ? NV / 32 : 1); ++t) red[warp][row][idx + t] = x[t];
+        }
+        if (lane == 0) red[warp][row][NV] = xr;
       }
-      if (lane == 0) red[warp][row][NV] = xr;
     }
     __syncthreads();
     for (int e = threadIdx.x; e < rows * (NV + 1); e += kThreads) {
@@ -801,7 +834,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(AptPstProblem p, const T*
   }
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int64_t c = c0 + static_cast<int64_t>(q) * kThreads;
+    const int64_t c = c0 + q;
     if (c >= p.k) continue;
 #pragma unroll
     for (int j = 0; j < R; ++j) {

@@ -368,14 +368,33 @@ def test_pst_cuda_backward_matches_reference(cuda_on_host, monkeypatch, shape, r
     from apt_kernels.pst import cuda_pst
 
     monkeypatch.setattr(cuda_pst, "WIDE_BACKWARD", wide)
+    _check_cuda_backward(make(*shape, rw=rw, rs=rs, dtype=dtype, device="cpu"), dtype, w0_grad)
+
+
+@pytest.mark.parametrize("dtype", [_F32, _BF16])
+@pytest.mark.parametrize("wide", [False, True])
+def test_pst_cuda_backward_of_a_misaligned_w0(cuda_on_host, monkeypatch, dtype, wide):
+    """A thread's consecutive columns of W0, G and dW0 move as one load or store each where k is a multiple of
+    their number and the tensors are aligned; a misaligned view of W0 (and so of dW0) goes entry by entry."""
+    from apt_kernels.pst import cuda_pst
+
+    monkeypatch.setattr(cuda_pst, "WIDE_BACKWARD", wide)
+    ts = make(200, 40, rw=8, rs=8, dtype=dtype, device="cpu")
+    ts[0] = _misaligned(ts[0])
+    assert ts[0].data_ptr() % 8
+    _check_cuda_backward(ts, dtype, w0_grad=True)
+
+
+def _check_cuda_backward(ts, dtype, w0_grad):
+    shape = tuple(ts[0].shape)
     beta, a1, a2, sparsity = 0.7, 1.3, 0.4, 0.6
-    ts = make(*shape, rw=rw, rs=rs, dtype=dtype, device="cpu")
     g = torch.randn(*shape).to(dtype)
     keep = ak.pst_mask(*ts, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="cuda")
     needs = (w0_grad,) + (True,) * 6
     truth = ste_backward(g.double(), keep, *[t.double() for t in ts[:5]], beta, a1, a2, needs)
     lowp = ste_backward(g.float(), keep, *[t.float() for t in ts[:5]], beta, a1, a2, needs)
-    leaves = [t.detach().clone().requires_grad_(i > 0 or w0_grad) for i, t in enumerate(ts)]
+    leaves = [t.detach().requires_grad_(i > 0 or w0_grad) for i, t in enumerate(ts)]  # views: W0's alignment kept
+    assert leaves[0].data_ptr() == ts[0].data_ptr()
     out = ak.pst_masked_weight(*leaves, sparsity=sparsity, beta=beta, alpha1=a1, alpha2=a2, backend="cuda")
     got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
     names = (["w0"] if w0_grad else []) + ["u", "v", "a", "b", "r", "c"]
