@@ -198,9 +198,11 @@ __device__ long long block_inclusive_scan(long long x, long long* total) {
 constexpr int kTileRows = 16;  // rows of a score tile, at most
 constexpr int kMaxTileBlocks = 1024;
 constexpr int64_t kTargetTiles = 256;  // tiles (blocks) wanted at least: about two blocks on each of 132 SMs
-// W0 entries a thread loads before computing them (whole rows of its columns; for_each_score's Ahead): 16, or 8
-// in the histogram passes, whose two blocks per SM leave 128 registers (16 spill there at rank 16 and when listing).
-constexpr int kAheadWide = 16, kAheadNarrow = 8;
+// W0 entries a thread loads before computing them (whole rows of its columns; for_each_score's Ahead): 32 in the
+// mask and tie passes (one block per SM either way: at rank 8 about 208 and 172 registers; 16 took 182 and 148, for
+// half the bytes in flight), 8 in the histogram passes, whose two blocks per SM leave 128 registers (16 would
+// spill 60 bytes at rank 8; at 8 the listing pass spills 8, and rank 16's over 90).
+constexpr int kAheadWide = 32, kAheadNarrow = 8;
 
 // Columns per thread of a tile: the V and B runs of a thread's columns fill 64 registers.
 __host__ __device__ constexpr int cols_per_thread(int R) { return R ? 32 / R : 1; }
