@@ -357,7 +357,8 @@ _F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
 @pytest.mark.parametrize("shape,rw,rs,dtype", [((37, 53), 3, 2, _F32), ((200, 40), 8, 8, _F32), ((13, 1), 1, 2, _F32),
                                                ((20, 30), 0, 0, _F32), ((1, 1), 1, 1, _F32), ((21, 600), 9, 16, _F32),
                                                ((18, 70), 20, 32, _F32), ((37, 53), 3, 2, _BF16),
-                                               ((200, 40), 8, 8, _BF16), ((37, 53), 3, 2, _F16)])
+                                               ((200, 40), 8, 8, _BF16), ((37, 53), 3, 2, _F16),
+                                               ((200, 40), 8, 8, _F16)])
 @pytest.mark.parametrize("w0_grad", [False, True])
 @pytest.mark.parametrize("wide", [False, True])
 def test_pst_cuda_backward_matches_reference(cuda_on_host, monkeypatch, shape, rw, rs, dtype, w0_grad, wide):
