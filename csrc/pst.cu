@@ -603,7 +603,7 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const S
   const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
   // ties with a flat index below f_excl are pruned: all of them unless they are split (need < count)
   const long long f_excl = !any_pruned ? 0 : (st->need == st->count ? p.n * p.k : st->f_excl);
-  const bool aligned = p.k % 32 == 0, packed = packs_fit<T, kCpt>(out, p.k) && packs_fit<T, kCpt>(p.w0, p.k);
+  const bool aligned = p.k % 32 == 0, packed = packs_fit<T, kCpt>(out, p.k);
   const int lane = threadIdx.x & 31;
   Pack<T, kCpt> vals;  // the row's kCpt entries of W', stored together after the last
   unsigned int run = 0u;  // their keep bits, bit q for column slot q
@@ -663,8 +663,8 @@ __global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_
 
 // ---- backward ------------------------------------------------------------------------------------
 //
-// A block owns one column tile (kThreads threads x Q consecutive columns each) and a run of rows. A thread keeps, for
-// each of its columns, V and B (read once) and the sums dV, dB, dC over the run's rows in registers:
+// A block owns one column tile (kThreads threads x Q consecutive columns each) and a run of rows. A thread keeps,
+// for each of its columns, V and B (read once) and the sums dV, dB, dC over the run's rows in registers:
 // those need no reduction inside the block and reach the outputs with one atomic per value per block.
 // dU, dA and dR of a row are sums over the row's columns, i.e. over the threads: a thread first sums its
 // Q columns, then a warp reduce-scatter leaves each value summed over the warp in one lane, the warps'
@@ -672,8 +672,9 @@ __global__ void nm_kernel(AptPstProblem p, int keep_n, int m, void* out, uint32_
 // value per block). W is recomputed in the forward's order (factor runs padded with zeros in front).
 
 constexpr int kBwdRows = 16;
-constexpr int kBwdAhead = 2;  // rows whose W0, G and keep bits a thread loads before using any of them (4 would cost
-// the two-column variant its second block per SM: 169 registers; at 2 it keeps 128, with a 4-byte spill)
+// Rows whose W0, G and keep bits a thread loads before using any of them: 4 would cost the two-column variant its
+// second block per SM (169 registers); at 2 it keeps 128, with a 4-byte spill.
+constexpr int kBwdAhead = 2;
 constexpr int kWarps = kThreads / 32;
 
 // Columns per thread of the backward: registers hold V, B, dV and dB of each (4 R Q floats). The default
