@@ -23,7 +23,8 @@
 #                  and no target uses it; BENCH_SKIP= keeps it)
 #   BENCH_QUICK=1  benchmark the representative shapes only
 #   BENCH_PROFILE=0  leave out the per-kernel breakdown of our fused backends (torch.profiler, a few
-#                  calls per measured mode; in the JSON as "kernels", printed before the summary)
+#                  calls per measured mode; in the JSON as "kernels", "kernel_totals" and "host": the host's
+#                  wall clock, launches, CUDA API time and waits on the GPU; printed before the summary)
 #   CHECK_LIMIT_S  wall-clock budget of the whole script (default 570 s, under a 10-minute limit);
 #                  the benchmark gets what the build and the tests leave (nothing if under 60 s) and
 #                  skips, and records, the contenders and modes it has no time left for
