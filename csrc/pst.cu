@@ -290,6 +290,18 @@ __device__ __forceinline__ void store_pack(T* at, const Pack<T, N>& x) {
   }
 }
 
+// A hint that the line holding `at` will be read soon: fetched from DRAM into L2 while the thread goes on (no register
+// waits for it; no effect on any result). The passes ask for their W0 (and G) entries kPrefetchRows rows ahead, so
+// that DRAM works on more requests than the loads in flight alone would give it.
+__device__ __forceinline__ void prefetch_l2(const void* at) {
+#ifdef __CUDA_ARCH__
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
+#else
+  (void)at;
+#endif
+}
+constexpr int kPrefetchRows = 16;
+
 // Whether ptr + f .. f + N - 1 (f a multiple of N) can move as one Pack: every row of an n x k matrix starts on
 // a multiple of N entries (k % N == 0) and so does the matrix (a view into a larger tensor may not).
 template <class T, int N>
@@ -355,6 +367,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
       for (int g = 0; g < kGroup; ++g) {
         const int64_t f0 = (i0 + row0 + g) * p.k + c0;
         if (!R || row0 + g >= rows || c0 >= p.k) continue;
+        if (i0 + row0 + g + kPrefetchRows < p.n) prefetch_l2(static_cast<const T*>(p.w0) + f0 + kPrefetchRows * p.k);
         if (packed) {  // the kCpt entries at once (all in the matrix: k % kCpt == 0)
           w0g[g] = load_pack<T, kCpt>(static_cast<const T*>(p.w0) + f0);
         } else {
@@ -759,6 +772,10 @@ __global__ void __launch_bounds__(kThreads, R * Q <= 16 ? 2 : 1)
       for (int a = 0; a < kBwdAhead; ++a) {
         const int64_t f0 = (i0 + row0 + a) * p.k + c0;
         if (row0 + a >= rows || c0 >= p.k) continue;
+        if (i0 + row0 + a + kPrefetchRows < p.n) {
+          prefetch_l2(w0 + f0 + kPrefetchRows * p.k);
+          prefetch_l2(grad + f0 + kPrefetchRows * p.k);
+        }
         if (packed) {  // all Q entries in the matrix, their bits in one word
           wl[a] = load_pack<T, Q>(w0 + f0);
           gl[a] = load_pack<T, Q>(grad + f0);
