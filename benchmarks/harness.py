@@ -253,7 +253,6 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
 
 TOP_KERNELS = 8  # kernels kept per profiled row
 
-
 CALL_RANGE = "apt_bench_call"  # the record_function range around each profiled call
 # CUDA runtime / driver calls, as the profiler names them (CPU events): kernel launches, and the calls that
 # block the host until the GPU has caught up (a pageable copy to the host is a cudaMemcpyAsync followed by a
@@ -262,6 +261,11 @@ LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperative
                "cuLaunchKernelEx", "cudaGraphLaunch")
 SYNC_APIS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cuMemcpyDtoH", "cuMemcpyHtoD")
+
+
+def _harness_event(key: str) -> bool:
+    """The profiler's step markers and the range around each call: the harness's, not the call's."""
+    return key.startswith("ProfilerStep") or key == CALL_RANGE
 
 
 def _api_kind(name: str) -> str | None:
@@ -330,12 +334,12 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> tuple[list[dict], 
     avgs = prof.key_averages()
     # the operators heaviest on the host (self CPU time, the autograd engine's thread included)
     cpu_ops = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CPU and _api_kind(e.key) is None
-               and not e.key.startswith("ProfilerStep") and e.key != CALL_RANGE]
+               and not _harness_event(e.key)]
     cpu_ops.sort(key=lambda e: -e.self_cpu_time_total)
     host["ops"] = [dict(name=e.key, calls=e.count / calls, us=e.self_cpu_time_total / calls) for e in cpu_ops[:8]]
     out = []
     for e in avgs:
-        if e.key.startswith("ProfilerStep") or e.key == CALL_RANGE:
+        if _harness_event(e.key):
             continue
         if cuda:
             us = getattr(e, "self_device_time_total", None)
@@ -348,8 +352,7 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> tuple[list[dict], 
     if cuda and not out:  # a profiler that files kernels under their operators only
         out = [dict(name=short_kernel_name(e.key), calls=e.count / calls, us=e.self_device_time_total / calls)
                for e in avgs
-               if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("ProfilerStep")
-               and e.key != CALL_RANGE]
+               if getattr(e, "self_device_time_total", 0) > 0 and not _harness_event(e.key)]
     out.sort(key=lambda k: -k["us"])
     return out, host
 

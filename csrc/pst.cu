@@ -110,12 +110,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // W0[f] and W'[f] = x: T is W0's element type (a template parameter of the tile passes: no per-entry dtype
 // branches); the untyped versions serve the per-entry paths (ranks above 32, N:M, the tie cut).
 template <class T>
-__device__ __forceinline__ T w0_at(const AptPstProblem& p, int64_t f) {  // in its own type (converted at use)
-  return static_cast<const T*>(p.w0)[f];
-}
-template <class T>
 __device__ __forceinline__ float load_w0_as(const AptPstProblem& p, int64_t f) {
-  return to_f32(w0_at<T>(p, f));
+  return to_f32(static_cast<const T*>(p.w0)[f]);
 }
 template <class T>
 __device__ __forceinline__ void store_as(void* out, int64_t f, float x) {
@@ -309,6 +305,24 @@ __host__ __device__ inline bool packs_fit(const void* ptr, int64_t k) {
   return N > 1 && k % N == 0 && reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * N) == 0;
 }
 
+// Row i's entries in columns c0 .. c0 + N - 1 of an n x k matrix at ptr (f0 = i k + c0; columns past k left unset):
+// one Pack load where `packed` (packs_fit), else entry by entry. The same run kPrefetchRows rows further down is
+// prefetched into L2.
+template <class T, int N>
+__device__ __forceinline__ Pack<T, N> load_run(const T* ptr, int64_t f0, int64_t i, int64_t c0, int64_t n, int64_t k,
+                                               bool packed) {
+  if (i + kPrefetchRows < n) prefetch_l2(ptr + f0 + kPrefetchRows * k);
+  Pack<T, N> out;
+  if (packed) {
+    out = load_pack<T, N>(ptr + f0);
+  } else {
+#pragma unroll
+    for (int q = 0; q < N; ++q)
+      if (c0 + q < k) out.x[q] = ptr[f0 + q];
+  }
+  return out;
+}
+
 // visit(q, i, c, f, valid, w, key) for every (row, column) slot of the tiles this block owns (q: the
 // thread's column slot, 0 .. kCpt - 1 with kCpt = cols_per_thread(R), visited in order in a row), by every
 // thread of the block at every step (visit may use warp collectives). Lane l of a warp holds kCpt consecutive
@@ -365,6 +379,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
       Pack<T, kCpt> w0g[kGroup];  // (packed: kept as loaded, e.g. four bf16 in two registers)
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
+        // load_run's work written out: through it ptxas spills 106 bytes in the rank-8 listing pass (128 registers)
         const int64_t f0 = (i0 + row0 + g) * p.k + c0;
         if (!R || row0 + g >= rows || c0 >= p.k) continue;
         if (i0 + row0 + g + kPrefetchRows < p.n) prefetch_l2(static_cast<const T*>(p.w0) + f0 + kPrefetchRows * p.k);
@@ -373,7 +388,7 @@ __device__ __forceinline__ void for_each_score(const AptPstProblem& p, Visit&& v
         } else {
 #pragma unroll
           for (int q = 0; q < kCpt; ++q)
-            if (c0 + q < p.k) w0g[g].x[q] = w0_at<T>(p, f0 + q);
+            if (c0 + q < p.k) w0g[g].x[q] = static_cast<const T*>(p.w0)[f0 + q];
         }
       }
 #pragma unroll
@@ -770,25 +785,17 @@ __global__ void __launch_bounds__(kThreads, R * Q <= 16 ? 2 : 1)
       uint32_t ml[kBwdAhead];
 #pragma unroll
       for (int a = 0; a < kBwdAhead; ++a) {
-        const int64_t f0 = (i0 + row0 + a) * p.k + c0;
+        const int64_t i = i0 + row0 + a, f0 = i * p.k + c0;
         if (row0 + a >= rows || c0 >= p.k) continue;
-        if (i0 + row0 + a + kPrefetchRows < p.n) {
-          prefetch_l2(w0 + f0 + kPrefetchRows * p.k);
-          prefetch_l2(grad + f0 + kPrefetchRows * p.k);
-        }
-        if (packed) {  // all Q entries in the matrix, their bits in one word
-          wl[a] = load_pack<T, Q>(w0 + f0);
-          gl[a] = load_pack<T, Q>(grad + f0);
+        wl[a] = load_run<T, Q>(w0, f0, i, c0, p.n, p.k, packed);
+        gl[a] = load_run<T, Q>(grad, f0, i, c0, p.n, p.k, packed);
+        if (packed) {  // all Q entries in the matrix: their bits in one word
           ml[a] = words[f0 >> 5] >> (f0 & 31);
         } else {
           ml[a] = 0u;
 #pragma unroll
           for (int q = 0; q < Q; ++q)
-            if (c0 + q < p.k) {
-              wl[a].x[q] = w0[f0 + q];
-              gl[a].x[q] = grad[f0 + q];
-              ml[a] |= ((words[(f0 + q) >> 5] >> ((f0 + q) & 31)) & 1u) << q;
-            }
+            if (c0 + q < p.k) ml[a] |= ((words[(f0 + q) >> 5] >> ((f0 + q) & 31)) & 1u) << q;
         }
       }
 #pragma unroll
