@@ -24,7 +24,12 @@
 //   U and A from shared memory (broadcasts): per entry the rank loops are R + R FMAs and no loads.
 //   Both factor runs are padded with zeros in front (fma(0, 0, +0) = +0: the sums are unchanged, bit
 //   for bit). Ranks above 32 evaluate every entry from global memory instead (R = 0 below).
-// Workspace: a State, 3 histograms of 2048 64-bit counters, n 64-bit row counters (the list is in W').
+// Large matrices start with the sampled bracket (bracket_passes): a sample of the scores brackets the threshold, and
+//   one pass over W decides every entry outside the bracket and lists those inside, whose exact selection is then
+//   small; the passes above run only when it misses.
+// Workspace (carve): a State, histograms of 2048 64-bit counters (3 for the passes above, 4 for the sample's, 3 for
+//   the bracket's list), n 64-bit row counters, the bracket's list ((n + k) * 16 keys and flat indices; pass 1's
+//   list is in W').
 #include "pst.cuh"
 
 #include <cmath>
@@ -43,20 +48,37 @@ constexpr int kThreads = 256;
 __host__ __device__ constexpr int digit_bits(int pass) { return pass == 2 ? 10 : 11; }
 __host__ __device__ constexpr int digit_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 
+// One radix selection in progress: the need-th smallest of the keys matching prefix's chosen digits.
+struct Sel {
+  unsigned long long prefix;  // key bits chosen so far (the selected key after the last pass)
+  long long need;             // rank still needed among the keys matching the prefix (1-based)
+  long long count;            // keys in the chosen bucket
+};
+
+// The sampled bracket's launches that pick or decide in their last block (State::arrived_b).
+enum { kArriveSample0, kArriveSample1, kArriveBracket, kArriveList0, kArriveList1, kArriveList2, kArriveListTies,
+       kBracketArrivals };
+enum { kClassic = 0, kBracketOk = 1, kBracketMissed = 2 };  // State::mode
+
 struct State {
-  unsigned long long prefix;  // key bits chosen so far (the threshold T after the last pass)
-  long long need;             // rank still needed among the entries matching the prefix (1-based)
-  long long count;            // entries in the chosen bucket
+  Sel sel;                    // the main selection: the threshold T after the last pass
   long long f_excl;           // ties with flat index < f_excl are pruned
   unsigned int arrived[kPasses + 1];  // blocks done with each histogram pass, then with the tie count
   unsigned long long listed;  // entries pass 1 listed (0: no list)
   long long count0;           // entries in pass 0's bucket: pass 1's candidates
+  // the sampled bracket (bracket_passes); zero otherwise
+  Sel sample[2];              // the sample's keys at the bracket's two ranks (22-bit prefixes)
+  unsigned int arrived_b[kBracketArrivals];
+  int mode;                   // kClassic until the bracket pass decides kBracketOk or kBracketMissed
+  unsigned long long blisted;  // entries inside the bracket (all of them, also those past the list's cap)
+  unsigned long long below;   // entries below the bracket
 };
 
-// Pass 1's candidates, in W''s buffer: keys[e] and rows[e] for e < State::listed.
+// A list of keys and tags: pass 1's candidates in W''s buffer (tags: rows; State::listed of them), or the
+// bracket's entries in the workspace (tags: flat indices; State::blisted).
 struct Candidates {
   uint32_t* keys;
-  uint32_t* rows;
+  uint32_t* tags;
   unsigned long long cap;  // entries that fit (0: never list)
 };
 
@@ -454,11 +476,12 @@ __device__ bool finished_last(unsigned int* arrived) {
 }
 
 // By one whole block of kThreads: choose the bucket of this pass's (complete) histogram that holds the
-// need-th candidate. The histogram was added to by other blocks: read at L2 (__ldcg), not through L1.
-__device__ void pick(int pass, const unsigned long long* hist, State* st, long long n_pruned) {
+// need-th candidate of selection s (need0 >= 0: that rank, at the first pass; else s->need). The histogram was
+// added to by other blocks: read at L2 (__ldcg), not through L1. s->prefix is zero before the first pass.
+__device__ void pick(int pass, const unsigned long long* hist, Sel* s, long long need0) {
   const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
-  const long long need = pass == 0 ? n_pruned : st->need;
-  const unsigned long long prefix = pass == 0 ? 0ull : st->prefix;
+  const long long need = need0 >= 0 ? need0 : s->need;
+  const unsigned long long prefix = s->prefix;
   const int per = nbins / kThreads, b0 = threadIdx.x * per;
   long long local = 0;
   for (int t = 0; t < per; ++t) local += static_cast<long long>(__ldcg(&hist[b0 + t]));
@@ -470,28 +493,30 @@ __device__ void pick(int pass, const unsigned long long* hist, State* st, long l
     for (int t = 0; t < per; ++t) {
       const long long h = static_cast<long long>(__ldcg(&hist[b0 + t]));
       if (run + h >= need) {
-        st->prefix = prefix | (static_cast<unsigned long long>(b0 + t) << shift);
-        st->need = need - run;
-        st->count = h;
-        if (pass == 0) st->count0 = h;
+        s->prefix = prefix | (static_cast<unsigned long long>(b0 + t) << shift);
+        s->need = need - run;
+        s->count = h;
         break;
       }
       run += h;
     }
   }
+  __syncthreads();  // s is written before the block reads it (or picks again)
 }
 
-// Pass 1's list, staged in shared memory: every warp appends to a region of its own (a count in a register,
-// the same in every lane; no atomics, no branches) and copies it to the global list (one atomic per copy)
-// whenever another slot of 32 entries might not fit, and at the end.
+// A list of (key, tag) records (pass 1's candidates, tagged with their rows; the bracket's, with their flat
+// indices), staged in shared memory: every warp appends to a region of its own (a count in a register, the
+// same in every lane; no atomics, no branches) and copies it to the global list (one atomic on the list's
+// length per copy) whenever another slot of 32 entries might not fit, and at the end. The length counts every
+// record; those past the list's cap are dropped.
 constexpr int kWarpStage = 512;
 
 struct Stage {
   uint32_t* keys;  // this warp's region: kWarpStage each
-  uint32_t* rows;
+  uint32_t* tags;
   unsigned int n;  // records staged (warp-uniform)
 
-  __device__ __forceinline__ void add(bool in, unsigned int key, int64_t row) {
+  __device__ __forceinline__ void add(bool in, unsigned int key, uint32_t tag) {
     const unsigned int m = __ballot_sync(0xffffffffu, in);
     const unsigned int at = n + static_cast<unsigned int>(__popc(m & ((1u << (threadIdx.x & 31)) - 1u)));
 #ifndef __CUDA_ARCH__
@@ -499,22 +524,22 @@ struct Stage {
 #endif
     if (in) {
       keys[at] = key;
-      rows[at] = static_cast<uint32_t>(row);
+      tags[at] = tag;
     }
     n += static_cast<unsigned int>(__popc(m));
   }
 
   // By every lane of the warp: the staged records go to the global list if more than `room` are staged.
-  __device__ __forceinline__ void flush_if_over(unsigned int room, State* st, const Candidates& cand) {
+  __device__ __forceinline__ void flush_if_over(unsigned int room, unsigned long long* length, const Candidates& cand) {
     if (n <= room) return;  // warp-uniform
     unsigned long long base = 0;
-    if ((threadIdx.x & 31) == 0) base = atomicAdd(&st->listed, static_cast<unsigned long long>(n));
+    if ((threadIdx.x & 31) == 0) base = atomicAdd(length, static_cast<unsigned long long>(n));
     base = __shfl_sync(0xffffffffu, base, 0);
     __syncwarp();  // the lanes' appends are visible to the whole warp
     for (unsigned int e = threadIdx.x & 31; e < n; e += 32)
-      if (base + e < cand.cap) {  // always, since the list is only made when the whole bucket fits
+      if (base + e < cand.cap) {  // (pass 1 lists only when the whole bucket fits)
         cand.keys[base + e] = keys[e];
-        cand.rows[base + e] = rows[e];
+        cand.tags[base + e] = tags[e];
       }
     __syncwarp();  // the region is read before it is refilled
     n = 0;
@@ -526,14 +551,15 @@ struct Stage {
 template <int R, bool LIST, class T>
 __global__ void __launch_bounds__(kThreads, R && R <= 16 ? 2 : 1) hist_kernel(AptPstProblem p, int pass, State* st,
                                                            unsigned long long* hist, long long n_pruned,
-                                                           Candidates cand) {
+                                                           Candidates cand, bool bracketed) {
+  if (bracketed && st->mode == kBracketOk) return;  // the sampled bracket found the threshold
   __shared__ unsigned int sh[kMaxBins];
   constexpr int kStage = LIST ? kThreads / 32 * kWarpStage : 1;
   __shared__ uint32_t s_keys[kStage], s_rows[kStage];
   const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits;
   for (int b = threadIdx.x; b < nbins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
-  const unsigned int prefix = pass ? static_cast<unsigned int>(st->prefix) : 0u;
+  const unsigned int prefix = pass ? static_cast<unsigned int>(st->sel.prefix) : 0u;
   const int hi = shift + bits;  // < 32 whenever pass > 0
   if (pass == kPasses - 1 && list_complete(st, cand)) {  // pass 1 listed every candidate: read them
     const unsigned long long len = st->listed, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
@@ -550,24 +576,27 @@ __global__ void __launch_bounds__(kThreads, R && R <= 16 ? 2 : 1) hist_kernel(Ap
       const bool in = valid && (pass == 0 || (key >> hi) == (prefix >> hi));
       if (in) atomicAdd(&sh[(key >> shift) & (nbins - 1)], 1u);
       if (listing) {
-        stage.add(in, key, i);
-        stage.flush_if_over(kWarpStage - 32, st, cand);
+        stage.add(in, key, static_cast<uint32_t>(i));
+        stage.flush_if_over(kWarpStage - 32, &st->listed, cand);
       }
     });
-    if (listing) stage.flush_if_over(0u, st, cand);
+    if (listing) stage.flush_if_over(0u, &st->listed, cand);
   }
   __syncthreads();
   for (int b = threadIdx.x; b < nbins; b += blockDim.x)
     if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
-  if (finished_last(&st->arrived[pass])) pick(pass, hist, st, n_pruned);
+  if (finished_last(&st->arrived[pass])) {
+    pick(pass, hist, &st->sel, pass == 0 ? n_pruned : -1);
+    if (pass == 0 && threadIdx.x == 0) st->count0 = st->sel.count;
+  }
 }
 
 // By one whole block, once every row count is in (need < count): the flat index bound of the pruned ties.
 // Scans the row counts for the row where the cumulative count reaches need, then that row's ties.
 __device__ void cut(const AptPstProblem& p, State* st, const unsigned long long* rowcnt) {
   __shared__ long long s_row, s_before, s_col;
-  const long long need = st->need;
-  const unsigned int thr = static_cast<unsigned int>(st->prefix);
+  const long long need = st->sel.need;
+  const unsigned int thr = static_cast<unsigned int>(st->sel.prefix);
   if (threadIdx.x == 0) s_row = s_before = s_col = 0;
   __syncthreads();
   long long base = 0;
@@ -603,14 +632,15 @@ __device__ void cut(const AptPstProblem& p, State* st, const unsigned long long*
 // pick).
 template <int R, class T>
 __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt,
-                                                            Candidates cand) {
-  if (st->need == st->count) return;  // every tie is pruned: no split, no counts needed
-  const unsigned int thr = static_cast<unsigned int>(st->prefix);
+                                                            Candidates cand, bool bracketed) {
+  if (bracketed && st->mode == kBracketOk) return;
+  if (st->sel.need == st->sel.count) return;  // every tie is pruned: no split, no counts needed
+  const unsigned int thr = static_cast<unsigned int>(st->sel.prefix);
   if (list_complete(st, cand)) {  // every tie is in pass 1's list
     const unsigned long long len = st->listed, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
     for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len;
          e += step)
-      if (cand.keys[e] == thr) atomicAdd(&rowcnt[cand.rows[e]], 1ull);
+      if (cand.keys[e] == thr) atomicAdd(&rowcnt[cand.tags[e]], 1ull);
   } else {
     for_each_score<R, T>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
       const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
@@ -620,23 +650,69 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, Sta
   if (finished_last(&st->arrived[kPasses])) cut(p, st, rowcnt);
 }
 
+// The sampled bracket (BRACKET mask passes and bracket_passes): keys in [lo, hi] are listed, the rest decided at once.
+struct Bracket {
+  Candidates list;     // the bracket's entries (tags: flat indices), in the workspace
+  long long n_pruned;  // entries to prune
+  bool lo_open, hi_open;  // the bracket starts at the smallest key / ends at the largest (sample ranks past its ends)
+  bool on;             // the bracket passes ran before the classic ones (which then return if it found the threshold)
+};
+
+// The bracket's bounds from the sample's two 22-bit prefixes: every key of the lower prefix's bucket and up to
+// every key of the upper one's.
+__device__ __forceinline__ unsigned int bracket_lo(const State* st, const Bracket& br) {
+  return br.lo_open ? 0u : static_cast<unsigned int>(st->sample[0].prefix);
+}
+__device__ __forceinline__ unsigned int bracket_hi(const State* st, const Bracket& br) {
+  return br.hi_open ? 0xffffffffu : static_cast<unsigned int>(st->sample[1].prefix) | 0x3ffu;
+}
+
+// Sum of x over the block (every thread calls; the result in every thread).
+__device__ unsigned long long block_sum(unsigned long long x) {
+  __shared__ unsigned long long s_sum;
+  if (threadIdx.x == 0) s_sum = 0;
+  __syncthreads();
+#pragma unroll
+  for (int s = 16; s >= 1; s >>= 1) x += __shfl_xor_sync(0xffffffffu, x, s);
+  if ((threadIdx.x & 31) == 0) atomicAdd(&s_sum, x);
+  __syncthreads();
+  return s_sum;
+}
+
 // W' and the bitmask. A lane's kCpt keep bits of a row are a run of one 32-bit word (whose first column is a
 // multiple of 32); the 32 / kCpt lanes sharing that word OR their runs together (shuffles; a ballot when
 // kCpt == 1) and the first of them writes it: stored when k % 32 == 0, else its parts ORed into two zeroed
 // words. W' is written a Pack at a time where packs_fit (else entry by entry).
-template <int R, class T>
-__global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const State* st, bool any_pruned, void* out,
-                                                        uint32_t* words) {
+// BRACKET: the sampled bracket's pass, before the threshold is known. Keys above the bracket are kept, the others
+// pruned for now; the bracket's entries are listed (for fixup_kernel to keep those above the threshold) and the
+// entries below it counted. Its last block decides whether the bracket holds the threshold (State::mode).
+// Otherwise, with br.on, the pass returns at once when the bracket found the threshold.
+template <int R, class T, bool BRACKET>
+__global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, State* st, bool any_pruned, void* out,
+                                                        uint32_t* words, Bracket br) {
+  if (!BRACKET && br.on && st->mode == kBracketOk) return;
   constexpr int kCpt = cols_per_thread(R), kLanesPerWord = 32 / kCpt;
-  const unsigned int thr = any_pruned ? static_cast<unsigned int>(st->prefix) : 0u;
-  // ties with a flat index below f_excl are pruned: all of them unless they are split (need < count)
-  const long long f_excl = !any_pruned ? 0 : (st->need == st->count ? p.n * p.k : st->f_excl);
+  constexpr int kStage = BRACKET ? kThreads / 32 * kWarpStage : 1;
+  __shared__ uint32_t s_keys[kStage], s_tags[kStage];
+  const unsigned int lo = BRACKET ? bracket_lo(st, br) : 0u;
+  const unsigned int thr = BRACKET ? bracket_hi(st, br) : (any_pruned ? static_cast<unsigned int>(st->sel.prefix) : 0u);
+  // ties with a flat index below f_excl are pruned: all of them unless they are split (need < count); in the
+  // bracket pass every key up to hi
+  const long long f_excl =
+      BRACKET ? p.n * p.k : (!any_pruned ? 0 : (st->sel.need == st->sel.count ? p.n * p.k : st->f_excl));
   const bool aligned = p.k % 32 == 0, packed = packs_fit<T, kCpt>(out, p.k);
   const int lane = threadIdx.x & 31;
+  Stage stage{s_keys + (BRACKET ? (threadIdx.x >> 5) * kWarpStage : 0), s_tags + (BRACKET ? (threadIdx.x >> 5) * kWarpStage : 0), 0u};
+  unsigned long long below = 0;
   Pack<T, kCpt> vals;  // the row's kCpt entries of W', stored together after the last
   unsigned int run = 0u;  // their keep bits, bit q for column slot q
   for_each_score<R, T>(p, [&](int q, int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
     const bool keep = valid & ((key > thr) | ((key == thr) & (f >= f_excl)));  // no branches
+    if constexpr (BRACKET) {
+      below += valid & (key < lo);
+      stage.add(valid & (key >= lo) & (key <= thr), key, static_cast<uint32_t>(f));
+      stage.flush_if_over(kWarpStage - 32, &st->blisted, br.list);
+    }
     const T x = from_f32<T>(mul_rn(w, keep ? 1.0f : 0.0f));
     if (packed) vals.x[q] = x;
     else if (valid) static_cast<T*>(out)[f] = x;
@@ -663,6 +739,139 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, const S
       }
     }
   });
+  if constexpr (BRACKET) {
+    stage.flush_if_over(0u, &st->blisted, br.list);
+    below = block_sum(below);
+    if (threadIdx.x == 0 && below) atomicAdd(&st->below, below);
+    if (finished_last(&st->arrived_b[kArriveBracket]) && threadIdx.x == 0) {
+      const long long nb = static_cast<long long>(__ldcg(&st->below));
+      const unsigned long long listed = __ldcg(&st->blisted);
+      const bool ok = listed <= br.list.cap && nb < br.n_pruned && br.n_pruned <= nb + static_cast<long long>(listed);
+      if (ok) st->sel.need = br.n_pruned - nb;  // the rank of the threshold in the list (prefix and count: 0)
+      st->mode = ok ? kBracketOk : kBracketMissed;
+    }
+  }
+}
+
+// ---- the sampled bracket -------------------------------------------------------------------------
+//
+// For large matrices (bracket_passes), before the classic passes, which then return at once when it succeeds:
+//   1. sample_kernel: the scores of kSampleRun / kSampleEvery (1 / 16) of the entries (runs of 32 consecutive
+//      entries at stratified positions);
+//   2. two keys_hist_kernel passes over the sample: its keys at two ranks around the threshold's expected rank
+//      (kBracketSigmas binomial standard deviations either side), to 22 bits: the bracket [lo, hi];
+//   3. the BRACKET mask pass: W' and the bits of every key outside the bracket (kept above it), the entries below
+//      it counted and those inside it listed in the workspace (with their flat indices); its last block checks
+//      that the bracket holds the threshold (below < n_pruned <= below + listed) and its list every entry inside;
+//   4. three keys_hist_kernel passes over the list: the threshold T and its tie rank, exactly;
+//   5. list_ties_kernel: when the ties are split, their row counts (from the list) and the cut, as the classic
+//      tie count;
+//   6. fixup_kernel: the listed entries above the threshold kept (W' and their bit).
+// One pass over W instead of three or four; when the bracket misses (a sample unlike the matrix, or more entries
+// inside than the list holds, as with many equal scores) the classic passes run after it and write everything.
+
+constexpr int kSampleRun = 32;         // a sample run: 32 consecutive entries of a row, one per lane of a warp
+constexpr int64_t kSampleEvery = 512;  // entries of W per sample run (the sample: 1 / 16 of the scores)
+constexpr double kBracketSigmas = 4.0;
+constexpr int64_t kListPerLine = 16;   // the bracket's list holds (n + k) * kListPerLine entries
+
+__host__ __device__ inline int64_t sample_runs(int64_t numel) { return (numel + kSampleEvery - 1) / kSampleEvery; }
+__host__ __device__ inline unsigned long long bracket_cap(int64_t n, int64_t k) {
+  return static_cast<unsigned long long>(n + k) * kListPerLine;
+}
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {  // splitmix64's finaliser
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Run s of `runs` (numel < 2^32): a position in the s-th of `runs` equal strata of the flat index, and the 32
+// entries from there on in row-major order (wrapping to the matrix's start), keys[32 s + lane].
+__global__ void __launch_bounds__(kThreads) sample_kernel(AptPstProblem p, long long runs, uint32_t* keys) {
+  const long long numel = p.n * p.k;
+  const int lane = threadIdx.x & 31;
+  const long long warps = static_cast<long long>(gridDim.x) * (kThreads / 32);
+  for (long long s = static_cast<long long>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); s < runs; s += warps) {
+    const long long f0 = s * numel / runs, f1 = (s + 1) * numel / runs;
+    const long long f = f0 + static_cast<long long>(mix64(static_cast<unsigned long long>(s)) %
+                                                    static_cast<unsigned long long>(f1 - f0));
+    const long long g = (f + lane) % numel, i = g / p.k;
+    keys[s * kSampleRun + lane] = key_at(p, i, g - i * p.k, nullptr);
+  }
+}
+
+// One radix pass (digits as the classic passes) over an array of keys for NSEL selections at once: keys matching
+// a selection's prefix add their digit to its histogram; the last block picks every selection's bucket. The
+// length is `len`, or *len_at when given (the bracket's list, read on the device). need0: the first pass's ranks.
+// gated: the list's passes, which return at once unless the bracket holds the threshold.
+template <int NSEL>
+__global__ void __launch_bounds__(kThreads) keys_hist_kernel(const uint32_t* keys, unsigned long long len,
+                                                             const unsigned long long* len_at, int pass, Sel* sels,
+                                                             long long need0_a, long long need0_b,
+                                                             unsigned long long* hist, unsigned int* arrived,
+                                                             const State* gated) {
+  if (gated && gated->mode != kBracketOk) return;
+  __shared__ unsigned int sh[NSEL][kMaxBins];
+  const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits, hi = shift + bits;
+  for (int b = threadIdx.x; b < NSEL * kMaxBins; b += blockDim.x) sh[b / kMaxBins][b % kMaxBins] = 0;
+  __syncthreads();
+  unsigned int prefix[NSEL];
+#pragma unroll
+  for (int j = 0; j < NSEL; ++j) prefix[j] = pass ? static_cast<unsigned int>(sels[j].prefix) : 0u;
+  const unsigned long long n = len_at ? *len_at : len, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += step) {
+    const unsigned int key = keys[e];
+#pragma unroll
+    for (int j = 0; j < NSEL; ++j)
+      if (pass == 0 || (key >> hi) == (prefix[j] >> hi)) atomicAdd(&sh[j][(key >> shift) & (nbins - 1)], 1u);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < NSEL * kMaxBins; b += blockDim.x)
+    if (sh[b / kMaxBins][b % kMaxBins]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b / kMaxBins][b % kMaxBins]));
+  if (finished_last(arrived)) {
+#pragma unroll
+    for (int j = 0; j < NSEL; ++j) pick(pass, hist + j * kMaxBins, &sels[j], pass ? -1 : (j ? need0_b : need0_a));
+  }
+}
+
+// When the bracket holds the threshold and its ties are split: the row counts of the listed ties, then the cut by
+// the last block (as tie_rows_kernel).
+__global__ void __launch_bounds__(kThreads) list_ties_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt,
+                                                             Candidates list) {
+  if (st->mode != kBracketOk || st->sel.need == st->sel.count) return;
+  const unsigned int thr = static_cast<unsigned int>(st->sel.prefix);
+  const unsigned long long len = st->blisted, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len; e += step)
+    if (list.keys[e] == thr) atomicAdd(&rowcnt[static_cast<int64_t>(list.tags[e]) / p.k], 1ull);
+  if (finished_last(&st->arrived_b[kArriveListTies])) cut(p, st, rowcnt);
+}
+
+// The listed entries the threshold keeps: W' = W (the BRACKET pass wrote W * 0) and their bit (atomicOr).
+template <class T>
+__global__ void __launch_bounds__(kThreads) fixup_kernel(AptPstProblem p, const State* st, Candidates list, void* out,
+                                                         uint32_t* words) {
+  if (st->mode != kBracketOk) return;
+  const unsigned int thr = static_cast<unsigned int>(st->sel.prefix);
+  const long long f_excl = st->sel.need == st->sel.count ? p.n * p.k : st->f_excl;
+  const unsigned long long len = st->blisted, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len; e += step) {
+    const unsigned int key = list.keys[e];
+    const int64_t f = list.tags[e];
+    if (key > thr || (key == thr && f >= f_excl)) {
+      const int64_t i = f / p.k;
+      store_as<T>(out, f, mul_rn(weight_at(p, i, f - i * p.k), 1.0f));
+      atomicOr(&words[f >> 5], 1u << (f & 31));
+    }
+  }
+}
+
+// When the bracket missed and k % 32 != 0: its bits are cleared for the classic mask pass, which ORs into zeroed words.
+__global__ void __launch_bounds__(kThreads) clear_words_kernel(const State* st, uint32_t* words, int64_t nwords) {
+  if (st->mode != kBracketMissed) return;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < nwords; w += step) words[w] = 0u;
 }
 
 // N:M: one thread per group of m consecutive entries of a row (k % m == 0, m <= 32).
@@ -911,12 +1120,98 @@ unsigned int grid_for(int64_t work, int threads) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
 }
 
-// The selection passes (when n_pruned > 0; the workspace zeroed) and the mask pass, tiles of bucket R, W0 of
-// element type T.
+// The workspace: State, the classic passes' histograms, the row counters, the bracket's histograms (sample: two
+// passes of two selections; list: three passes) and its list (keys, then flat indices). The counters (everything
+// before the list) are zeroed when n_pruned > 0.
+struct Workspace {
+  State* st;
+  unsigned long long *hist, *rowcnt, *sample_hist, *list_hist;
+  Candidates list;
+  size_t classic_bytes;   // bytes to zero for the classic passes
+  size_t counters_bytes;  // and for the bracket's too
+  size_t total_bytes;
+};
+
+Workspace carve(void* base, int64_t n, int64_t k) {
+  char* ws = static_cast<char*>(base);
+  Workspace w{};
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    char* ptr = ws ? ws + at : nullptr;
+    at += align256(bytes);
+    return ptr;
+  };
+  using Counter = unsigned long long;
+  w.st = reinterpret_cast<State*>(take(sizeof(State)));
+  w.hist = reinterpret_cast<Counter*>(take(sizeof(Counter) * kPasses * kMaxBins));
+  w.rowcnt = reinterpret_cast<Counter*>(take(sizeof(Counter) * static_cast<size_t>(n > 0 ? n : 1)));
+  w.classic_bytes = at;
+  w.sample_hist = reinterpret_cast<Counter*>(take(sizeof(Counter) * 2 * 2 * kMaxBins));
+  w.list_hist = reinterpret_cast<Counter*>(take(sizeof(Counter) * kPasses * kMaxBins));
+  w.counters_bytes = at;
+  w.list.cap = bracket_cap(n, k);
+  w.list.keys = reinterpret_cast<uint32_t*>(take(sizeof(uint32_t) * w.list.cap));
+  w.list.tags = reinterpret_cast<uint32_t*>(take(sizeof(uint32_t) * w.list.cap));
+  w.total_bytes = at;
+  return w;
+}
+
+size_t workspace_bytes(int64_t n, int64_t k) { return carve(nullptr, n, k).total_bytes; }
+
+// Whether the sampled bracket runs first: n_pruned > 0, at least bracket_min entries (bracket_min < 0: never) and
+// kMinBracketEntries (the sample, numel / 16 keys and a run, then fits in W''s buffer), flat indices in 32 bits.
+constexpr int64_t kMinBracketEntries = 1024;
+bool use_bracket(const AptPstProblem& p, int64_t n_pruned, int64_t bracket_min) {
+  const int64_t numel = p.n * p.k;
+  return n_pruned > 0 && bracket_min >= 0 && numel >= bracket_min && numel >= kMinBracketEntries &&
+         numel <= 0xffffffffll;
+}
+
+// The sampled bracket's launches (steps 1-6 above), before the classic ones.
 template <int R, class T>
-cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st, unsigned long long* hist,
-                            unsigned long long* rowcnt, void* w_out, uint32_t* words, cudaStream_t stream) {
+cudaError_t bracket_passes(const AptPstProblem& p, int64_t n_pruned, const Workspace& w, void* w_out, uint32_t* words,
+                           Bracket& br, cudaStream_t stream) {
+  const int64_t numel = p.n * p.k, runs = sample_runs(numel), S = runs * kSampleRun;
+  // the sample's ranks (1-based) around the threshold's expected one
+  const double q = static_cast<double>(n_pruned) / static_cast<double>(numel), mid = q * static_cast<double>(S);
+  const double margin = kBracketSigmas * std::sqrt(static_cast<double>(S) * q * (1.0 - q)) + 1.0;
+  const int64_t r_lo = static_cast<int64_t>(std::floor(mid - margin)), r_hi = static_cast<int64_t>(std::ceil(mid + margin));
+  br.lo_open = r_lo < 1;
+  br.hi_open = r_hi > S;
+  br.list = w.list;
+  br.n_pruned = n_pruned;
+  br.on = true;
+  uint32_t* sample = static_cast<uint32_t*>(w_out);  // in W''s buffer, free until the BRACKET pass (S < numel / 8)
+  sample_kernel<<<grid_for(runs * 32, kThreads), kThreads, 0, stream>>>(p, runs, sample);
+  const unsigned int sgrid = grid_for(S, kThreads * 16);
+  for (int pass = 0; pass < 2; ++pass)
+    keys_hist_kernel<2><<<sgrid, kThreads, 0, stream>>>(sample, static_cast<unsigned long long>(S), nullptr, pass,
+                                                        w.st->sample, br.lo_open ? 1 : r_lo, br.hi_open ? S : r_hi,
+                                                        w.sample_hist + pass * 2 * kMaxBins,
+                                                        &w.st->arrived_b[kArriveSample0 + pass], nullptr);
+  mask_kernel<R, T, true><<<tile_grid(p, R), kThreads, 0, stream>>>(p, w.st, true, w_out, words, br);
+  const unsigned int lgrid = grid_for(static_cast<int64_t>(w.list.cap), kThreads * 8);
+  for (int pass = 0; pass < kPasses; ++pass)
+    keys_hist_kernel<1><<<lgrid, kThreads, 0, stream>>>(w.list.keys, 0, &w.st->blisted, pass, &w.st->sel, -1, -1,
+                                                        w.list_hist + pass * kMaxBins,
+                                                        &w.st->arrived_b[kArriveList0 + pass], w.st);
+  list_ties_kernel<<<lgrid, kThreads, 0, stream>>>(p, w.st, w.rowcnt, w.list);
+  fixup_kernel<T><<<lgrid, kThreads, 0, stream>>>(p, w.st, w.list, w_out, words);
+  if (p.k % 32) clear_words_kernel<<<grid_for((numel + 31) / 32, kThreads * 4), kThreads, 0, stream>>>(w.st, words, (numel + 31) / 32);
+  return cudaGetLastError();
+}
+
+// The selection passes (when n_pruned > 0; the workspace's counters zeroed) and the mask pass, tiles of bucket R,
+// W0 of element type T; the sampled bracket first where use_bracket.
+template <int R, class T>
+cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, int64_t bracket_min, const Workspace& w,
+                            void* w_out, uint32_t* words, cudaStream_t stream) {
   const unsigned int grid = tile_grid(p, R);
+  Bracket br{};
+  cudaError_t err;
+  if (use_bracket(p, n_pruned, bracket_min) &&
+      (err = bracket_passes<R, T>(p, n_pruned, w, w_out, words, br, stream)) != cudaSuccess)
+    return err;
   if (n_pruned > 0) {
     // the candidate list: keys, then rows, in W''s buffer (n k elements of 2 or 4 bytes)
     const unsigned long long cap =
@@ -924,39 +1219,37 @@ cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, State* st,
     const Candidates cand{static_cast<uint32_t*>(w_out), static_cast<uint32_t*>(w_out) + cap, cap};
     for (int pass = 0; pass < kPasses; ++pass) {
       if (pass == 1)
-        hist_kernel<R, true, T><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
+        hist_kernel<R, true, T><<<grid, kThreads, 0, stream>>>(p, pass, w.st, w.hist + pass * kMaxBins, n_pruned, cand,
+                                                               br.on);
       else
-        hist_kernel<R, false, T><<<grid, kThreads, 0, stream>>>(p, pass, st, hist + pass * kMaxBins, n_pruned, cand);
+        hist_kernel<R, false, T><<<grid, kThreads, 0, stream>>>(p, pass, w.st, w.hist + pass * kMaxBins, n_pruned,
+                                                                cand, br.on);
     }
-    tie_rows_kernel<R, T><<<grid, kThreads, 0, stream>>>(p, st, rowcnt, cand);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+    tie_rows_kernel<R, T><<<grid, kThreads, 0, stream>>>(p, w.st, w.rowcnt, cand, br.on);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  mask_kernel<R, T><<<grid, kThreads, 0, stream>>>(p, st, n_pruned > 0, w_out, words);
+  mask_kernel<R, T, false><<<grid, kThreads, 0, stream>>>(p, w.st, n_pruned > 0, w_out, words, br);
   return cudaGetLastError();
 }
 
 template <class T>
-cudaError_t select_and_mask_ranks(const AptPstProblem& p, int64_t n_pruned, State* st, unsigned long long* hist,
-                                  unsigned long long* rowcnt, void* w_out, uint32_t* words, cudaStream_t stream) {
+cudaError_t select_and_mask_ranks(const AptPstProblem& p, int64_t n_pruned, int64_t bracket_min, const Workspace& w,
+                                  void* w_out, uint32_t* words, cudaStream_t stream) {
   switch (rank_bucket(p.rw, p.rs)) {
-    case 8: return select_and_mask<8, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    case 16: return select_and_mask<16, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    case 32: return select_and_mask<32, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    default: return select_and_mask<0, T>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case 8: return select_and_mask<8, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    case 16: return select_and_mask<16, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    case 32: return select_and_mask<32, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    default: return select_and_mask<0, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
   }
 }
 
 }  // namespace
 
-extern "C" size_t apt_pst_workspace_bytes(int64_t n, int64_t /*k*/) {
-  return align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins) +
-         align256(sizeof(unsigned long long) * static_cast<size_t>(n > 0 ? n : 1));
-}
+extern "C" size_t apt_pst_workspace_bytes(int64_t n, int64_t k) { return workspace_bytes(n, k); }
 
 extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_pruned, int nm_n, int nm_m,
-                                       void* w_out, uint32_t* words, void* workspace, size_t workspace_bytes,
-                                       cudaStream_t stream) {
+                                       int64_t bracket_min, void* w_out, uint32_t* words, void* workspace,
+                                       size_t workspace_bytes_given, cudaStream_t stream) {
   if (!problem) return cudaErrorInvalidValue;
   const AptPstProblem p = *problem;
   if (p.n < 0 || p.k < 0 || p.rw < 0 || p.rs < 0) return cudaErrorInvalidValue;
@@ -971,20 +1264,17 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
     return cudaGetLastError();
   }
   if (n_pruned < 0 || n_pruned >= numel) return cudaErrorInvalidValue;
-  if (workspace_bytes < apt_pst_workspace_bytes(p.n, p.k)) return cudaErrorInvalidValue;
-  char* ws = static_cast<char*>(workspace);
-  State* st = reinterpret_cast<State*>(ws);
-  unsigned long long* hist = reinterpret_cast<unsigned long long*>(ws + align256(sizeof(State)));
-  const size_t rowcnt_at = align256(sizeof(State)) + align256(sizeof(unsigned long long) * kPasses * kMaxBins);
-  unsigned long long* rowcnt = reinterpret_cast<unsigned long long*>(ws + rowcnt_at);
-  const size_t zeroed = rowcnt_at + sizeof(unsigned long long) * static_cast<size_t>(p.n);  // all counters
-  if (n_pruned > 0 && (err = cudaMemsetAsync(ws, 0, zeroed, stream)) != cudaSuccess) return err;
+  if (workspace_bytes_given < workspace_bytes(p.n, p.k)) return cudaErrorInvalidValue;
+  const Workspace w = carve(workspace, p.n, p.k);
+  if (n_pruned > 0) {
+    const size_t zeroed = use_bracket(p, n_pruned, bracket_min) ? w.counters_bytes : w.classic_bytes;
+    if ((err = cudaMemsetAsync(workspace, 0, zeroed, stream)) != cudaSuccess) return err;
+  }
   if (p.k % 32 && (err = cudaMemsetAsync(words, 0, nwords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
   switch (p.w0_dtype) {
-    case APT_PST_F16: return select_and_mask_ranks<__half>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    case APT_PST_BF16:
-      return select_and_mask_ranks<__nv_bfloat16>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
-    case APT_PST_F32: return select_and_mask_ranks<float>(p, n_pruned, st, hist, rowcnt, w_out, words, stream);
+    case APT_PST_F16: return select_and_mask_ranks<__half>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    case APT_PST_BF16: return select_and_mask_ranks<__nv_bfloat16>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    case APT_PST_F32: return select_and_mask_ranks<float>(p, n_pruned, bracket_min, w, w_out, words, stream);
     default: return cudaErrorInvalidValue;
   }
 }

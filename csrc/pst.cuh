@@ -48,9 +48,12 @@ size_t apt_pst_workspace_bytes(int64_t n, int64_t k);
 
 // w_out: n * k elements of w0_dtype; words: ceil(n * k / 32) uint32. n_pruned in [0, n * k) for the
 // global selection (nm_m == 0); with nm_m in [1, 32], k % nm_m == 0 and 0 <= nm_n <= nm_m, the N:M
-// mode (n_pruned ignored). Returns the first launch error (cudaErrorInvalidValue for bad arguments).
-cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_pruned, int nm_n, int nm_m, void* w_out,
-                            uint32_t* words, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// mode (n_pruned ignored). bracket_min: the global selection of a matrix of at least this many entries (and
+// at least 1024, fewer than 2^32) starts with the sampled bracket (one pass over W when it holds the threshold;
+// same results either way); negative: never. Returns the first launch error (cudaErrorInvalidValue for bad
+// arguments).
+cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_pruned, int nm_n, int nm_m, int64_t bracket_min,
+                            void* w_out, uint32_t* words, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // The backward's outputs: float32 accumulators, zeroed by the caller (du (n, rw), dv (rw, k), da (n, rs),
 // db (rs, k), dr (n,), dc (k,), row-major), and dw0 (n * k of w0_dtype, written; null: not wanted).

@@ -69,7 +69,7 @@ struct Problem {
 std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Tensor& u, const torch::Tensor& v,
                                        const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& r,
                                        const torch::Tensor& c, double beta, double alpha1, double alpha2,
-                                       int64_t n_pruned, int64_t nm_n, int64_t nm_m) {
+                                       int64_t n_pruned, int64_t nm_n, int64_t nm_m, int64_t bracket_min) {
   const Problem pr("pst_forward", w0, u, v, a, b, &r, &c, beta, alpha1, alpha2);
   const c10::cuda::CUDAGuard guard(w0.device());
   const int64_t n = pr.n, k = pr.k;
@@ -79,7 +79,8 @@ std::vector<torch::Tensor> pst_forward(const torch::Tensor& w0, const torch::Ten
   auto out = torch::empty_like(pr.w);
   auto words = torch::empty({(n * k + 31) / 32}, pr.w.options().dtype(torch::kInt32));
   auto ws = torch::empty({static_cast<int64_t>(apt_pst_workspace_bytes(n, k))}, pr.w.options().dtype(torch::kUInt8));
-  apt::check_cuda(apt_pst_forward(&pr.p, n_pruned, static_cast<int>(nm_n), static_cast<int>(nm_m), out.data_ptr(),
+  apt::check_cuda(apt_pst_forward(&pr.p, n_pruned, static_cast<int>(nm_n), static_cast<int>(nm_m), bracket_min,
+                                  out.data_ptr(),
                                   reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), ws.data_ptr(),
                                   static_cast<size_t>(ws.numel()), c10::cuda::getCurrentCUDAStream()),
                   "apt_pst_forward");
@@ -136,7 +137,8 @@ void apt::bind_pst(pybind11::module_& m) {
         "PST selection + mask passes: (W' in w0's dtype, packed keep bits as int32 words)",
         pybind11::arg("w0"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("a"), pybind11::arg("b"),
         pybind11::arg("r"), pybind11::arg("c"), pybind11::arg("beta"), pybind11::arg("alpha1"),
-        pybind11::arg("alpha2"), pybind11::arg("n_pruned"), pybind11::arg("nm_n"), pybind11::arg("nm_m"));
+        pybind11::arg("alpha2"), pybind11::arg("n_pruned"), pybind11::arg("nm_n"), pybind11::arg("nm_m"),
+        pybind11::arg("bracket_min") = -1);
   m.def("pst_backward", &pst_backward,
         "PST straight-through backward: [dW0 (empty unless need_w0), dU, dV, dA, dB, dR, dC]", pybind11::arg("grad"),
         pybind11::arg("words"), pybind11::arg("w0"), pybind11::arg("u"), pybind11::arg("v"), pybind11::arg("a"),

@@ -61,14 +61,14 @@ class HostExtension:
         self.lib = lib
         lib.apt_pst_workspace_bytes.restype = ctypes.c_size_t
         lib.apt_pst_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
-        lib.apt_pst_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int64, ctypes.c_int, ctypes.c_int, _PTR,
-                                        _PTR, _PTR, ctypes.c_size_t, _PTR]
+        lib.apt_pst_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_int64, _PTR, _PTR, _PTR, ctypes.c_size_t, _PTR]
         lib.apt_pst_backward.argtypes = [ctypes.POINTER(_Problem), _PTR, _PTR, ctypes.POINTER(_Grads), ctypes.c_int,
                                          _PTR]
         for name in ("apt_pack_bits", "apt_unpack_bits"):
             getattr(lib, name).argtypes = [_PTR, _PTR, ctypes.c_int64, _PTR]
 
-    def pst_forward(self, w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm_n, nm_m):
+    def pst_forward(self, w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm_n, nm_m, bracket_min=-1):
         assert w0.dim() == 2 and w0.device.type == "cpu"
         n, k = w0.shape
         rw, rs = u.shape[1], a.shape[1]
@@ -81,8 +81,8 @@ class HostExtension:
         ws = _poisoned((self.lib.apt_pst_workspace_bytes(n, k),), torch.uint8)
         p = _Problem(w.data_ptr(), self._DTYPES[w.dtype], *[t.data_ptr() for t in f32], n, k, rw, rs, beta, alpha1,
                      alpha2)
-        rc = self.lib.apt_pst_forward(ctypes.byref(p), n_pruned, nm_n, nm_m, out.data_ptr(), words.data_ptr(),
-                                      ws.data_ptr(), ws.numel(), None)
+        rc = self.lib.apt_pst_forward(ctypes.byref(p), n_pruned, nm_n, nm_m, bracket_min, out.data_ptr(),
+                                      words.data_ptr(), ws.data_ptr(), ws.numel(), None)
         if rc:
             raise RuntimeError(f"apt_pst_forward: cuda error {rc}")
         self.last_workspace = ws
@@ -284,6 +284,133 @@ def _one_bucket_of_four_values(ts, seed=0, dense_rows=False):
         w[16:] = torch.where(pick[16:] < 0.5, 0.25, 3.0)
         w[:16] = torch.where(pick[:16] < 0.7, near_one[:16], 3.0)
     ts[0] = (w * torch.where(torch.rand(ts[0].shape, generator=g) < 0.5, -1.0, 1.0)).to(ts[0].dtype)
+
+
+# ---- the sampled bracket (csrc/pst.cu: bracket_passes) ----------------------------------------------------------
+
+BRACKET_OK, BRACKET_MISSED = 1, 2  # csrc/pst.cu: State::mode
+
+
+def _bracket_state(ext):
+    """(mode, entries inside the bracket, entries below it) of the last forward, from its workspace: State's
+    fields after count0 (byte 56) are sample (two selections of 24 bytes), arrived_b (7 x 4 bytes), mode (int,
+    byte 140), blisted (byte 144), below (byte 152)."""
+    raw = ext.last_workspace.numpy().tobytes()
+    (mode,) = struct.unpack_from("<i", raw, 140)
+    blisted, below = struct.unpack_from("<QQ", raw, 144)
+    return mode, blisted, below
+
+
+@pytest.fixture
+def bracket(cuda_on_host, monkeypatch):
+    """The cuda backend with the sampled bracket on every matrix it takes (1024 entries and more)."""
+    from apt_kernels.pst import cuda_pst
+
+    monkeypatch.setattr(cuda_pst, "BRACKET_MIN", 0)
+    return cuda_on_host
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:  # csrc/pst.cu: mix64 (splitmix64's finaliser)
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _sampled(n: int, k: int) -> torch.Tensor:
+    """The entries sample_kernel scores: a run of 32 consecutive entries (row-major, wrapping to the start) at a
+    hashed position in each of ceil(n k / 512) equal strata of the flat index."""
+    numel = n * k
+    runs = -(-numel // 512)
+    hit = torch.zeros(numel, dtype=torch.bool)
+    for s in range(runs):
+        f0, f1 = s * numel // runs, (s + 1) * numel // runs
+        f = f0 + _mix64(s) % (f1 - f0)
+        hit[(f + torch.arange(32)) % numel] = True
+    return hit.view(n, k)
+
+
+# numel >= 1024: rank buckets 0 (above 32), 8, 16, 32; tiles of 1 to 16 rows; several column tiles; k % 32 != 0
+BRACKET_CASES = [(37, 53, 3, 2), (20, 1100, 8, 8), (37, 300, 9, 3), (19, 70, 16, 16), (21, 600, 17, 2),
+                 (40, 45, 33, 2), (1001, 40, 8, 8), (2051, 5, 8, 3), (300, 600, 16, 16), (1, 262200, 20, 1)]
+
+
+@pytest.mark.parametrize("n,k,rw,rs", BRACKET_CASES)
+def test_pst_bracket_equals_fused_order_emulation(bracket, n, k, rw, rs):
+    """The bracket holds the threshold of random scores (one pass over W, the list's exact selection, the
+    fixup of its kept entries): the documented order's mask and W' bit for bit, in every dtype, at sparsities
+    from one pruned entry (the bracket open below) to 0.999 (open above, on the small matrices)."""
+    numel = n * k
+    heavy = numel > 5000  # many blocks, which the host simulator runs slowly: one dtype, two sparsities
+    for dtype in (torch.bfloat16,) if heavy else (torch.bfloat16, torch.float32, torch.float16):
+        ts = make(n, k, rw=rw, rs=rs, dtype=dtype, device="cpu")
+        for sparsity in ((0.9,) if numel > 100_000 else (1.5 / numel, 0.9)) if heavy else (1.5 / numel, 0.5, 0.9, 0.999):
+            want_keep, want_w = _emulated(ts, sparsity, beta=0.7, a1=1.3, a2=-0.4)
+            wp, keep = _cuda(ts, sparsity, beta=0.7, a1=1.3, a2=-0.4)
+            mode, listed, below = _bracket_state(bracket)
+            assert mode == BRACKET_OK, (dtype, sparsity, listed, below)
+            assert listed < numel // 4 or numel < 5000, listed  # a bracket, not the matrix
+            assert torch.equal(keep, want_keep) and torch.equal(wp.view(-1).view(torch.uint8),
+                                                                want_w.view(-1).view(torch.uint8))
+        if dtype != torch.bfloat16 or heavy:
+            continue
+        shifted = [_misaligned(ts[0])] + ts[1:]  # W0 and W' entry by entry
+        wp, keep = _cuda(shifted, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+        assert _bracket_state(bracket)[0] == BRACKET_OK
+        want_keep, want_w = _emulated(ts, 0.6, beta=0.7, a1=1.3, a2=-0.4)
+        assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (40, 45)])
+@pytest.mark.parametrize("sparsity", [0.3, 0.45, 0.9])
+def test_pst_bracket_splits_listed_ties(bracket, shape, sparsity):
+    """Few distinct scores (bf16-valued W0, V = B = R = C = 0; each of the seven values of |W0| is a tie class of
+    a tenth of the entries or more, which these shapes' lists still hold): the threshold's ties are split, in
+    row-major order, from the list's row counts and the cut; equal to the reference."""
+    ts = make(*shape, ties=True, device="cpu")
+    wp, keep = _cuda(ts, sparsity)
+    mode, listed, _ = _bracket_state(bracket)
+    assert mode == BRACKET_OK, listed
+    assert torch.equal(keep, ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+    assert torch.equal(wp, ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (40, 45), (300, 37)])
+def test_pst_bracket_too_full_falls_back(bracket, shape):
+    """All scores equal: the bracket holds every entry, more than its list takes, so the radix passes run after
+    it and write everything (the mask words cleared first where k % 32 != 0); the first n_pruned go."""
+    n, k = shape
+    ts = make(n, k, ties=True, device="cpu")
+    make_scores_equal(ts)
+    for sparsity in (0.3, 0.9):
+        keep = _cuda(ts, sparsity)[1].reshape(-1)
+        mode, listed, _ = _bracket_state(bracket)
+        assert mode == BRACKET_MISSED and listed == n * k
+        kp = n_pruned(n * k, sparsity)
+        assert not keep[:kp].any() and keep[kp:].all(), sparsity
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+@pytest.mark.parametrize("shape", [(64, 96), (40, 45)])
+def test_pst_bracket_missed_by_its_sample_falls_back(bracket, side, shape):
+    """A sample unlike the matrix: the sampled entries' scores made the largest (or the smallest) of all, so that
+    the bracket lies above (below) the threshold. The bracket pass finds too many entries below it (too few up to
+    its end), the radix passes run after it; the mask and W' are still the documented order's."""
+    n, k = shape
+    ts = make(n, k, rw=8, rs=8, device="cpu")
+    hit = _sampled(n, k)
+    ts[0] = torch.where(hit, ts[0].sign() * (50.0 if side == "above" else 1e-3), ts[0] * 0.1 + ts[0].sign())
+    for sparsity in (0.3, 0.5):  # (at 0.9 the small samples' upper rank is past their end: an open bracket)
+        want_keep, want_w = _emulated(ts, sparsity)
+        wp, keep = _cuda(ts, sparsity)
+        mode, listed, below = _bracket_state(bracket)
+        assert mode == BRACKET_MISSED, (listed, below)
+        kp = n_pruned(n * k, sparsity)
+        assert below >= kp if side == "above" else below + listed < kp
+        assert torch.equal(keep, want_keep) and torch.equal(wp, want_w)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -16,10 +16,20 @@ import os
 from .. import _env
 
 
+# The global selection of a matrix of at least this many entries starts with the sampled bracket (csrc/pst.cu:
+# bracket_passes): the scores of 1/16 of the entries bracket the threshold, and one pass over W writes W' and the
+# bits outside the bracket and lists the entries inside it, whose exact selection is then a small problem. When the
+# bracket misses (a sample unlike the matrix, or too many equal scores inside it) the radix passes run after it;
+# the results are the same either way. Below this size the radix passes alone (fewer launches). A first choice until
+# a GPU measures it (benchmarks time both); APT_KERNELS_PST_BRACKET_MIN overrides it, -1 turns the bracket off.
+BRACKET_MIN = int(os.environ.get("APT_KERNELS_PST_BRACKET_MIN", str(1 << 21)))
+
+
 def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
     nm_n, nm_m = (0, 0) if nm is None else nm
     out, words = _env.cuda_extension().pst_forward(w0, u, v, a, b, r, c, float(beta), float(alpha1),
-                                                   float(alpha2), int(n_pruned), int(nm_n), int(nm_m))
+                                                   float(alpha2), int(n_pruned), int(nm_n), int(nm_m),
+                                                   int(BRACKET_MIN))
     return out, words
 
 
