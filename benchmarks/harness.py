@@ -124,8 +124,9 @@ class Timing:
 
 
 def our_backend(op_registry: str, backend: str, build: Callable[[dict], Callable[[], Any]],
-                probe: Callable[[dict], Probe]) -> Contender:
-    """A contender for one of our backends; availability comes from the op's registry."""
+                probe: Callable[[dict], Probe], name: str | None = None) -> Contender:
+    """A contender for one of our backends (named ``name``, default the backend: a variant of one); availability
+    comes from the op's registry."""
 
     def check(inputs):
         p = probe(inputs)
@@ -133,7 +134,7 @@ def our_backend(op_registry: str, backend: str, build: Callable[[dict], Callable
             return "Triton's CPU interpreter (TRITON_INTERPRET=1) is a correctness tool, not a performance measurement"
         return REGISTRIES[op_registry].reason(backend, p)
 
-    return Contender(backend, build, ours=True, check=check)
+    return Contender(name or backend, build, ours=True, check=check)
 
 
 def fill(shape, *, seed: int, device, dtype=torch.float32, scale: float = 1.0, offset: float = 0.0,
