@@ -627,6 +627,15 @@ __device__ void cut(const AptPstProblem& p, State* st, const unsigned long long*
   if (threadIdx.x == 0) st->f_excl = row * p.k + s_col + 1;
 }
 
+// The row counts of a list's ties (keys equal to thr): a record's row is its tag / per_row (pass 1's list tags
+// rows: 1; the bracket's tags flat indices: k). Grid-stride over the len records.
+__device__ __forceinline__ void add_listed_ties(const Candidates& list, unsigned long long len, unsigned int thr,
+                                                int64_t per_row, unsigned long long* rowcnt) {
+  const unsigned long long step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len; e += step)
+    if (list.keys[e] == thr) atomicAdd(&rowcnt[static_cast<int64_t>(list.tags[e]) / per_row], 1ull);
+}
+
 // Only when the ties are split (need < count): the number of entries of every row whose key is T, added
 // into the zeroed rowcnt (a ballot per warp); the last block to finish then cuts (as the histogram passes
 // pick).
@@ -637,10 +646,7 @@ __global__ void __launch_bounds__(kThreads) tie_rows_kernel(AptPstProblem p, Sta
   if (st->sel.need == st->sel.count) return;  // every tie is pruned: no split, no counts needed
   const unsigned int thr = static_cast<unsigned int>(st->sel.prefix);
   if (list_complete(st, cand)) {  // every tie is in pass 1's list
-    const unsigned long long len = st->listed, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
-    for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len;
-         e += step)
-      if (cand.keys[e] == thr) atomicAdd(&rowcnt[cand.tags[e]], 1ull);
+    add_listed_ties(cand, st->listed, thr, 1, rowcnt);
   } else {
     for_each_score<R, T>(p, [&](int, int64_t i, int64_t, int64_t, bool valid, float, unsigned int key) {
       const unsigned int ties = __ballot_sync(0xffffffffu, valid && key == thr);
@@ -667,18 +673,6 @@ __device__ __forceinline__ unsigned int bracket_hi(const State* st, const Bracke
   return br.hi_open ? 0xffffffffu : static_cast<unsigned int>(st->sample[1].prefix) | 0x3ffu;
 }
 
-// Sum of x over the block (every thread calls; the result in every thread).
-__device__ unsigned long long block_sum(unsigned long long x) {
-  __shared__ unsigned long long s_sum;
-  if (threadIdx.x == 0) s_sum = 0;
-  __syncthreads();
-#pragma unroll
-  for (int s = 16; s >= 1; s >>= 1) x += __shfl_xor_sync(0xffffffffu, x, s);
-  if ((threadIdx.x & 31) == 0) atomicAdd(&s_sum, x);
-  __syncthreads();
-  return s_sum;
-}
-
 // W' and the bitmask. A lane's kCpt keep bits of a row are a run of one 32-bit word (whose first column is a
 // multiple of 32); the 32 / kCpt lanes sharing that word OR their runs together (shuffles; a ballot when
 // kCpt == 1) and the first of them writes it: stored when k % 32 == 0, else its parts ORed into two zeroed
@@ -702,8 +696,9 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, State* 
       BRACKET ? p.n * p.k : (!any_pruned ? 0 : (st->sel.need == st->sel.count ? p.n * p.k : st->f_excl));
   const bool aligned = p.k % 32 == 0, packed = packs_fit<T, kCpt>(out, p.k);
   const int lane = threadIdx.x & 31;
-  Stage stage{s_keys + (BRACKET ? (threadIdx.x >> 5) * kWarpStage : 0), s_tags + (BRACKET ? (threadIdx.x >> 5) * kWarpStage : 0), 0u};
-  unsigned long long below = 0;
+  const int warp_at = BRACKET ? (threadIdx.x >> 5) * kWarpStage : 0;
+  Stage stage{s_keys + warp_at, s_tags + warp_at, 0u};
+  long long below = 0;
   Pack<T, kCpt> vals;  // the row's kCpt entries of W', stored together after the last
   unsigned int run = 0u;  // their keep bits, bit q for column slot q
   for_each_score<R, T>(p, [&](int q, int64_t, int64_t c, int64_t f, bool valid, float w, unsigned int key) {
@@ -741,8 +736,9 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, State* 
   });
   if constexpr (BRACKET) {
     stage.flush_if_over(0u, &st->blisted, br.list);
-    below = block_sum(below);
-    if (threadIdx.x == 0 && below) atomicAdd(&st->below, below);
+    long long block_below;
+    block_inclusive_scan(below, &block_below);
+    if (threadIdx.x == 0 && block_below) atomicAdd(&st->below, static_cast<unsigned long long>(block_below));
     if (finished_last(&st->arrived_b[kArriveBracket]) && threadIdx.x == 0) {
       const long long nb = static_cast<long long>(__ldcg(&st->below));
       const unsigned long long listed = __ldcg(&st->blisted);
@@ -770,7 +766,7 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, State* 
 // One pass over W instead of three or four; when the bracket misses (a sample unlike the matrix, or more entries
 // inside than the list holds, as with many equal scores) the classic passes run after it and write everything.
 
-constexpr int kSampleRun = 32;         // a sample run: 32 consecutive entries of a row, one per lane of a warp
+constexpr int kSampleRun = 32;         // a sample run: 32 consecutive entries (row-major), one per lane of a warp
 constexpr int64_t kSampleEvery = 512;  // entries of W per sample run (the sample: 1 / 16 of the scores)
 constexpr double kBracketSigmas = 4.0;
 constexpr int64_t kListPerLine = 16;   // the bracket's list holds (n + k) * kListPerLine entries
@@ -813,9 +809,9 @@ __global__ void __launch_bounds__(kThreads) keys_hist_kernel(const uint32_t* key
                                                              unsigned long long* hist, unsigned int* arrived,
                                                              const State* gated) {
   if (gated && gated->mode != kBracketOk) return;
-  __shared__ unsigned int sh[NSEL][kMaxBins];
+  __shared__ unsigned int sh[NSEL * kMaxBins];  // selection j's histogram at j * kMaxBins, as in hist
   const int bits = digit_bits(pass), shift = digit_shift(pass), nbins = 1 << bits, hi = shift + bits;
-  for (int b = threadIdx.x; b < NSEL * kMaxBins; b += blockDim.x) sh[b / kMaxBins][b % kMaxBins] = 0;
+  for (int b = threadIdx.x; b < NSEL * kMaxBins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
   unsigned int prefix[NSEL];
 #pragma unroll
@@ -825,11 +821,11 @@ __global__ void __launch_bounds__(kThreads) keys_hist_kernel(const uint32_t* key
     const unsigned int key = keys[e];
 #pragma unroll
     for (int j = 0; j < NSEL; ++j)
-      if (pass == 0 || (key >> hi) == (prefix[j] >> hi)) atomicAdd(&sh[j][(key >> shift) & (nbins - 1)], 1u);
+      if (pass == 0 || (key >> hi) == (prefix[j] >> hi)) atomicAdd(&sh[j * kMaxBins + ((key >> shift) & (nbins - 1))], 1u);
   }
   __syncthreads();
   for (int b = threadIdx.x; b < NSEL * kMaxBins; b += blockDim.x)
-    if (sh[b / kMaxBins][b % kMaxBins]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b / kMaxBins][b % kMaxBins]));
+    if (sh[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(sh[b]));
   if (finished_last(arrived)) {
 #pragma unroll
     for (int j = 0; j < NSEL; ++j) pick(pass, hist + j * kMaxBins, &sels[j], pass ? -1 : (j ? need0_b : need0_a));
@@ -841,10 +837,7 @@ __global__ void __launch_bounds__(kThreads) keys_hist_kernel(const uint32_t* key
 __global__ void __launch_bounds__(kThreads) list_ties_kernel(AptPstProblem p, State* st, unsigned long long* rowcnt,
                                                              Candidates list) {
   if (st->mode != kBracketOk || st->sel.need == st->sel.count) return;
-  const unsigned int thr = static_cast<unsigned int>(st->sel.prefix);
-  const unsigned long long len = st->blisted, step = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
-  for (unsigned long long e = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < len; e += step)
-    if (list.keys[e] == thr) atomicAdd(&rowcnt[static_cast<int64_t>(list.tags[e]) / p.k], 1ull);
+  add_listed_ties(list, st->blisted, static_cast<unsigned int>(st->sel.prefix), p.k, rowcnt);
   if (finished_last(&st->arrived_b[kArriveListTies])) cut(p, st, rowcnt);
 }
 
@@ -1204,13 +1197,12 @@ cudaError_t bracket_passes(const AptPstProblem& p, int64_t n_pruned, const Works
 // The selection passes (when n_pruned > 0; the workspace's counters zeroed) and the mask pass, tiles of bucket R,
 // W0 of element type T; the sampled bracket first where use_bracket.
 template <int R, class T>
-cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, int64_t bracket_min, const Workspace& w,
+cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, bool bracket, const Workspace& w,
                             void* w_out, uint32_t* words, cudaStream_t stream) {
   const unsigned int grid = tile_grid(p, R);
   Bracket br{};
   cudaError_t err;
-  if (use_bracket(p, n_pruned, bracket_min) &&
-      (err = bracket_passes<R, T>(p, n_pruned, w, w_out, words, br, stream)) != cudaSuccess)
+  if (bracket && (err = bracket_passes<R, T>(p, n_pruned, w, w_out, words, br, stream)) != cudaSuccess)
     return err;
   if (n_pruned > 0) {
     // the candidate list: keys, then rows, in W''s buffer (n k elements of 2 or 4 bytes)
@@ -1233,13 +1225,13 @@ cudaError_t select_and_mask(const AptPstProblem& p, int64_t n_pruned, int64_t br
 }
 
 template <class T>
-cudaError_t select_and_mask_ranks(const AptPstProblem& p, int64_t n_pruned, int64_t bracket_min, const Workspace& w,
+cudaError_t select_and_mask_ranks(const AptPstProblem& p, int64_t n_pruned, bool bracket, const Workspace& w,
                                   void* w_out, uint32_t* words, cudaStream_t stream) {
   switch (rank_bucket(p.rw, p.rs)) {
-    case 8: return select_and_mask<8, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
-    case 16: return select_and_mask<16, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
-    case 32: return select_and_mask<32, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
-    default: return select_and_mask<0, T>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    case 8: return select_and_mask<8, T>(p, n_pruned, bracket, w, w_out, words, stream);
+    case 16: return select_and_mask<16, T>(p, n_pruned, bracket, w, w_out, words, stream);
+    case 32: return select_and_mask<32, T>(p, n_pruned, bracket, w, w_out, words, stream);
+    default: return select_and_mask<0, T>(p, n_pruned, bracket, w, w_out, words, stream);
   }
 }
 
@@ -1266,15 +1258,16 @@ extern "C" cudaError_t apt_pst_forward(const AptPstProblem* problem, int64_t n_p
   if (n_pruned < 0 || n_pruned >= numel) return cudaErrorInvalidValue;
   if (workspace_bytes_given < workspace_bytes(p.n, p.k)) return cudaErrorInvalidValue;
   const Workspace w = carve(workspace, p.n, p.k);
+  const bool bracket = use_bracket(p, n_pruned, bracket_min);
   if (n_pruned > 0) {
-    const size_t zeroed = use_bracket(p, n_pruned, bracket_min) ? w.counters_bytes : w.classic_bytes;
+    const size_t zeroed = bracket ? w.counters_bytes : w.classic_bytes;
     if ((err = cudaMemsetAsync(workspace, 0, zeroed, stream)) != cudaSuccess) return err;
   }
   if (p.k % 32 && (err = cudaMemsetAsync(words, 0, nwords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
   switch (p.w0_dtype) {
-    case APT_PST_F16: return select_and_mask_ranks<__half>(p, n_pruned, bracket_min, w, w_out, words, stream);
-    case APT_PST_BF16: return select_and_mask_ranks<__nv_bfloat16>(p, n_pruned, bracket_min, w, w_out, words, stream);
-    case APT_PST_F32: return select_and_mask_ranks<float>(p, n_pruned, bracket_min, w, w_out, words, stream);
+    case APT_PST_F16: return select_and_mask_ranks<__half>(p, n_pruned, bracket, w, w_out, words, stream);
+    case APT_PST_BF16: return select_and_mask_ranks<__nv_bfloat16>(p, n_pruned, bracket, w, w_out, words, stream);
+    case APT_PST_F32: return select_and_mask_ranks<float>(p, n_pruned, bracket, w, w_out, words, stream);
     default: return cudaErrorInvalidValue;
   }
 }
