@@ -12,9 +12,10 @@ the gradients of :func:`apt_kernels.pst_masked_weight`):
   * torch_topk: the indices of the k smallest scores by ``topk(largest=False, sorted=False)``, zeroed in
     a dense mask (CUDA's topk has a multi-block path; kthvalue works one block per slice).
 
-Ours: every backend as ``auto`` would run it, and the cuda backend's two selections apart (``cuda_bracket``: the
-sampled bracket on every matrix; ``cuda_radix``: the radix passes alone; ``cuda`` takes the bracket from
-``apt_kernels.pst.cuda_pst.BRACKET_MIN`` entries on).
+Ours: every backend as ``auto`` would run it, and each fused backend's two selections apart (``cuda_bracket`` and
+``triton_bracket``: the sampled bracket on every matrix; ``cuda_radix`` and ``triton_radix``: the radix passes
+alone; ``cuda`` and ``triton`` take the bracket from their module's ``BRACKET_MIN`` entries on,
+apt_kernels.pst.bracket.BRACKET_MIN by default).
 
 Bytes: fwd 2 passes over W's bytes (read W0, write W'), bwd 2 (read G and W0: dS = G * W needs W), and
 fwd+bwd the issue's floor of 3 passes (so its target is stricter than the 4 passes these add up to).
@@ -104,7 +105,8 @@ def build_peer(name: str, n_pruned: int):
 
 
 def build_ours(backend, bracket_min: int | None = None):
-    """bracket_min: the cuda backend's apt_kernels.pst.cuda_pst.BRACKET_MIN during the call (None: as set)."""
+    """bracket_min: the backend's BRACKET_MIN (apt_kernels.pst.cuda_pst's or triton_pst's) during the call
+    (None: as set)."""
     def build(inp):
         args = tuple(inp[x] for x in ("w0", "u", "v", "a", "b", "r", "c"))
 
@@ -116,13 +118,14 @@ def build_ours(backend, bracket_min: int | None = None):
             return call
 
         def run():
-            from apt_kernels.pst import cuda_pst
+            import importlib
 
-            saved, cuda_pst.BRACKET_MIN = cuda_pst.BRACKET_MIN, bracket_min
+            module = importlib.import_module(f"apt_kernels.pst.{backend}_pst")
+            saved, module.BRACKET_MIN = module.BRACKET_MIN, bracket_min
             try:
                 return call()
             finally:
-                cuda_pst.BRACKET_MIN = saved
+                module.BRACKET_MIN = saved
 
         return run
 
@@ -134,9 +137,9 @@ def make_case(n: int, k: int, *, device, wdtype, rank: int = RANK) -> Case:
     wbytes = n * k * torch.empty((), dtype=wdtype).element_size()
     probe = lambda inp: Probe.of(inp["w0"])  # noqa: E731
     contenders = [our_backend(REGISTRY_OP, b, build_ours(b), probe) for b in OUR_BACKENDS]
-    # the cuda backend's two selections apart: the sampled bracket on every matrix, and the radix passes alone
-    contenders += [our_backend(REGISTRY_OP, "cuda", build_ours("cuda", bracket_min=m), probe, name=name)
-                   for name, m in (("cuda_bracket", 0), ("cuda_radix", -1))]
+    # each fused backend's two selections apart: the sampled bracket on every matrix, and the radix passes alone
+    contenders += [our_backend(REGISTRY_OP, b, build_ours(b, bracket_min=m), probe, name=f"{b}_{kind}")
+                   for b in ("cuda", "triton") for kind, m in (("bracket", 0), ("radix", -1))]
     contenders += [Contender(name, build_peer(name, n_pruned)) for name in PEER_MASKS]
     return Case(op=OP, name=f"{n}x{k}", params=dict(n=n, k=k, rank=rank, sparsity=SPARSITY,
                                                   w_dtype=str(wdtype).replace("torch.", ""), factor_dtype="float32"),

@@ -23,11 +23,12 @@ import apt_kernels as ak
 from apt_kernels import _env, bits
 from apt_kernels.pst import REGISTRY as PST_REGISTRY
 from apt_kernels.pst import _run
+from apt_kernels.pst import bracket as bracket_mod
 from apt_kernels.pst.reference import n_pruned, ste_backward
 from apt_kernels.testing import assert_parity
 from cuda_host import build_host_kernels
-from test_pst_kernels import (SPECIAL_SPARSITIES, _emulated, make, make_scores_equal, make_special_values, numpy_mask,
-                              tolerance_band)
+from test_pst_kernels import (SPECIAL_SPARSITIES, _emulated, make, make_scores_equal, make_special_values,
+                              make_threshold_at_bracket_top, numpy_mask, tolerance_band)
 
 pytestmark = pytest.mark.nvcc
 
@@ -310,29 +311,6 @@ def bracket(cuda_on_host, monkeypatch):
     return cuda_on_host
 
 
-_M64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:  # csrc/pst.cu: mix64 (splitmix64's finaliser)
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def _sampled(n: int, k: int) -> torch.Tensor:
-    """The entries sample_kernel scores: a run of 32 consecutive entries (row-major, wrapping to the start) at a
-    hashed position in each of ceil(n k / 512) equal strata of the flat index."""
-    numel = n * k
-    runs = -(-numel // 512)
-    hit = torch.zeros(numel, dtype=torch.bool)
-    for s in range(runs):
-        f0, f1 = s * numel // runs, (s + 1) * numel // runs
-        f = f0 + _mix64(s) % (f1 - f0)
-        hit[(f + torch.arange(32)) % numel] = True
-    return hit.view(n, k)
-
-
 # numel >= 1024: rank buckets 0 (above 32), 8, 16, 32; tiles of 1 to 16 rows; several column tiles; k % 32 != 0
 BRACKET_CASES = [(37, 53, 3, 2), (20, 1100, 8, 8), (37, 300, 9, 3), (19, 70, 16, 16), (21, 600, 17, 2),
                  (40, 45, 33, 2), (1001, 40, 8, 8), (2051, 5, 8, 3), (300, 600, 16, 16), (1, 262200, 20, 1)]
@@ -378,6 +356,19 @@ def test_pst_bracket_splits_listed_ties(bracket, shape, sparsity):
     assert torch.equal(wp, ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
 
 
+@pytest.mark.parametrize("shape", [(40, 64), (37, 53)])
+def test_pst_bracket_threshold_at_its_top(bracket, shape):
+    """The threshold is the bracket's top key (all of its ties pruned) and the list's last rank: the bracket
+    holds (its upper end is the whole 22-bit bucket), the pass keeps nothing at its top, and the mask is the
+    reference's."""
+    ts, sparsity = make_threshold_at_bracket_top(*shape, dtype=torch.bfloat16, device="cpu")
+    wp, keep = _cuda(ts, sparsity)
+    mode, listed, below = _bracket_state(bracket)
+    assert mode == BRACKET_OK and below + listed == n_pruned(keep.numel(), sparsity), (mode, listed, below)
+    assert torch.equal(keep, ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+    assert torch.equal(wp, ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
+
+
 @pytest.mark.parametrize("shape", [(64, 96), (40, 45), (300, 37)])
 def test_pst_bracket_too_full_falls_back(bracket, shape):
     """All scores equal: the bracket holds every entry, more than its list takes, so the radix passes run after
@@ -401,7 +392,7 @@ def test_pst_bracket_missed_by_its_sample_falls_back(bracket, side, shape):
     its end), the radix passes run after it; the mask and W' are still the documented order's."""
     n, k = shape
     ts = make(n, k, rw=8, rs=8, device="cpu")
-    hit = _sampled(n, k)
+    hit = bracket_mod.sampled_entries(n, k)
     ts[0] = torch.where(hit, ts[0].sign() * (50.0 if side == "above" else 1e-3), ts[0] * 0.1 + ts[0].sign())
     for sparsity in (0.3, 0.5):  # (at 0.9 the small samples' upper rank is past their end: an open bracket)
         want_keep, want_w = _emulated(ts, sparsity)

@@ -108,6 +108,27 @@ def make_scores_equal(ts):
     ts[0].view(-1)[::3] *= -1
 
 
+def make_threshold_at_bracket_top(n, k, *, dtype=torch.float32, device=DEVICE):
+    """(inputs, sparsity) for the sampled bracket's edge: scores of three values, -9 < -8 < -7 (|W0| - 10 through
+    C: negative, so their ordered keys end in ten one bits, as the bracket's upper end does), every sampled entry
+    -8, about a third of the others -9 and the rest -7. The sample brackets -8 alone (lo its key's prefix, hi the
+    key itself), and the sparsity prunes the -9s and the -8s: the threshold is the bracket's top key and its
+    rank the list's last (n_pruned == below + listed)."""
+    from apt_kernels.pst import bracket
+
+    ts = make(n, k, ties=True, device="cpu")
+    hit = bracket.sampled_entries(n, k).reshape(-1)
+    w = torch.full((n * k,), 3.0)
+    w[hit] = 2.0
+    w[(~hit).nonzero().view(-1)[: n * k // 3]] = 1.0
+    sign = torch.where(torch.rand(n * k, generator=torch.Generator().manual_seed(7)) < 0.5, -1.0, 1.0)
+    ts[0] = (w * sign).view(n, k)
+    ts[6] = torch.full((k,), -10.0)
+    kp = int((w < 3.0).sum())
+    ts = [ts[0].to(device=device, dtype=dtype)] + [t.to(device) for t in ts[1:]]
+    return ts, (kp + 0.5) / (n * k)
+
+
 def make_bf16_rounding_ties(device=DEVICE):
     """bf16 W0 of +-1 and +-(1 + 2^-7), U = 1, V = 2^-8 (rank 1), B = R = C = 0: W = W0 + 2^-8 is exact in float32
     and lies halfway between two bf16 values wherever W0 = 1 or -(1 + 2^-7) (ties to even: 1 and -(1 + 2^-7))."""
@@ -310,6 +331,169 @@ def test_triton_nm_equals_reference(small_tiles, nm, ties):
     assert torch.equal(ak.pst_masked_weight(*ts, nm=nm, backend="triton"), wp)
 
 
+# --------------------------------------------------------------------------------------------------
+# Triton: the sampled bracket (apt_kernels.pst.bracket; triton_pst._bracket_passes)
+# --------------------------------------------------------------------------------------------------
+
+class _Scratch:
+    """Keeps the last forward's scratch and list tensors (triton_pst.ALLOC): the bracket's (lo, hi, below, listed)."""
+
+    def __init__(self):
+        self.scratch = self.list = None
+
+    def __call__(self, tag, t):
+        if tag == "scratch":
+            self.scratch, self.list = t, None
+        elif tag == "list":
+            self.list = t
+
+    def bracket(self):
+        lo, hi, below, listed = (int(x) for x in self.scratch[2:6].cpu())
+        return lo, hi, below, listed
+
+    def radix_ran(self) -> bool:
+        """Whether the radix passes ran after the bracket (their histograms, zeroed, are filled only then)."""
+        from apt_kernels.pst import triton_pst as tp
+
+        return bool(self.scratch[6:].view(torch.int32)[:tp.NPASS * tp.BINS].any())
+
+
+@pytest.fixture
+def triton_bracket(small_tiles, monkeypatch):
+    """The triton backend with the sampled bracket on every matrix it takes (1024 entries and more), and its
+    scratch in view."""
+    monkeypatch.setattr(small_tiles, "BRACKET_MIN", 0)
+    spy = _Scratch()
+    monkeypatch.setattr(small_tiles, "ALLOC", spy)
+    return spy
+
+
+def _held(spy, n, k, sparsity):
+    from apt_kernels.pst import bracket
+
+    assert spy.list is not None, "the bracket did not run"
+    _, _, below, listed = spy.bracket()
+    kp = n_pruned(n * k, sparsity)
+    held = listed <= bracket.list_cap(n, k) and below < kp <= below + listed
+    assert spy.radix_ran() != held, "the radix passes run exactly when the bracket misses"
+    return held
+
+
+# numel >= 1024: several tiles both ways (small tiles), k % 32 == 0 and not, n == 1, rank 0 factors
+TRITON_BRACKET_CASES = [(37, 53, 3, 2), (64, 96, 8, 8), (1, 1100, 2, 1), (40, 45, 0, 0)]
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("n,k,rw,rs", TRITON_BRACKET_CASES)
+def test_triton_bracket_equals_fused_order_emulation(triton_bracket, n, k, rw, rs):
+    """The bracket holds the threshold of random scores (the sample, one pass over W, the list's exact selection,
+    the fixup of its kept entries): the documented order's mask and W' bit for bit, in every dtype, at sparsities
+    from one pruned entry (the bracket open below) to 0.999 (open above)."""
+    numel = n * k
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        ts = make(n, k, rw=rw, rs=rs, dtype=dtype)
+        for sparsity in (1.5 / numel, 0.5, 0.9, 0.999):
+            want_keep, want_w = _emulated(ts, sparsity, beta=0.7, a1=1.3, a2=-0.4)
+            wp, words, _ = _run(*ts, sparsity, 0.7, 1.3, -0.4, "triton")
+            assert _held(triton_bracket, n, k, sparsity), (dtype, sparsity, triton_bracket.bracket())
+            assert triton_bracket.bracket()[3] < numel // 2, "a bracket, not the matrix"
+            assert torch.equal(bits.unpack_bits(words, (n, k)), want_keep), (dtype, sparsity)
+            assert torch.equal(wp.view(-1).view(torch.uint8), want_w.view(-1).view(torch.uint8)), (dtype, sparsity)
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape", [(37, 53), (40, 64)])
+@pytest.mark.parametrize("sparsity", [0.3, 0.45, 0.9])
+def test_triton_bracket_splits_listed_ties(triton_bracket, shape, sparsity):
+    """Few distinct scores (bf16-valued W0, V = B = R = C = 0: each value of |W0| a tie class of a tenth of the
+    entries or more, which these shapes' lists still hold): the threshold's ties are split in row-major order
+    from the list's row counts and the cut; equal to the reference."""
+    ts = make(*shape, ties=True)
+    got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton")
+    assert _held(triton_bracket, *shape, sparsity), triton_bracket.bracket()
+    assert torch.equal(got, ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+    assert torch.equal(ak.pst_masked_weight(*ts, sparsity=sparsity, backend="triton"),
+                       ak.pst_masked_weight(*ts, sparsity=sparsity, backend="reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape", [(40, 64), (37, 53)])
+def test_triton_bracket_threshold_at_its_top(triton_bracket, shape):
+    """The threshold is the bracket's top key (all of its ties pruned) and the list's last rank: the bracket
+    holds (its upper end is the whole 22-bit bucket), the pass keeps nothing at its top, and the mask is the
+    reference's."""
+    ts, sparsity = make_threshold_at_bracket_top(*shape, dtype=torch.bfloat16)
+    got = ak.pst_mask(*ts, sparsity=sparsity, backend="triton")
+    lo, hi, below, listed = triton_bracket.bracket()
+    assert _held(triton_bracket, *shape, sparsity) and below + listed == n_pruned(got.numel(), sparsity)
+    assert hi & 0x3FF == 0x3FF and lo & 0x3FF == 0 and lo < hi
+    assert torch.equal(got, ak.pst_mask(*ts, sparsity=sparsity, backend="reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("shape", [(64, 96), (40, 45)])
+def test_triton_bracket_too_full_falls_back(triton_bracket, shape):
+    """All scores equal: the bracket holds every entry, more than its list takes, so the radix passes run after
+    it and write everything (the mask words cleared first where k % 32 != 0); the first n_pruned go."""
+    n, k = shape
+    ts = make(n, k, ties=True)
+    make_scores_equal(ts)
+    for sparsity in (0.3, 0.9):
+        keep = ak.pst_mask(*ts, sparsity=sparsity, backend="triton").reshape(-1).cpu()
+        assert not _held(triton_bracket, n, k, sparsity) and triton_bracket.bracket()[3] == n * k
+        kp = n_pruned(n * k, sparsity)
+        assert not keep[:kp].any() and keep[kp:].all(), sparsity
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("side", ["above", "below"])
+@pytest.mark.parametrize("shape", [(64, 96), (40, 45)])
+def test_triton_bracket_missed_by_its_sample_falls_back(triton_bracket, side, shape):
+    """A sample unlike the matrix (its entries' scores made the largest, or the smallest, of all: the bracket lies
+    above, or below, the threshold): the bracket pass counts too many entries below it (too few up to its end),
+    the radix passes run after it; the mask and W' are still the documented order's."""
+    from apt_kernels.pst import bracket
+
+    n, k = shape
+    ts = make(n, k, rw=8, rs=8)
+    hit = bracket.sampled_entries(n, k).to(ts[0].device)
+    ts[0] = torch.where(hit, ts[0].sign() * (50.0 if side == "above" else 1e-3), ts[0] * 0.1 + ts[0].sign())
+    for sparsity in (0.3, 0.5):  # (at 0.9 the small samples' upper rank is past their end: an open bracket)
+        want_keep, want_w = _emulated(ts, sparsity)
+        wp, words, _ = _run(*ts, sparsity, 1.0, 1.0, 1.0, "triton")
+        _, _, below, listed = triton_bracket.bracket()
+        kp = n_pruned(n * k, sparsity)
+        assert below >= kp if side == "above" else below + listed < kp
+        assert not _held(triton_bracket, n, k, sparsity)
+        assert torch.equal(bits.unpack_bits(words, (n, k)), want_keep) and torch.equal(wp, want_w)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_bracket_memory_is_its_list_and_histograms(small_tiles, monkeypatch):
+    """What the bracket adds to the forward's allocations: its list, (n + k) * 16 entries of 8 bytes, and 36 KB of
+    histograms; the sample's keys live in W''s buffer."""
+    from apt_kernels.pst import bracket
+
+    n, k = 48, 96
+    ts = make(n, k, rw=4, rs=4, dtype=torch.bfloat16)
+    totals = {}
+    for on in (False, True):
+        monkeypatch.setattr(small_tiles, "BRACKET_MIN", 0 if on else -1)
+        spy = _Spy()
+        monkeypatch.setattr(small_tiles, "ALLOC", spy)
+        ak.pst_masked_weight(*ts, sparsity=0.9, backend="triton")
+        totals[on] = spy.total()
+        assert ("list" in dict(spy.log)) == on
+    histograms = 4 * (2 * small_tiles.SAMPLE_PASSES * small_tiles.SAMPLE_BINS + small_tiles.NPASS * small_tiles.BINS)
+    assert totals[True] - totals[False] == bracket.list_cap(n, k) * 8 + histograms
+
+
 _AOT = r"""
 import re, sys
 import triton
@@ -324,28 +508,46 @@ def build(fn, types, consts, opts):
 
 w = "*bf16"
 t = dict(w0_ptr=w, out_ptr=w, g_ptr=w, dw0_ptr=w, hist_ptr="*i32", rowcnt_ptr="*i32", state_ptr="*i64",
-         words_ptr="*i32", n="i32", k="i32", RW="i32", RS="i32", beta="fp32", alpha1="fp32", alpha2="fp32",
-         k_target="i32", SPLIT="i32", ldu="i32")
+         bstate_ptr="*i64", keys_ptr="*i32", tags_ptr="*i32", words_ptr="*i32", n="i32", k="i32", RW="i32",
+         RS="i32", beta="fp32", alpha1="fp32", alpha2="fp32", k_target="i32", n_pruned="i32", cap="i32", SPLIT="i32",
+         ldu="i32", numel="i32", runs="i32", length="i32", k_a="i32", k_b="i32", r_lo="i32", r_hi="i32", nwords="i32")
 t.update({f"{x}_ptr": "*fp32" for x in ("u", "v", "a", "b", "r", "c", "du", "dv", "da", "db", "dr", "dc")})
 sel = dict(BITS=tp.RADIX_BITS, NBINS=tp.BINS)
 nofma = dict(enable_fp_fusion=False)
 # 16-bit W0: pass 1 reads the cached top 16 bits, the others compute scores; float32: passes 1-3 read
-score_kernels = [build(tp._hist_kernel, dict(t, cache_ptr="*i16"), dict(PASS=p, BN=32, BK=128, CACHE_BITS=16, **sel),
-                       nofma) for p in (0, 2, 3)]
-cached = [build(tp._hist_kernel, dict(t, cache_ptr="*i16"), dict(PASS=1, BN=32, BK=128, CACHE_BITS=16, **sel), nofma)]
-cached += [build(tp._hist_kernel, dict(t, cache_ptr="*i32"), dict(PASS=p, BN=32, BK=128, CACHE_BITS=32, **sel), nofma)
-           for p in (1, 2, 3)]
+# the radix passes alone (MODE 0) and after the sampled bracket (MODE 1: gated on it)
+score_kernels = [build(tp._hist_kernel, dict(t, cache_ptr="*i16"),
+                       dict(PASS=p, BN=32, BK=128, CACHE_BITS=16, MODE=mode, **sel), nofma)
+                 for p in (0, 2, 3) for mode in (0, 1)]
+cached = [build(tp._hist_kernel, dict(t, cache_ptr="*i16"), dict(PASS=1, BN=32, BK=128, CACHE_BITS=16, MODE=0, **sel),
+                nofma)]
+cached += [build(tp._hist_kernel, dict(t, cache_ptr="*i32"), dict(PASS=p, BN=32, BK=128, CACHE_BITS=32, MODE=0, **sel),
+                 nofma) for p in (1, 2, 3)]
 assert all(not re.search(r"\bfma\.", c.asm["ptx"]) for c in cached)  # they compute no scores
-score_kernels += [build(tp._tie_rows_kernel, t, dict(NDONE=tp.NPASS, BN=32, BK=128, **sel), nofma),
-                  build(tp._cut_kernel, t, dict(NDONE=tp.NPASS, ROWB=1024, BK=1024, **sel), nofma)]
-score_kernels += [build(tp._mask_kernel, t, dict(NM_N=nn, NM_M=m, ALIGNED=al, BN=32, BK=128), nofma)
-                  for nn, m, al in ((0, 0, True), (0, 0, False), (2, 4, True))]
+score_kernels += [build(tp._tie_rows_kernel, t, dict(NDONE=tp.NPASS, BN=32, BK=128, MODE=1, **sel), nofma)]
+score_kernels += [build(tp._cut_kernel, t, dict(NDONE=tp.NPASS, ROWB=1024, BK=1024, MODE=mode, **sel), nofma)
+                  for mode in (0, 1, 2)]
+score_kernels += [build(tp._mask_kernel, t, dict(NM_N=nn, NM_M=m, ALIGNED=al, BRACKET=br, MODE=mode, BN=32, BK=128),
+                        nofma)
+                  for nn, m, al, br, mode in ((0, 0, True, False, 0), (0, 0, False, False, 1), (2, 4, True, False, 0),
+                                              (0, 0, True, True, 0), (0, 0, False, True, 0))]
+# the sampled bracket's own kernels
+score_kernels += [build(tp._sample_kernel, t, dict(RUNS=64, RUN=32), nofma),
+                  build(tp._fixup_kernel, t, dict(BLOCK=4096), nofma)]
+ssel = dict(PASSES=tp.SAMPLE_PASSES, BITS=tp.SAMPLE_BITS, NBINS=tp.SAMPLE_BINS)
+for p in (0, 1):
+    build(tp._keys_hist_kernel, t, dict(PASS=p, NSEL=2, LIST=False, BLOCK=4096, **ssel), {})
+for p in range(tp.NPASS):
+    build(tp._keys_hist_kernel, t, dict(PASS=p, PASSES=tp.NPASS, NSEL=1, LIST=True, BLOCK=4096, **sel), {})
+build(tp._bounds_kernel, t, dict(LO_OPEN=False, HI_OPEN=True, **ssel), {})
+build(tp._list_ties_kernel, t, dict(BLOCK=4096, **sel), {})
+build(tp._clear_words_kernel, t, dict(BLOCK=4096), {})
 for need in (False, True):
     build(tp._bwd_kernel, t, dict(RWP=16, RSP=16, NEED_W0=need, BN=32, BK=64), {})
 for kern in score_kernels:  # the documented order: the written FMAs (round to nearest), no flush-to-zero
     ptx = kern.asm["ptx"]
     assert re.search(r"\bfma\.rn\.f32", ptx) and ".ftz" not in ptx, kern.name
-print("compiled", len(score_kernels) + len(cached) + 2)
+print("compiled", len(score_kernels) + len(cached) + 2 + 9)
 """
 
 
@@ -366,7 +568,7 @@ def test_triton_kernels_compile_for_sm90_with_the_documented_fmas():
     if res.returncode and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 14" in res.stdout
+    assert "compiled 32" in res.stdout
 
 
 def test_nm_reference_and_torch_agree_and_validate():

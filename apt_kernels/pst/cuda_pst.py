@@ -14,15 +14,12 @@ from __future__ import annotations
 import os
 
 from .. import _env
+from . import bracket
 
 
-# The global selection of a matrix of at least this many entries starts with the sampled bracket (csrc/pst.cu:
-# bracket_passes): the scores of 1/16 of the entries bracket the threshold, and one pass over W writes W' and the
-# bits outside the bracket and lists the entries inside it, whose exact selection is then a small problem. When the
-# bracket misses (a sample unlike the matrix, or too many equal scores inside it) the radix passes run after it;
-# the results are the same either way. Below this size the radix passes alone (fewer launches). A first choice until
-# a GPU measures it (benchmarks time both); APT_KERNELS_PST_BRACKET_MIN overrides it, -1 turns the bracket off.
-BRACKET_MIN = int(os.environ.get("APT_KERNELS_PST_BRACKET_MIN", str(1 << 21)))
+# The sampled bracket's threshold (apt_kernels.pst.bracket: csrc/pst.cu's bracket_passes run first on matrices of at
+# least this many entries; -1: never). This backend's own copy: tests and benchmarks set it apart from Triton's.
+BRACKET_MIN = bracket.BRACKET_MIN
 
 
 def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):

@@ -18,6 +18,10 @@ Design (details and the reasons in docs/pst.md):
   ``F`` of the ``need``-th tie in row-major order is found (per-row tie counts with atomics, then one
   program scans the row counts and the one row where the count crosses ``need``), and a tie is
   pruned iff its flat index is below ``F + 1``. The mask pass is then fully parallel.
+* **Sampled bracket** (matrices of at least ``BRACKET_MIN`` entries; apt_kernels.pst.bracket): a sample of 1/16
+  of the scores brackets the threshold, one mask pass over W decides every entry outside the bracket and lists
+  those inside, and the exact selection and tie split run on that list, before the radix passes, which then do
+  nothing (constexpr MODE: they run only when the bracket missed). Same results either way.
 * **Mask pass**: W' = W * keep in W0's dtype and the packed bitmask (int32 words, LSB first, bit j of
   word w = element 32 w + j), stored directly when ``k % 32 == 0`` and by two atomic ORs per group of
   32 columns otherwise. Extra memory: one zeroed scratch buffer with 2 state words, the histograms and
@@ -40,6 +44,7 @@ import triton.language as tl
 from .._env import on_device
 from .._launch import FP_FUSION, run
 from .._intmath import cdiv, next_power_of_2
+from . import bracket
 from .reference import float_of_key
 
 RADIX_BITS = 8
@@ -52,37 +57,45 @@ NPASS = 32 // RADIX_BITS
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    """W = fma(beta, uv, W0) with uv = fma(U[:, j], V[j, :], uv) over j in order, on a (BN, BK) tile,
-    float32 (the order of reference.fused_order_scores). ``u_ptr`` is U transposed, (RW, ldu), its rows
-    zero-padded past every row a tile touches: U's column j is a contiguous, unmasked (vector) load."""
-    rows64 = rows.to(tl.int64)
-    m2 = rmask[:, None] & cmask[None, :]
-    w = tl.load(w0_ptr + rows64[:, None] * k + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    uv = tl.zeros([BN, BK], dtype=tl.float32)
+def _weight_at(w0_ptr, u_ptr, v_ptr, rows, cols, cmask, valid, k, ldu, RW, beta):
+    """W = fma(beta, uv, W0) with uv = fma(U[i, j], V[j, c], uv) over j in order, float32 (the order of
+    reference.fused_order_scores), at the entries (rows, cols): int64 row and column indices that broadcast
+    to one shape (a tile's (BN, 1) and (1, BK); a gather's, both of it). ``u_ptr`` is U transposed, (RW, ldu),
+    its rows zero-padded past every row a tile touches: U's column j is read unmasked (vector loads of a
+    tile's rows). ``cmask`` masks the reads of V, ``valid`` those of W0."""
+    w = tl.load(w0_ptr + rows * k + cols, mask=valid, other=0.0).to(tl.float32)
+    uv = tl.zeros_like(w)
     for j in range(RW):
-        uj = tl.load(u_ptr + j * ldu + rows64).to(tl.float32)
+        uj = tl.load(u_ptr + j * ldu + rows).to(tl.float32)
         vj = tl.load(v_ptr + j * k + cols, mask=cmask, other=0.0).to(tl.float32)
-        uv = tl.fma(uj[:, None], vj[None, :], uv)
+        uv = tl.fma(uj, vj, uv)
     return tl.fma(beta, uv, w)
 
 
 @triton.jit
-def _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2,
-                BN: tl.constexpr, BK: tl.constexpr):
-    """S = fma(alpha2, R + C, fma(alpha1, ab, |W|)) with ab = fma(A[:, j], B[j, :], ab) over j in order,
-    float32 (the order of reference.fused_order_scores); ``a_ptr`` is A transposed and padded as U."""
-    rows64 = rows.to(tl.int64)
-    ab = tl.zeros([BN, BK], dtype=tl.float32)
+def _score_at(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2):
+    """S = fma(alpha2, R + C, fma(alpha1, ab, |W|)) with ab = fma(A[i, j], B[j, c], ab) over j in order,
+    float32 (the order of reference.fused_order_scores), at the entries of W (indices as _weight_at's;
+    ``a_ptr`` is A transposed and padded as U)."""
+    ab = tl.zeros_like(w)
     for j in range(RS):
-        aj = tl.load(a_ptr + j * ldu + rows64).to(tl.float32)
+        aj = tl.load(a_ptr + j * ldu + rows).to(tl.float32)
         bj = tl.load(b_ptr + j * k + cols, mask=cmask, other=0.0).to(tl.float32)
-        ab = tl.fma(aj[:, None], bj[None, :], ab)
-    rr = tl.load(r_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
+        ab = tl.fma(aj, bj, ab)
+    rr = tl.load(r_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     cc = tl.load(c_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     s = tl.fma(alpha1, ab, tl.abs(w))
-    return tl.fma(alpha2, rr[:, None] + cc[None, :], s)
+    return tl.fma(alpha2, rr + cc, s)
+
+
+@triton.jit
+def _tile_scores(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RW, RS,
+                 beta, alpha1, alpha2):
+    """(W, S) on the tile rows x cols (1-D indices and masks)."""
+    r2, c2 = rows.to(tl.int64)[:, None], cols[None, :]
+    rm2, cm2 = rmask[:, None], cmask[None, :]
+    w = _weight_at(w0_ptr, u_ptr, v_ptr, r2, c2, cm2, rm2 & cm2, k, ldu, RW, beta)
+    return w, _score_at(w, a_ptr, b_ptr, r_ptr, c_ptr, r2, c2, rm2, cm2, k, ldu, RS, alpha1, alpha2)
 
 
 @triton.jit
@@ -142,146 +155,223 @@ def _tile_setup(n, k, BN: tl.constexpr, BK: tl.constexpr):
     return rows, cols, rows < n, cols < k
 
 
-@triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
-def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cache_ptr, n, k, ldu, RW, RS,
-                 beta, alpha1, alpha2, k_target,
-                 PASS: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 CACHE_BITS: tl.constexpr):
-    """Histogram of digit PASS of the keys still in the running. The first pass also keeps the top
-    CACHE_BITS bits of every key in ``cache_ptr`` (the W' buffer, free until the mask pass: 16 bits for
-    a 16-bit W0, the whole key for float32); a later pass whose digit lies in those bits reads them
-    instead of recomputing the scores."""
-    rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
-    valid = rmask[:, None] & cmask[None, :]
-    f = rows.to(tl.int64)[:, None] * k + cols[None, :]
-    if PASS > 0 and BITS * (PASS + 1) <= CACHE_BITS:
-        top = tl.load(cache_ptr + f, mask=valid, other=0).to(tl.int64) & ((1 << CACHE_BITS) - 1)
-        ukey = top << (32 - CACHE_BITS)
+# Which selection a kernel serves (its MODE): the radix passes alone; the radix passes after the sampled bracket
+# (they run only when it missed); the bracket's list (only when it held the threshold).
+RADIX, AFTER_BRACKET, LISTED = 0, 1, 2
+
+
+@triton.jit
+def _bracket_held(bstate_ptr, n_pruned, cap):
+    """(held, the threshold's rank in the list, the list's length): whether the bracket pass's list holds the
+    threshold (every entry inside the bracket listed, below < n_pruned <= below + listed). bstate: the
+    bracket (lo, hi, entries below it, entries inside it), int64."""
+    below = tl.load(bstate_ptr + 2)
+    listed = tl.load(bstate_ptr + 3)
+    held = (listed <= cap) & (below < n_pruned) & (n_pruned <= below + listed)
+    return held, n_pruned - below, tl.minimum(listed, cap)
+
+
+@triton.jit
+def _gate(bstate_ptr, k_target, cap, MODE: tl.constexpr):
+    """(whether a kernel serving selection MODE runs, the rank it selects): RADIX always, k_target;
+    AFTER_BRACKET when the bracket missed, k_target; LISTED when it held, the threshold's rank in the list."""
+    if MODE == 0:
+        active = tl.full([], 1, tl.int1)
+        rank = tl.zeros([], dtype=tl.int64) + k_target
     else:
-        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
-        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, BN, BK)
-        ukey = _ukey(s)
-        if PASS == 0 and CACHE_BITS > 0:
-            tl.store(cache_ptr + f, (ukey >> (32 - CACHE_BITS)).to(cache_ptr.dtype.element_ty), mask=valid)
-    if PASS > 0:
-        prefix, need, count = _radix_state(hist_ptr, k_target, PASS, BITS, NBINS)
-        hi = 32 - BITS * PASS
-        valid = valid & ((ukey >> hi) == (prefix >> hi))
-    digit = ((ukey >> (32 - BITS * (PASS + 1))) & (NBINS - 1)).to(tl.int32)
+        held, in_list, _ = _bracket_held(bstate_ptr, k_target, cap)
+        if MODE == 1:
+            active = held == 0
+            rank = tl.zeros([], dtype=tl.int64) + k_target
+        else:
+            active = held
+            rank = in_list
+    return active, rank
+
+
+@triton.jit
+def _count_digits(hist_ptr, digit, valid, NBINS: tl.constexpr):
+    """Adds to hist_ptr[0 .. NBINS) the histogram of ``digit`` (int32, a tile or 1-D) over its ``valid`` entries.
+
+    No mask for tl.histogram: on an H200 (Triton 3.6) the masked histogram counted about 0.3% of the first
+    pass's elements in bin 0 instead of their own bin, differently from run to run (benchmarks/results/
+    gpu-h200-2026-11-22.md). Every element is counted instead, the others in bin 0, and taken off again.
+    This form, barriers included, is the one checked there (15 of 15 selections exact; the masked forms,
+    with or without barriers: 10 of 15 wrong)."""
     digit = tl.where(valid, digit, 0)
-    # No mask for tl.histogram: on an H200 (Triton 3.6) the masked histogram counted about 0.3% of the first
-    # pass's elements in bin 0 instead of their own bin, differently from run to run (benchmarks/results/
-    # gpu-h200-2026-11-22.md). Every element is counted instead, the others in bin 0, and taken off again.
-    # This form, barriers included, is the one checked there (15 of 15 selections exact; the masked forms,
-    # with or without barriers: 10 of 15 wrong).
-    n_out = BN * BK - tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
-    flat = tl.reshape(digit, [BN * BK])
+    if len(digit.shape) == 2:  # a tile: the sums as checked there
+        n_out = digit.numel - tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
+    else:
+        n_out = digit.numel - tl.sum(valid.to(tl.int32), axis=0)
+    flat = tl.reshape(digit, [digit.numel])
     tl.debug_barrier()
     h = tl.histogram(flat, NBINS)
     tl.debug_barrier()
     h = h - tl.where(tl.arange(0, NBINS) == 0, n_out, 0)
-    tl.atomic_add(hist_ptr + PASS * NBINS + tl.arange(0, NBINS), h, mask=h > 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), h, mask=h > 0)
 
 
 @triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
-def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, n, k, ldu, RW, RS,
-                     beta, alpha1, alpha2, k_target,
-                     NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr):
-    """Per-row counts of entries whose key is the threshold T (only when the ties must be split)."""
-    thr, need, count = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
-    if need < count:
+def _hist_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, cache_ptr, bstate_ptr, n, k, ldu, RW,
+                 RS, beta, alpha1, alpha2, k_target, cap,
+                 PASS: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 CACHE_BITS: tl.constexpr, MODE: tl.constexpr):
+    """Histogram of digit PASS of the keys still in the running. The first pass also keeps the top
+    CACHE_BITS bits of every key in ``cache_ptr`` (the W' buffer, free until the mask pass: 16 bits for
+    a 16-bit W0, the whole key for float32); a later pass whose digit lies in those bits reads them
+    instead of recomputing the scores."""
+    active, _ = _gate(bstate_ptr, k_target, cap, MODE)
+    if active:
         rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
-        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
-        s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, BN, BK)
-        tie = rmask[:, None] & cmask[None, :] & (_ukey(s) == thr)
-        per_row = tl.sum(tie.to(tl.int32), axis=1)
-        tl.atomic_add(rowcnt_ptr + rows, per_row, mask=rmask & (per_row > 0))
+        valid = rmask[:, None] & cmask[None, :]
+        f = rows.to(tl.int64)[:, None] * k + cols[None, :]
+        if PASS > 0 and BITS * (PASS + 1) <= CACHE_BITS:
+            top = tl.load(cache_ptr + f, mask=valid, other=0).to(tl.int64) & ((1 << CACHE_BITS) - 1)
+            ukey = top << (32 - CACHE_BITS)
+        else:
+            w, s = _tile_scores(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu,
+                                RW, RS, beta, alpha1, alpha2)
+            ukey = _ukey(s)
+            if PASS == 0 and CACHE_BITS > 0:
+                tl.store(cache_ptr + f, (ukey >> (32 - CACHE_BITS)).to(cache_ptr.dtype.element_ty), mask=valid)
+        if PASS > 0:
+            prefix, need, count = _radix_state(hist_ptr, k_target, PASS, BITS, NBINS)
+            hi = 32 - BITS * PASS
+            valid = valid & ((ukey >> hi) == (prefix >> hi))
+        digit = ((ukey >> (32 - BITS * (PASS + 1))) & (NBINS - 1)).to(tl.int32)
+        _count_digits(hist_ptr + PASS * NBINS, digit, valid, NBINS)
 
 
 @triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
-def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, state_ptr, n, k, ldu, RW, RS,
-                beta, alpha1, alpha2, k_target,
-                NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, ROWB: tl.constexpr,
-                BK: tl.constexpr):
-    """One program: state = (threshold key T, F) with ties pruned iff flat index < F."""
-    thr, need, count = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
-    f_excl = (tl.zeros([], dtype=tl.int64) + n) * k  # all ties pruned
-    if need < count:
-        # the row holding the need-th tie: the first whose inclusive cumulative tie count reaches need
-        running = tl.zeros([], dtype=tl.int64)
-        cut_row = tl.zeros([], dtype=tl.int64)
-        before = tl.zeros([], dtype=tl.int64)
-        for start in range(0, n, ROWB):
-            rr = start + tl.arange(0, ROWB)
-            rc = tl.load(rowcnt_ptr + rr, mask=rr < n, other=0).to(tl.int64)
-            cs = running + tl.cumsum(rc, axis=0)
-            lt = (cs < need) & (rr < n)
-            cut_row += tl.sum(lt.to(tl.int64), axis=0)
-            before += tl.sum(tl.where(lt, rc, 0), axis=0)
-            running += tl.sum(rc, axis=0)
-        m = need - before  # prune the first m ties of the cut row
-        rows = cut_row + tl.arange(0, 2)  # a 2-row tile whose second row is masked off
-        rmask = rows < cut_row + 1
-        run = tl.zeros([], dtype=tl.int64)
-        col_m = tl.zeros([], dtype=tl.int64)
-        for start in range(0, k, BK):
-            cols = start + tl.arange(0, BK)
-            cmask = cols < k
-            w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, 2, BK)
-            s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, 2, BK)
+def _tie_rows_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, bstate_ptr, n, k, ldu,
+                     RW, RS, beta, alpha1, alpha2, k_target, cap,
+                     NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, MODE: tl.constexpr):
+    """Per-row counts of entries whose key is the threshold T (only when the ties must be split)."""
+    active, _ = _gate(bstate_ptr, k_target, cap, MODE)
+    if active:
+        thr, need, count = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
+        if need < count:
+            rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
+            w, s = _tile_scores(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu,
+                                RW, RS, beta, alpha1, alpha2)
             tie = rmask[:, None] & cmask[None, :] & (_ukey(s) == thr)
-            t1 = tl.sum(tie.to(tl.int64), axis=0)
-            cs = run + tl.cumsum(t1, axis=0)
-            col_m += tl.sum(tl.where((t1 > 0) & (cs == m), cols.to(tl.int64), 0), axis=0)
-            run += tl.sum(t1, axis=0)
-        f_excl = cut_row * k + col_m + 1
-    tl.store(state_ptr, thr)
-    tl.store(state_ptr + 1, f_excl)
+            per_row = tl.sum(tie.to(tl.int32), axis=1)
+            tl.atomic_add(rowcnt_ptr + rows, per_row, mask=rmask & (per_row > 0))
+
+
+@triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
+def _cut_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, hist_ptr, rowcnt_ptr, state_ptr, bstate_ptr, n, k,
+                ldu, RW, RS, beta, alpha1, alpha2, k_target, cap,
+                NDONE: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr, ROWB: tl.constexpr,
+                BK: tl.constexpr, MODE: tl.constexpr):
+    """One program: state = (threshold key T, F) with ties pruned iff flat index < F. ``hist_ptr``: the radix
+    passes' histograms, or the bracket's list's (MODE LISTED)."""
+    active, rank = _gate(bstate_ptr, k_target, cap, MODE)
+    if active:
+        thr, need, count = _radix_state(hist_ptr, rank, NDONE, BITS, NBINS)
+        f_excl = (tl.zeros([], dtype=tl.int64) + n) * k  # all ties pruned
+        if need < count:
+            # the row holding the need-th tie: the first whose inclusive cumulative tie count reaches need
+            running = tl.zeros([], dtype=tl.int64)
+            cut_row = tl.zeros([], dtype=tl.int64)
+            before = tl.zeros([], dtype=tl.int64)
+            for start in range(0, n, ROWB):
+                rr = start + tl.arange(0, ROWB)
+                rc = tl.load(rowcnt_ptr + rr, mask=rr < n, other=0).to(tl.int64)
+                cs = running + tl.cumsum(rc, axis=0)
+                lt = (cs < need) & (rr < n)
+                cut_row += tl.sum(lt.to(tl.int64), axis=0)
+                before += tl.sum(tl.where(lt, rc, 0), axis=0)
+                running += tl.sum(rc, axis=0)
+            m = need - before  # prune the first m ties of the cut row
+            rows = cut_row + tl.arange(0, 2)  # a 2-row tile whose second row is masked off
+            rmask = rows < cut_row + 1
+            run = tl.zeros([], dtype=tl.int64)
+            col_m = tl.zeros([], dtype=tl.int64)
+            for start in range(0, k, BK):
+                cols = start + tl.arange(0, BK)
+                cmask = cols < k
+                w, s = _tile_scores(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k,
+                                    ldu, RW, RS, beta, alpha1, alpha2)
+                tie = rmask[:, None] & cmask[None, :] & (_ukey(s) == thr)
+                t1 = tl.sum(tie.to(tl.int64), axis=0)
+                cs = run + tl.cumsum(t1, axis=0)
+                col_m += tl.sum(tl.where((t1 > 0) & (cs == m), cols.to(tl.int64), 0), axis=0)
+                run += tl.sum(t1, axis=0)
+            f_excl = cut_row * k + col_m + 1
+        tl.store(state_ptr, thr)
+        tl.store(state_ptr + 1, f_excl)
 
 
 @triton.jit
-def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, words_ptr, state_ptr, n, k, ldu, RW, RS,
-                 beta, alpha1, alpha2,
-                 NM_N: tl.constexpr, NM_M: tl.constexpr, ALIGNED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
-    w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
-    s = _score_tile(w, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RS, alpha1, alpha2, BN, BK)
-    ukey = _ukey(s)
-    valid = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-    f = rows64[:, None] * k + cols[None, :]
-    if NM_M > 0:
-        # rank of each entry in its group of NM_M: entries before it in (key, index) order
-        key3 = tl.reshape(ukey, [BN, BK // NM_M, NM_M])
-        jidx = tl.arange(0, NM_M)[None, None, :]
-        rank = tl.zeros([BN, BK // NM_M, NM_M], dtype=tl.int32)
-        for j in tl.static_range(NM_M):
-            kj = tl.sum(tl.where(jidx == j, key3, 0), axis=2)[:, :, None]
-            rank += ((kj < key3) | ((kj == key3) & (jidx > j))).to(tl.int32)
-        keep = tl.reshape(rank >= NM_M - NM_N, [BN, BK])
-    else:
-        thr = tl.load(state_ptr)
-        f_excl = tl.load(state_ptr + 1)
-        keep = (ukey > thr) | ((ukey == thr) & (f >= f_excl))
-    keep = keep & valid
-    out = w * keep.to(tl.float32)
-    tl.store(out_ptr + f, _cast_out(out, out_ptr), mask=valid)
-    kb = keep.to(tl.int64) << (f & 31)
-    if ALIGNED:  # k % 32 == 0: every group of 32 columns is one whole word
-        wv = tl.sum(tl.reshape(kb, [BN, BK // 32, 32]), axis=2)
-        g0 = _tile_col(k, BK) * BK + 32 * tl.arange(0, BK // 32)
-        widx = (rows64[:, None] * k + g0[None, :]) >> 5
-        tl.store(words_ptr + widx, wv.to(tl.int32), mask=rmask[:, None] & (g0 < k)[None, :])
-    else:  # a group of 32 columns straddles at most two words: OR both parts into the zeroed words
-        f3 = tl.reshape(f, [BN, BK // 32, 32])
-        kb3 = tl.reshape(kb, [BN, BK // 32, 32])
-        lo_w = tl.min(f3, axis=2) >> 5
-        is_lo = (f3 >> 5) == lo_w[:, :, None]
-        lo = tl.sum(tl.where(is_lo, kb3, 0), axis=2)
-        hi = tl.sum(tl.where(is_lo, 0, kb3), axis=2)
-        tl.atomic_or(words_ptr + lo_w, lo.to(tl.int32), mask=lo != 0)
-        tl.atomic_or(words_ptr + lo_w + 1, hi.to(tl.int32), mask=hi != 0)
+def _list_bracket(ukey, f, valid, lo, hi, bstate_ptr, keys_ptr, tags_ptr, cap):
+    """The bracket pass's bookkeeping of a tile: the entries below ``lo`` counted, those in [lo, hi] appended to
+    the list (ordered key and flat index, int32; every one counted, those past ``cap`` not written)."""
+    below = tl.sum(tl.reshape((valid & (ukey < lo)).to(tl.int32), [ukey.numel]), axis=0)
+    tl.atomic_add(bstate_ptr + 2, below.to(tl.int64), mask=below > 0)
+    inside = tl.reshape((valid & (ukey >= lo) & (ukey <= hi)).to(tl.int32), [ukey.numel])
+    count = tl.sum(inside, axis=0)
+    if count > 0:
+        base = tl.atomic_add(bstate_ptr + 3, count.to(tl.int64))
+        slot = base + (tl.cumsum(inside, axis=0) - inside)
+        put = (inside != 0) & (slot < cap)
+        tl.store(keys_ptr + slot, (tl.reshape(ukey, [ukey.numel]) - 2147483648).to(tl.int32), mask=put)
+        tl.store(tags_ptr + slot, tl.reshape(f, [ukey.numel]).to(tl.int32), mask=put)
+
+
+@triton.jit(do_not_specialize=["n_pruned"])
+def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, words_ptr, state_ptr, bstate_ptr, keys_ptr,
+                 tags_ptr, n, k, ldu, RW, RS, beta, alpha1, alpha2, n_pruned, cap,
+                 NM_N: tl.constexpr, NM_M: tl.constexpr, ALIGNED: tl.constexpr, BRACKET: tl.constexpr,
+                 MODE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """W' and the bits: N:M, or the threshold (T, F) in state. BRACKET: the sampled bracket's pass, before the
+    threshold is known: keys above the bracket are kept, the others pruned for now; the entries below it are
+    counted and those inside it listed (for _fixup_kernel to keep those above the threshold)."""
+    active, _ = _gate(bstate_ptr, n_pruned, cap, MODE)
+    if active:
+        rows, cols, rmask, cmask = _tile_setup(n, k, BN, BK)
+        w, s = _tile_scores(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, rows, cols, rmask, cmask, k, ldu, RW,
+                            RS, beta, alpha1, alpha2)
+        ukey = _ukey(s)
+        valid = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        f = rows64[:, None] * k + cols[None, :]
+        if NM_M > 0:
+            # rank of each entry in its group of NM_M: entries before it in (key, index) order
+            key3 = tl.reshape(ukey, [BN, BK // NM_M, NM_M])
+            jidx = tl.arange(0, NM_M)[None, None, :]
+            rank = tl.zeros([BN, BK // NM_M, NM_M], dtype=tl.int32)
+            for j in tl.static_range(NM_M):
+                kj = tl.sum(tl.where(jidx == j, key3, 0), axis=2)[:, :, None]
+                rank += ((kj < key3) | ((kj == key3) & (jidx > j))).to(tl.int32)
+            keep = tl.reshape(rank >= NM_M - NM_N, [BN, BK])
+        elif BRACKET:
+            hi = tl.load(bstate_ptr + 1)
+            keep = ukey > hi
+            _list_bracket(ukey, f, valid, tl.load(bstate_ptr), hi, bstate_ptr, keys_ptr, tags_ptr, cap)
+        else:
+            thr = tl.load(state_ptr)
+            f_excl = tl.load(state_ptr + 1)
+            keep = (ukey > thr) | ((ukey == thr) & (f >= f_excl))
+        keep = keep & valid
+        out = w * keep.to(tl.float32)
+        tl.store(out_ptr + f, _cast_out(out, out_ptr), mask=valid)
+        kb = keep.to(tl.int64) << (f & 31)
+        if ALIGNED:  # k % 32 == 0: every group of 32 columns is one whole word
+            wv = tl.sum(tl.reshape(kb, [BN, BK // 32, 32]), axis=2)
+            g0 = _tile_col(k, BK) * BK + 32 * tl.arange(0, BK // 32)
+            widx = (rows64[:, None] * k + g0[None, :]) >> 5
+            tl.store(words_ptr + widx, wv.to(tl.int32), mask=rmask[:, None] & (g0 < k)[None, :])
+        else:  # a group of 32 columns straddles at most two words: OR both parts into the zeroed words
+            f3 = tl.reshape(f, [BN, BK // 32, 32])
+            kb3 = tl.reshape(kb, [BN, BK // 32, 32])
+            lo_w = tl.min(f3, axis=2) >> 5
+            is_lo = (f3 >> 5) == lo_w[:, :, None]
+            lo = tl.sum(tl.where(is_lo, kb3, 0), axis=2)
+            hi = tl.sum(tl.where(is_lo, 0, kb3), axis=2)
+            tl.atomic_or(words_ptr + lo_w, lo.to(tl.int32), mask=lo != 0)
+            tl.atomic_or(words_ptr + lo_w + 1, hi.to(tl.int32), mask=hi != 0)
 
 
 @triton.jit(do_not_specialize=["k_target"])  # the schedule moves it: one compilation
@@ -289,6 +379,139 @@ def _threshold_kernel(hist_ptr, state_ptr, k_target, NDONE: tl.constexpr, BITS: 
     """One program: the unsigned key of the k_target-th smallest score, from the finished histograms."""
     thr, _, _ = _radix_state(hist_ptr, k_target, NDONE, BITS, NBINS)
     tl.store(state_ptr, thr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampled bracket (host side and constants: apt_kernels.pst.bracket)
+# --------------------------------------------------------------------------------------------------
+
+SAMPLE_BITS = 11  # the sample's two radix passes: 22-bit prefixes, as csrc/pst.cu's
+SAMPLE_BINS = 1 << SAMPLE_BITS
+SAMPLE_PASSES = 2
+
+
+@triton.jit
+def _mix64(x):
+    """splitmix64's finaliser on uint64 (apt_kernels.pst.bracket.mix64)."""
+    x = x + 0x9E3779B97F4A7C15
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
+@triton.jit
+def _sample_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, keys_ptr, numel, k, ldu, RW, RS,
+                   beta, alpha1, alpha2, runs, RUNS: tl.constexpr, RUN: tl.constexpr):
+    """The sample's ordered keys (int32): run s of ``runs`` is RUN consecutive entries (row-major, wrapping to
+    the start) from a hashed position in the s-th of ``runs`` equal strata of the flat index,
+    keys[RUN s + lane]. RUNS runs per program."""
+    s = (tl.program_id(0) * RUNS + tl.arange(0, RUNS)).to(tl.int64)
+    s_ok = s < runs
+    f0 = s * numel // runs
+    span = tl.where(s_ok, (s + 1) * numel // runs - f0, 1)
+    start = f0 + (_mix64(s.to(tl.uint64)) % span.to(tl.uint64)).to(tl.int64)
+    g = (start[:, None] + tl.arange(0, RUN)[None, :]) % numel
+    i = g // k
+    c = g - i * k
+    valid = s_ok[:, None] & (g >= 0)
+    w = _weight_at(w0_ptr, u_ptr, v_ptr, i, c, valid, valid, k, ldu, RW, beta)
+    sc = _score_at(w, a_ptr, b_ptr, r_ptr, c_ptr, i, c, valid, valid, k, ldu, RS, alpha1, alpha2)
+    tl.store(keys_ptr + s[:, None] * RUN + tl.arange(0, RUN)[None, :], (_ukey(sc) - 2147483648).to(tl.int32),
+             mask=valid)
+
+
+@triton.jit(do_not_specialize=["k_a", "k_b"])
+def _keys_hist_kernel(keys_ptr, hist_ptr, bstate_ptr, length, cap, k_a, k_b,
+                      PASS: tl.constexpr, PASSES: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr,
+                      NSEL: tl.constexpr, LIST: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix pass over an array of ordered keys (int32) for NSEL selections at once (ranks k_a, k_b), selection
+    j's PASSES histograms at hist_ptr + j PASSES NBINS. LIST: the bracket's list (its length and the rank of the
+    threshold in it read on the device; nothing to do unless the bracket held); else ``length`` keys."""
+    if LIST:
+        active, rank_a, length = _bracket_held(bstate_ptr, k_a, cap)
+    else:
+        active = tl.full([], 1, tl.int1)
+        rank_a = tl.zeros([], dtype=tl.int64) + k_a
+    start = tl.program_id(0) * BLOCK
+    if active & (start < length):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < length
+        ukey = tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+        digit = ((ukey >> (32 - BITS * (PASS + 1))) & (NBINS - 1)).to(tl.int32)
+        for j in tl.static_range(NSEL):
+            hist_j = hist_ptr + j * PASSES * NBINS
+            ok = valid
+            if PASS > 0:
+                if j == 0:
+                    prefix, _, _ = _radix_state(hist_j, rank_a, PASS, BITS, NBINS)
+                else:
+                    prefix, _, _ = _radix_state(hist_j, k_b, PASS, BITS, NBINS)
+                ok = ok & ((ukey >> (32 - BITS * PASS)) == (prefix >> (32 - BITS * PASS)))
+            _count_digits(hist_j + PASS * NBINS, digit, ok, NBINS)
+
+
+@triton.jit(do_not_specialize=["r_lo", "r_hi"])
+def _bounds_kernel(hist_ptr, bstate_ptr, r_lo, r_hi, LO_OPEN: tl.constexpr, HI_OPEN: tl.constexpr,
+                   PASSES: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr):
+    """One program: the bracket [lo, hi] from the sample's keys at ranks r_lo and r_hi (their prefixes of
+    PASSES * BITS bits: every key of the lower one's bucket, up to every key of the upper one's); an open side
+    reaches the smallest (largest) key."""
+    lo, _, _ = _radix_state(hist_ptr, r_lo, PASSES, BITS, NBINS)
+    hi, _, _ = _radix_state(hist_ptr + PASSES * NBINS, r_hi, PASSES, BITS, NBINS)
+    hi = hi | ((1 << (32 - BITS * PASSES)) - 1)
+    if LO_OPEN:
+        lo = tl.zeros([], dtype=tl.int64)
+    if HI_OPEN:
+        hi = tl.zeros([], dtype=tl.int64) + 4294967295
+    tl.store(bstate_ptr, lo)
+    tl.store(bstate_ptr + 1, hi)
+
+
+@triton.jit(do_not_specialize=["n_pruned"])
+def _list_ties_kernel(keys_ptr, tags_ptr, hist_ptr, bstate_ptr, rowcnt_ptr, k, n_pruned, cap,
+                      BITS: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+    """When the bracket held and the threshold's ties are split: the per-row counts of the listed ties."""
+    held, rank, length = _bracket_held(bstate_ptr, n_pruned, cap)
+    start = tl.program_id(0) * BLOCK
+    if held & (start < length):
+        thr, need, count = _radix_state(hist_ptr, rank, 32 // BITS, BITS, NBINS)
+        if need < count:
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < length
+            ukey = tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+            f = tl.load(tags_ptr + offs, mask=valid, other=0).to(tl.int64)
+            tl.atomic_add(rowcnt_ptr + f // k, tl.full([BLOCK], 1, tl.int32), mask=valid & (ukey == thr))
+
+
+@triton.jit(do_not_specialize=["n_pruned"])
+def _fixup_kernel(w0_ptr, u_ptr, v_ptr, out_ptr, words_ptr, state_ptr, bstate_ptr, keys_ptr, tags_ptr, k, ldu, RW,
+                  beta, n_pruned, cap, BLOCK: tl.constexpr):
+    """When the bracket held: the listed entries the threshold keeps get W' = W (the bracket pass wrote W * 0)
+    and their bit."""
+    held, _, length = _bracket_held(bstate_ptr, n_pruned, cap)
+    start = tl.program_id(0) * BLOCK
+    if held & (start < length):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < length
+        ukey = tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+        f = tl.load(tags_ptr + offs, mask=valid, other=0).to(tl.int64)
+        thr = tl.load(state_ptr)
+        f_excl = tl.load(state_ptr + 1)
+        keep = valid & ((ukey > thr) | ((ukey == thr) & (f >= f_excl)))
+        i = f // k
+        w = _weight_at(w0_ptr, u_ptr, v_ptr, i, f - i * k, keep, keep, k, ldu, RW, beta)
+        tl.store(out_ptr + f, _cast_out(w * 1.0, out_ptr), mask=keep)
+        tl.atomic_or(words_ptr + (f >> 5), (tl.full([BLOCK], 1, tl.int64) << (f & 31)).to(tl.int32), mask=keep)
+
+
+@triton.jit(do_not_specialize=["n_pruned"])
+def _clear_words_kernel(words_ptr, nwords, bstate_ptr, n_pruned, cap, BLOCK: tl.constexpr):
+    """When the bracket missed and k % 32 != 0: its bits cleared for the radix passes' mask pass, which ORs
+    into zeroed words."""
+    active, _ = _gate(bstate_ptr, n_pruned, cap, 1)
+    if active:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(words_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < nwords)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +540,7 @@ def _bwd_kernel(g_ptr, words_ptr, w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr,
         cmask = cols < k
         m2 = rmask[:, None] & cmask[None, :]
         f = rows64[:, None] * k + cols[None, :]
-        w = _weight_tile(w0_ptr, u_ptr, v_ptr, rows, cols, rmask, cmask, k, ldu, RW, beta, BN, BK)
+        w = _weight_at(w0_ptr, u_ptr, v_ptr, rows64[:, None], cols[None, :], cmask[None, :], m2, k, ldu, RW, beta)
         g = tl.load(g_ptr + f, mask=m2, other=0.0).to(tl.float32)
         word = tl.load(words_ptr + (f >> 5), mask=m2, other=0)
         keep = ((word >> (f & 31).to(tl.int32)) & 1).to(tl.float32)
@@ -356,6 +579,7 @@ BWD_WARPS = 8          # ptxas for sm_90: 4 warps need 255 registers and spill a
 CUT_BLOCK = 1024       # columns per step of the one-program scan of the row holding the tie cut
 BWD_SPLIT = None       # column splits of the backward grid (None: enough programs for the device)
 ALLOC = None           # tests set a callable(tag, tensor) to see every tensor these wrappers allocate
+BRACKET_MIN = bracket.BRACKET_MIN  # the sampled bracket from this many entries (-1: never; tests set 0)
 
 _SCORE_OPTS = dict(enable_fp_fusion=False)  # only the written tl.fma: the documented evaluation order
 
@@ -410,12 +634,70 @@ def forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm=None):
         return _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm)
 
 
-def _radix_passes(grid, args, hist, cache, scal, k_target, cache_bits: int, bn: int, bk: int) -> None:
+def _radix_passes(grid, args, hist, cache, bstate, scal, k_target, cap: int, cache_bits: int, bn: int, bk: int,
+                  mode: int = RADIX) -> None:
     """The NPASS histogram passes selecting the k_target-th smallest score (state in ``hist``)."""
     for p in range(NPASS):
-        run(_hist_kernel, grid, (*args, hist, cache, *scal, k_target),
-            dict(PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, CACHE_BITS=cache_bits, **_SCORE_OPTS),
+        run(_hist_kernel, grid, (*args, hist, cache, bstate, *scal, k_target, cap),
+            dict(PASS=p, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, CACHE_BITS=cache_bits, MODE=mode, **_SCORE_OPTS),
             args[0].device)
+
+
+SAMPLE_RUNS_PER_PROGRAM = 64  # runs of 32 entries a program of _sample_kernel scores
+KEYS_BLOCK = 4096             # keys a program of the list and sample kernels takes
+
+
+def _bracket_passes(args, scal, out, words, bstate, sample_hist, list_hist, rowcnt, state, keys, tags, cap: int,
+                    n_pruned: int, bk: int) -> None:
+    """The sampled bracket (apt_kernels.pst.bracket), before the radix passes, which then return at once when it
+    held: the sample's keys (in W''s buffer), its two radix passes and the bracket; the bracket pass over W; the
+    list's radix passes, tie counts and cut; the fixup of its kept entries; and, when it missed with k % 32 != 0,
+    its bits cleared."""
+    w0 = args[0]
+    dev = w0.device
+    n, k, ldu, rw, rs, beta, alpha1, alpha2 = scal
+    numel = n * k
+    runs = bracket.sample_runs(numel)
+    size = runs * bracket.SAMPLE_RUN
+    r_lo, r_hi, lo_open, hi_open = bracket.sample_ranks(numel, n_pruned)
+    sample = out.reshape(-1).view(torch.uint8)[:4 * size].view(torch.int32)  # free until the bracket pass
+    run(_sample_kernel, (cdiv(runs, SAMPLE_RUNS_PER_PROGRAM),),
+        (*args, sample, numel, k, ldu, rw, rs, beta, alpha1, alpha2, runs),
+        dict(RUNS=SAMPLE_RUNS_PER_PROGRAM, RUN=bracket.SAMPLE_RUN, **_SCORE_OPTS), dev)
+    sample_common = dict(PASSES=SAMPLE_PASSES, BITS=SAMPLE_BITS, NBINS=SAMPLE_BINS)
+    for p in range(SAMPLE_PASSES):
+        run(_keys_hist_kernel, (cdiv(size, KEYS_BLOCK),), (sample, sample_hist, bstate, size, cap, r_lo, r_hi),
+            dict(PASS=p, NSEL=2, LIST=False, BLOCK=KEYS_BLOCK, **sample_common, **FP_FUSION), dev)
+    run(_bounds_kernel, (1,), (sample_hist, bstate, r_lo, r_hi),
+        dict(LO_OPEN=lo_open, HI_OPEN=hi_open, **sample_common, **FP_FUSION), dev)
+    bn = _fwd_block(k, None)[0]
+    run(_mask_kernel, (cdiv(n, bn) * cdiv(k, bk),),
+        (*args, out, words, state, bstate, keys, tags, *scal, n_pruned, cap),
+        dict(NM_N=0, NM_M=0, ALIGNED=k % 32 == 0, BRACKET=True, MODE=RADIX, BN=bn, BK=bk, **_SCORE_OPTS), dev)
+    list_grid = (cdiv(cap, KEYS_BLOCK),)
+    for p in range(NPASS):
+        run(_keys_hist_kernel, list_grid, (keys, list_hist, bstate, 0, cap, n_pruned, 0),
+            dict(PASS=p, PASSES=NPASS, BITS=RADIX_BITS, NBINS=BINS, NSEL=1, LIST=True, BLOCK=KEYS_BLOCK,
+                 **FP_FUSION), dev)
+    run(_list_ties_kernel, list_grid, (keys, tags, list_hist, bstate, rowcnt, k, n_pruned, cap),
+        dict(BITS=RADIX_BITS, NBINS=BINS, BLOCK=KEYS_BLOCK, **FP_FUSION), dev)
+    _cut(args, list_hist, rowcnt, state, bstate, scal, n_pruned, cap, bk, LISTED)
+    run(_fixup_kernel, list_grid, (args[0], args[1], args[2], out, words, state, bstate, keys, tags, k, ldu, rw, beta,
+                                   n_pruned, cap),
+        dict(BLOCK=KEYS_BLOCK, **_SCORE_OPTS), dev)
+    if k % 32:
+        nwords = words.numel()
+        run(_clear_words_kernel, (cdiv(nwords, KEYS_BLOCK),), (words, nwords, bstate, n_pruned, cap),
+            dict(BLOCK=KEYS_BLOCK, **FP_FUSION), dev)
+
+
+def _cut(args, hist, rowcnt, state, bstate, scal, n_pruned, cap, bk, mode) -> None:
+    """The cut kernel: one program scans the row counts, then the one row holding the cut (wide blocks, few
+    iterations)."""
+    k = scal[1]
+    run(_cut_kernel, (1,), (*args, hist, rowcnt, state, bstate, *scal, n_pruned, cap),
+        dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, ROWB=1024, BK=max(bk, min(CUT_BLOCK, _pow2_at_least(k, 32))),
+             MODE=mode, **_SCORE_OPTS), args[0].device)
 
 
 def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
@@ -433,33 +715,42 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     if numel == 0:
         return out, words
     select = nm is None and n_pruned > 0
-    # One zeroed scratch buffer (one fill): the state (T, F) as int64, then, when selecting, the radix
-    # histograms and the per-row tie counts as int32.
-    n_int32 = NPASS * BINS + n if select else 0
-    scratch = _alloc("scratch", torch.zeros(2 + (n_int32 + 1) // 2, dtype=torch.int64, device=w0.device))
-    state = scratch[:2]
+    bracketed = select and bracket.applies(numel, n_pruned, BRACKET_MIN, 2 ** 31 - 1)
+    # One zeroed scratch buffer (one fill): the state (T, F) and the bracket's (lo, hi, below, listed) as int64,
+    # then, when selecting, the radix histograms and the per-row tie counts as int32, and the bracket's
+    # histograms (the sample's two selections, the list's).
+    n_hist = NPASS * BINS + n + ((2 * SAMPLE_PASSES * SAMPLE_BINS + NPASS * BINS) if bracketed else 0)
+    n_int32 = n_hist if select else 0
+    scratch = _alloc("scratch", torch.zeros(6 + (n_int32 + 1) // 2, dtype=torch.int64, device=w0.device))
+    state, bstate = scratch[:2], scratch[2:6]
     bn, bk = _fwd_block(k, nm)
     ldu = _ldu(n, bn)
     args = [w0, _columns(u, ldu), _factor(v), _columns(a, ldu), _factor(b), _factor(r), _factor(c)]
     grid = (cdiv(n, bn) * cdiv(k, bk),)
     scal = (n, k, ldu, rw, rs, float(beta), float(alpha1), float(alpha2))
+    cap = bracket.list_cap(n, k) if bracketed else 0
+    mode = AFTER_BRACKET if bracketed else RADIX
+    keys = tags = words  # (pointers never read without the bracket)
     if select:
-        ints = scratch[2:].view(torch.int32)
+        ints = scratch[6:].view(torch.int32)
         hist, rowcnt = ints[:NPASS * BINS], ints[NPASS * BINS:NPASS * BINS + n]
+        if bracketed:
+            sample_hist = ints[NPASS * BINS + n:NPASS * BINS + n + 2 * SAMPLE_PASSES * SAMPLE_BINS]
+            list_hist = ints[NPASS * BINS + n + 2 * SAMPLE_PASSES * SAMPLE_BINS:n_hist]
+            keys, tags = _alloc("list", torch.empty(2, cap, dtype=torch.int32, device=w0.device)).unbind(0)
+            _bracket_passes(args, scal, out, words, bstate, sample_hist, list_hist, rowcnt, state, keys, tags, cap,
+                            n_pruned, bk)
         # the first pass keeps the keys' top bits in W' (overwritten by the mask pass): 16 or all 32
         cache_bits = {2: 16, 4: 32}.get(out.element_size(), 0)
         cache = out.view({16: torch.int16, 32: torch.int32}[cache_bits]) if cache_bits else hist
-        _radix_passes(grid, args, hist, cache, scal, n_pruned, cache_bits, bn, bk)
-        run(_tie_rows_kernel, grid, (*args, hist, rowcnt, *scal, n_pruned),
-            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, **_SCORE_OPTS), w0.device)
-        # one program scans the row counts, then the one row holding the cut: wide blocks, few iterations
-        run(_cut_kernel, (1,), (*args, hist, rowcnt, state, *scal, n_pruned),
-            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, ROWB=1024, BK=max(bk, min(CUT_BLOCK, _pow2_at_least(k, 32))),
-                 **_SCORE_OPTS), w0.device)
+        _radix_passes(grid, args, hist, cache, bstate, scal, n_pruned, cap, cache_bits, bn, bk, mode)
+        run(_tie_rows_kernel, grid, (*args, hist, rowcnt, bstate, *scal, n_pruned, cap),
+            dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, BN=bn, BK=bk, MODE=mode, **_SCORE_OPTS), w0.device)
+        _cut(args, hist, rowcnt, state, bstate, scal, n_pruned, cap, bk, mode)
     # n_pruned == 0: state (T, F) = (0, 0) keeps everything (every key is >= 0 and every index >= 0)
     nm_n, nm_m = (0, 0) if nm is None else nm
-    run(_mask_kernel, grid, (*args, out, words, state, *scal),
-        dict(NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BN=bn, BK=bk, **_SCORE_OPTS), w0.device)
+    run(_mask_kernel, grid, (*args, out, words, state, bstate, keys, tags, *scal, n_pruned, cap),
+        dict(NM_N=nm_n, NM_M=nm_m, ALIGNED=aligned, BRACKET=False, MODE=mode, BN=bn, BK=bk, **_SCORE_OPTS), w0.device)
     return out, words
 
 
@@ -495,7 +786,7 @@ def kth_smallest(values, ks: list[int]) -> list[float]:
                 raise ValueError(f"k = {k} is outside 1 .. {numel}")
             hist = torch.zeros(NPASS * BINS, dtype=torch.int32, device=device)
             state = torch.zeros(1, dtype=torch.int64, device=device)
-            _radix_passes(grid, args, hist, hist, scal, k, 0, bn, bk)  # no key cache: w0 is read again per k
+            _radix_passes(grid, args, hist, hist, hist, scal, k, 0, 0, bn, bk)  # no key cache: w0 is read per k
             run(_threshold_kernel, (1,), (hist, state, k), dict(NDONE=NPASS, BITS=RADIX_BITS, NBINS=BINS, **FP_FUSION),
                 w0.device)
             out.append(float_of_key(int(state.item())))
