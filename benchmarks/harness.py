@@ -93,6 +93,10 @@ class Contender:
     build: Callable[[dict], Callable[[], Any]]
     ours: bool = False
     check: Callable[[dict], "str | None"] | None = None
+    # a variant of one of our backends (a setting forced one way): timed after the peers, only in ``modes``
+    # (None: every mode of the case), never profiled
+    variant: bool = False
+    modes: tuple[str, ...] | None = None
 
     @property
     def kind(self) -> str:
@@ -124,9 +128,10 @@ class Timing:
 
 
 def our_backend(op_registry: str, backend: str, build: Callable[[dict], Callable[[], Any]],
-                probe: Callable[[dict], Probe], name: str | None = None) -> Contender:
-    """A contender for one of our backends (named ``name``, default the backend: a variant of one); availability
-    comes from the op's registry."""
+                probe: Callable[[dict], Probe], name: str | None = None,
+                modes: tuple[str, ...] | None = None) -> Contender:
+    """A contender for one of our backends; availability comes from the op's registry. With ``name`` (not the
+    backend's), a variant of it (see Contender.variant), measured in ``modes``."""
 
     def check(inputs):
         p = probe(inputs)
@@ -134,7 +139,8 @@ def our_backend(op_registry: str, backend: str, build: Callable[[dict], Callable
             return "Triton's CPU interpreter (TRITON_INTERPRET=1) is a correctness tool, not a performance measurement"
         return REGISTRIES[op_registry].reason(backend, p)
 
-    return Contender(name or backend, build, ours=True, check=check)
+    variant = name is not None and name != backend
+    return Contender(name or backend, build, ours=True, check=check, variant=variant, modes=modes)
 
 
 def fill(shape, *, seed: int, device, dtype=torch.float32, scale: float = 1.0, offset: float = 0.0,
@@ -496,9 +502,13 @@ FALLBACKS = ("torch", "reference")  # our plain-PyTorch backends: measured last,
 
 
 def run_order(contenders: list[Contender]) -> list[Contender]:
-    """Our fused backends first, then the peers, then our PyTorch fallbacks: when the time budget runs
-    out, what goes unmeasured is what matters least for the targets."""
-    rank = lambda c: 2 if c.ours and c.name in FALLBACKS else (0 if c.ours else 1)  # noqa: E731
+    """Our fused backends first, then the peers, then the variants of our backends, then our PyTorch fallbacks:
+    when the time budget runs out, what goes unmeasured is what matters least for the targets."""
+    def rank(c):
+        if not c.ours:
+            return 1
+        return 3 if c.name in FALLBACKS else 2 if c.variant else 0
+
     return sorted(contenders, key=rank)
 
 
@@ -508,16 +518,16 @@ def run_case(case: Case, device: torch.device, timing: Timing, *, deadline: floa
     rows: list[dict] = []
     for c in run_order(case.contenders):
         if c.name in skip:
-            rows += [_row(case, m, c, "skipped", "left out (--skip)") for m in case.modes]
+            rows += [_row(case, m, c, "skipped", "left out (--skip)") for m in _modes(case, c)]
             continue
         if deadline is not None and time.monotonic() > deadline:
-            rows += [_row(case, m, c, "skipped", "time budget exhausted") for m in case.modes]
+            rows += [_row(case, m, c, "skipped", "time budget exhausted") for m in _modes(case, c)]
             continue
         rows += _run_contender(case, c, device, timing, n_sets, log, deadline)
         _cleanup(device)
     if profile:  # after every contender of the case was timed: the profiler cannot touch a timing
         for c in case.contenders:
-            if (c.ours and c.name not in FALLBACKS) or (case.profile_peers and not c.ours):
+            if (c.ours and c.name not in FALLBACKS and not c.variant) or (case.profile_peers and not c.ours):
                 _profile_contender(case, c, [r for r in rows if r["contender"] == c.name and r["status"] == "ok"],
                                    device, log)
                 _cleanup(device)
@@ -544,6 +554,11 @@ def _profile_contender(case, c, rows, device, log) -> None:
         log(f"    {c.name:22s} not profiled: {_reason(e)}")
 
 
+def _modes(case: Case, c: Contender) -> tuple[str, ...]:
+    """The modes contender ``c`` is measured in."""
+    return case.modes if c.modes is None else tuple(m for m in case.modes if m in c.modes)
+
+
 def _run_contender(case, c, device, timing, n_sets, log, deadline=None) -> list[dict]:
     rows = []
     fail_status = "error" if c.ours else "skipped"
@@ -556,15 +571,15 @@ def _run_contender(case, c, device, timing, n_sets, log, deadline=None) -> list[
         fns = [c.build(inputs) for inputs in input_sets]
     except (Skip, BackendUnavailable) as e:
         log(f"    {c.name:22s} skipped: {_reason(e)}")
-        return [_row(case, m, c, "skipped", _reason(e)) for m in case.modes]
+        return [_row(case, m, c, "skipped", _reason(e)) for m in _modes(case, c)]
     except torch.OutOfMemoryError as e:
         log(f"    {c.name:22s} skipped: out of memory")
-        return [_row(case, m, c, "skipped", "out of memory: " + _reason(e)) for m in case.modes]
+        return [_row(case, m, c, "skipped", "out of memory: " + _reason(e)) for m in _modes(case, c)]
     except Exception as e:  # noqa: BLE001
         log(f"    {c.name:22s} {fail_status}: {_reason(e)}")
-        return [_row(case, m, c, fail_status, _reason(e)) for m in case.modes]
+        return [_row(case, m, c, fail_status, _reason(e)) for m in _modes(case, c)]
 
-    for mode in case.modes:
+    for mode in _modes(case, c):
         if deadline is not None and time.monotonic() > deadline:
             rows.append(_row(case, mode, c, "skipped", "time budget exhausted"))
             continue

@@ -138,7 +138,9 @@ def make_case(n: int, k: int, *, device, wdtype, rank: int = RANK) -> Case:
     probe = lambda inp: Probe.of(inp["w0"])  # noqa: E731
     contenders = [our_backend(REGISTRY_OP, b, build_ours(b), probe) for b in OUR_BACKENDS]
     # each fused backend's two selections apart: the sampled bracket on every matrix, and the radix passes alone
-    contenders += [our_backend(REGISTRY_OP, b, build_ours(b, bracket_min=m), probe, name=f"{b}_{kind}")
+    # (forward only: the backward does not depend on how the mask was selected)
+    contenders += [our_backend(REGISTRY_OP, b, build_ours(b, bracket_min=m), probe, name=f"{b}_{kind}",
+                               modes=("fwd", "fwd+bwd"))
                    for b in ("cuda", "triton") for kind, m in (("bracket", 0), ("radix", -1))]
     contenders += [Contender(name, build_peer(name, n_pruned)) for name in PEER_MASKS]
     return Case(op=OP, name=f"{n}x{k}", params=dict(n=n, k=k, rank=rank, sparsity=SPARSITY,

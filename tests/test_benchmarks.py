@@ -140,10 +140,29 @@ def test_targets_pass_fail_and_not_judged():
     assert any("measured on cpu" in r["why"] for r in on_cpu)
 
 
-def test_run_order_puts_fallbacks_last():
-    cs = [harness.Contender(n, None, ours=o) for n, o in
-          (("reference", True), ("torch", True), ("triton", True), ("sdpa", False), ("cuda", True))]
-    assert [c.name for c in harness.run_order(cs)] == ["triton", "cuda", "sdpa", "reference", "torch"]
+def test_run_order_puts_variants_after_the_peers_and_fallbacks_last():
+    cs = [harness.Contender(n, None, ours=o, variant=n.endswith("_radix")) for n, o in
+          (("reference", True), ("cuda_radix", True), ("torch", True), ("triton", True), ("sdpa", False),
+           ("cuda", True))]
+    assert [c.name for c in harness.run_order(cs)] == ["triton", "cuda", "sdpa", "cuda_radix", "reference", "torch"]
+
+
+def test_variants_are_timed_in_their_modes_only_and_not_profiled():
+    """ops_pst's selection variants (triton_bracket, ...): forward and forward+backward rows, no profile."""
+    case = ops_pst.make_case(16, 24, device=CPU, wdtype=torch.float32)
+    names = {c.name: c for c in case.contenders}
+    assert {"cuda_bracket", "cuda_radix", "triton_bracket", "triton_radix"} <= set(names)
+    assert all(names[n].variant and names[n].modes == ("fwd", "fwd+bwd") for n in ("cuda_radix", "triton_bracket"))
+    assert not names["cuda"].variant and names["cuda"].modes is None
+    fused = names["torch"]  # stands in for a backend on CPU
+    case.contenders = [harness.Contender("triton", fused.build, ours=True),
+                       harness.Contender("triton_radix", fused.build, ours=True, variant=True, modes=("fwd", "fwd+bwd"))]
+    rows = harness.run_case(case, CPU, FAST, log=lambda s: None, profile=True)
+    got = {(r["contender"], r["mode"]): r for r in rows}
+    assert set(got) == {("triton", m) for m in ("fwd", "bwd", "fwd+bwd")} | {("triton_radix", "fwd"),
+                                                                             ("triton_radix", "fwd+bwd")}
+    assert all(r["status"] == "ok" for r in rows)
+    assert got[("triton", "fwd")].get("kernels") and not got[("triton_radix", "fwd")].get("kernels")
 
 
 def test_time_budget_skips_with_reason():

@@ -709,6 +709,26 @@ def test_gpu_fused_masks_and_weights(backend, dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("bracket_min", [0, -1])
+def test_gpu_both_selections(monkeypatch, backend, bracket_min):
+    """The sampled bracket forced on every matrix (0) and off (-1), at a size the default leaves to the radix
+    passes and at one it gives the bracket: the same masks and W' (ties split from the bracket's list, or a miss
+    by a too-full list at initialisation-style ties)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(f"apt_kernels.pst.{backend}_pst"), "BRACKET_MIN", bracket_min)
+    for shape in [(1000, 771), (768, 3072)]:
+        for ties in (True, False):
+            ts = make(*shape, rw=8, rs=8, ties=ties, dtype=torch.bfloat16, device="cuda")
+            for sparsity in (0.5, 0.9, 0.99):
+                keep, wp = _emulated(ts, sparsity)
+                got_w, words, _ = _run(*ts, sparsity, 1.0, 1.0, 1.0, backend)
+                assert torch.equal(bits.unpack_bits(words, shape), keep), (shape, ties, sparsity)
+                assert torch.equal(got_w, wp), (shape, ties, sparsity)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_fused_nm_and_edge_cases(backend):
     for nm in [(2, 4), (1, 8), (4, 8), (0, 4)]:
         ts = make(300, 512, ties=True, dtype=torch.bfloat16, device="cuda")
