@@ -101,6 +101,14 @@ def main():
         r, c = torch.randn(40, requires_grad=True), torch.randn(72, requires_grad=True)
         out = apt_kernels.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=sparsity, backend="triton")
         out.float().sum().backward()
+    # the same with the sampled bracket forced on (its ranks move with the sparsity too)
+    from apt_kernels.pst import triton_pst
+
+    triton_pst.BRACKET_MIN = 0
+    for rnd, sparsity in enumerate((0.5, 0.6)):
+        where.update(case="pst bracket", round=rnd)
+        apt_kernels.pst_masked_weight(w0, u, v, a, b, r, c, sparsity=sparsity, backend="triton")
+    triton_pst.BRACKET_MIN = -1
     where.update(case="kth_smallest", round=0)
     from apt_kernels.pst.triton_pst import kth_smallest
 

@@ -50,13 +50,14 @@ def _arg_names(kernel):
 
 # what may change between rounds of a case: the per-call dropout seeds, the pruned count the sparsity schedule
 # moves, the optimizer's step and its step size
-MAY_DIFFER = {"dropout": {"seed_lo", "seed_hi"}, "pst": {"k_target"}, "child-tuning": {"step0", "step_size0"}}
+MAY_DIFFER = {"dropout": {"seed_lo", "seed_hi"}, "pst": {"k_target", "n_pruned"},
+              "pst bracket": {"k_target", "n_pruned", "k_a", "k_b", "r_lo", "r_hi"}, "child-tuning": {"step0", "step_size0"}}
 
 
 def test_cached_launch_passes_the_usual_arguments(probe):
     rounds = _rounds(probe["calls"])
     assert set(rounds) == {"encoder", "decoder", "plain", "float mask, per-example prefix", "dropout", "misaligned",
-                           "pst", "kth_smallest", "child-tuning"}
+                           "pst", "pst bracket", "kth_smallest", "child-tuning"}
     for case, by_round in rounds.items():
         if len(by_round) == 1:
             continue  # (one round: nothing cached to compare)
@@ -88,7 +89,7 @@ def test_cached_launch_passes_the_usual_arguments(probe):
 
 
 # PST's score passes evaluate the score in the documented order only (docs/pst.md): no contraction
-NO_FUSION = {"_hist_kernel", "_tie_rows_kernel", "_cut_kernel", "_mask_kernel"}
+NO_FUSION = {"_hist_kernel", "_tie_rows_kernel", "_cut_kernel", "_mask_kernel", "_sample_kernel", "_fixup_kernel"}
 
 
 def test_every_launch_chooses_fp_fusion(probe):
