@@ -766,6 +766,7 @@ __global__ void __launch_bounds__(kThreads) mask_kernel(AptPstProblem p, State* 
 // One pass over W instead of three or four; when the bracket misses (a sample unlike the matrix, or more entries
 // inside than the list holds, as with many equal scores) the classic passes run after it and write everything.
 
+// apt_kernels/pst/bracket.py holds the same constants and host arithmetic (the Triton backend samples the same runs).
 constexpr int kSampleRun = 32;         // a sample run: 32 consecutive entries (row-major), one per lane of a warp
 constexpr int64_t kSampleEvery = 512;  // entries of W per sample run (the sample: 1 / 16 of the scores)
 constexpr double kBracketSigmas = 4.0;
