@@ -190,6 +190,20 @@ def _gate(bstate_ptr, k_target, cap, MODE: tl.constexpr):
 
 
 @triton.jit
+def _kept(ukey, f, state_ptr):
+    """The threshold's rule: keep a key above T, and a tie at T whose flat index f is at least F (state (T, F))."""
+    thr = tl.load(state_ptr)
+    f_excl = tl.load(state_ptr + 1)
+    return (ukey > thr) | ((ukey == thr) & (f >= f_excl))
+
+
+@triton.jit
+def _listed_keys(keys_ptr, offs, valid):
+    """Keys of a list (ordered keys, int32) as the kernels' unsigned keys in int64."""
+    return tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+
+
+@triton.jit
 def _count_digits(hist_ptr, digit, valid, NBINS: tl.constexpr):
     """Adds to hist_ptr[0 .. NBINS) the histogram of ``digit`` (int32, a tile or 1-D) over its ``valid`` entries.
 
@@ -351,9 +365,7 @@ def _mask_kernel(w0_ptr, u_ptr, v_ptr, a_ptr, b_ptr, r_ptr, c_ptr, out_ptr, word
             keep = ukey > hi
             _list_bracket(ukey, f, valid, tl.load(bstate_ptr), hi, bstate_ptr, keys_ptr, tags_ptr, cap)
         else:
-            thr = tl.load(state_ptr)
-            f_excl = tl.load(state_ptr + 1)
-            keep = (ukey > thr) | ((ukey == thr) & (f >= f_excl))
+            keep = _kept(ukey, f, state_ptr)
         keep = keep & valid
         out = w * keep.to(tl.float32)
         tl.store(out_ptr + f, _cast_out(out, out_ptr), mask=valid)
@@ -436,7 +448,7 @@ def _keys_hist_kernel(keys_ptr, hist_ptr, bstate_ptr, length, cap, k_a, k_b,
     if active & (start < length):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < length
-        ukey = tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+        ukey = _listed_keys(keys_ptr, offs, valid)
         digit = ((ukey >> (32 - BITS * (PASS + 1))) & (NBINS - 1)).to(tl.int32)
         for j in tl.static_range(NSEL):
             hist_j = hist_ptr + j * PASSES * NBINS
@@ -478,7 +490,7 @@ def _list_ties_kernel(keys_ptr, tags_ptr, hist_ptr, bstate_ptr, rowcnt_ptr, k, n
         if need < count:
             offs = start + tl.arange(0, BLOCK)
             valid = offs < length
-            ukey = tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+            ukey = _listed_keys(keys_ptr, offs, valid)
             f = tl.load(tags_ptr + offs, mask=valid, other=0).to(tl.int64)
             tl.atomic_add(rowcnt_ptr + f // k, tl.full([BLOCK], 1, tl.int32), mask=valid & (ukey == thr))
 
@@ -493,11 +505,9 @@ def _fixup_kernel(w0_ptr, u_ptr, v_ptr, out_ptr, words_ptr, state_ptr, bstate_pt
     if held & (start < length):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < length
-        ukey = tl.load(keys_ptr + offs, mask=valid, other=0).to(tl.int64) + 2147483648
+        ukey = _listed_keys(keys_ptr, offs, valid)
         f = tl.load(tags_ptr + offs, mask=valid, other=0).to(tl.int64)
-        thr = tl.load(state_ptr)
-        f_excl = tl.load(state_ptr + 1)
-        keep = valid & ((ukey > thr) | ((ukey == thr) & (f >= f_excl)))
+        keep = valid & _kept(ukey, f, state_ptr)
         i = f // k
         w = _weight_at(w0_ptr, u_ptr, v_ptr, i, f - i * k, keep, keep, k, ldu, RW, beta)
         tl.store(out_ptr + f, _cast_out(w * 1.0, out_ptr), mask=keep)
@@ -647,14 +657,13 @@ SAMPLE_RUNS_PER_PROGRAM = 64  # runs of 32 entries a program of _sample_kernel s
 KEYS_BLOCK = 4096             # keys a program of the list and sample kernels takes
 
 
-def _bracket_passes(args, scal, out, words, bstate, sample_hist, list_hist, rowcnt, state, keys, tags, cap: int,
-                    n_pruned: int, bk: int) -> None:
+def _bracket_passes(grid, args, scal, out, words, bstate, sample_hist, list_hist, rowcnt, state, keys, tags,
+                    cap: int, n_pruned: int, bn: int, bk: int) -> None:
     """The sampled bracket (apt_kernels.pst.bracket), before the radix passes, which then return at once when it
     held: the sample's keys (in W''s buffer), its two radix passes and the bracket; the bracket pass over W; the
     list's radix passes, tie counts and cut; the fixup of its kept entries; and, when it missed with k % 32 != 0,
     its bits cleared."""
-    w0 = args[0]
-    dev = w0.device
+    dev = args[0].device
     n, k, ldu, rw, rs, beta, alpha1, alpha2 = scal
     numel = n * k
     runs = bracket.sample_runs(numel)
@@ -670,9 +679,7 @@ def _bracket_passes(args, scal, out, words, bstate, sample_hist, list_hist, rowc
             dict(PASS=p, NSEL=2, LIST=False, BLOCK=KEYS_BLOCK, **sample_common, **FP_FUSION), dev)
     run(_bounds_kernel, (1,), (sample_hist, bstate, r_lo, r_hi),
         dict(LO_OPEN=lo_open, HI_OPEN=hi_open, **sample_common, **FP_FUSION), dev)
-    bn = _fwd_block(k, None)[0]
-    run(_mask_kernel, (cdiv(n, bn) * cdiv(k, bk),),
-        (*args, out, words, state, bstate, keys, tags, *scal, n_pruned, cap),
+    run(_mask_kernel, grid, (*args, out, words, state, bstate, keys, tags, *scal, n_pruned, cap),
         dict(NM_N=0, NM_M=0, ALIGNED=k % 32 == 0, BRACKET=True, MODE=RADIX, BN=bn, BK=bk, **_SCORE_OPTS), dev)
     list_grid = (cdiv(cap, KEYS_BLOCK),)
     for p in range(NPASS):
@@ -682,8 +689,7 @@ def _bracket_passes(args, scal, out, words, bstate, sample_hist, list_hist, rowc
     run(_list_ties_kernel, list_grid, (keys, tags, list_hist, bstate, rowcnt, k, n_pruned, cap),
         dict(BITS=RADIX_BITS, NBINS=BINS, BLOCK=KEYS_BLOCK, **FP_FUSION), dev)
     _cut(args, list_hist, rowcnt, state, bstate, scal, n_pruned, cap, bk, LISTED)
-    run(_fixup_kernel, list_grid, (args[0], args[1], args[2], out, words, state, bstate, keys, tags, k, ldu, rw, beta,
-                                   n_pruned, cap),
+    run(_fixup_kernel, list_grid, (*args[:3], out, words, state, bstate, keys, tags, k, ldu, rw, beta, n_pruned, cap),
         dict(BLOCK=KEYS_BLOCK, **_SCORE_OPTS), dev)
     if k % 32:
         nwords = words.numel()
@@ -719,8 +725,8 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     # One zeroed scratch buffer (one fill): the state (T, F) and the bracket's (lo, hi, below, listed) as int64,
     # then, when selecting, the radix histograms and the per-row tie counts as int32, and the bracket's
     # histograms (the sample's two selections, the list's).
-    n_hist = NPASS * BINS + n + ((2 * SAMPLE_PASSES * SAMPLE_BINS + NPASS * BINS) if bracketed else 0)
-    n_int32 = n_hist if select else 0
+    sizes = [NPASS * BINS, n] + ([2 * SAMPLE_PASSES * SAMPLE_BINS, NPASS * BINS] if bracketed else [])
+    n_int32 = sum(sizes) if select else 0
     scratch = _alloc("scratch", torch.zeros(6 + (n_int32 + 1) // 2, dtype=torch.int64, device=w0.device))
     state, bstate = scratch[:2], scratch[2:6]
     bn, bk = _fwd_block(k, nm)
@@ -732,14 +738,12 @@ def _forward(w0, u, v, a, b, r, c, beta, alpha1, alpha2, n_pruned, nm):
     mode = AFTER_BRACKET if bracketed else RADIX
     keys = tags = words  # (pointers never read without the bracket)
     if select:
-        ints = scratch[6:].view(torch.int32)
-        hist, rowcnt = ints[:NPASS * BINS], ints[NPASS * BINS:NPASS * BINS + n]
+        hist, rowcnt, *bracket_hists = scratch[6:].view(torch.int32)[:n_int32].split(sizes)
         if bracketed:
-            sample_hist = ints[NPASS * BINS + n:NPASS * BINS + n + 2 * SAMPLE_PASSES * SAMPLE_BINS]
-            list_hist = ints[NPASS * BINS + n + 2 * SAMPLE_PASSES * SAMPLE_BINS:n_hist]
+            sample_hist, list_hist = bracket_hists
             keys, tags = _alloc("list", torch.empty(2, cap, dtype=torch.int32, device=w0.device)).unbind(0)
-            _bracket_passes(args, scal, out, words, bstate, sample_hist, list_hist, rowcnt, state, keys, tags, cap,
-                            n_pruned, bk)
+            _bracket_passes(grid, args, scal, out, words, bstate, sample_hist, list_hist, rowcnt, state, keys, tags,
+                            cap, n_pruned, bn, bk)
         # the first pass keeps the keys' top bits in W' (overwritten by the mask pass): 16 or all 32
         cache_bits = {2: 16, 4: 32}.get(out.element_size(), 0)
         cache = out.view({16: torch.int16, 32: torch.int32}[cache_bits]) if cache_bits else hist
