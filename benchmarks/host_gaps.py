@@ -21,10 +21,12 @@ A call is host-bound when its host time exceeds its GPU time: then the wall cloc
 the host time. Rows: our attention (triton) and SDPA on the concatenated prefix at two encoder shapes and a
 decoder one; our attention's backward launcher called directly (``bwd-direct``: no autograd engine); our
 attention with the backward's prefix launch on the caller's stream (``triton-one-stream``; by default it runs
-on a side stream, beside the token launch); PST's
-CUDA and Triton backends and the paper's path at two shapes; and an empty autograd Function (``noop``):
-what one ``torch.autograd.grad`` through a custom Function costs the host on CUDA, the device thread's
-hand-off included.
+on a side stream, beside the token launch); PST's CUDA and Triton backends and the paper's path at two
+shapes; an empty autograd Function (``noop``): what one ``torch.autograd.grad`` through a custom Function
+costs the host on CUDA, the device thread's hand-off included; and whole training steps (``apt_train``: APT,
+prefix tuning and PEFT's prefix tuning with SDPA, at both of ``ops_apt_train``'s models), where the H200 run
+timed our small-Llama step at 40 ms for about 8 ms of kernels. A step's ``sync_warnings`` name the
+synchronising ops inside it (Hugging Face's mask helpers ask ``.all()`` of a padding mask, for one).
 """
 
 from __future__ import annotations
@@ -38,22 +40,25 @@ from pathlib import Path
 
 import torch
 
-from . import harness, ops_attention, ops_pst
+from . import harness, ops_apt_train, ops_attention, ops_pst
 
 ATTENTION_CASES = ("bert-h12-n512-p64", "bert-h12-n128-p16", "llama-n2048-p64")
 ATTENTION_CONTENDERS = ("triton", "sdpa_concat")
 PST_CASES = ("768x768", "4096x4096")
 PST_CONTENDERS = ("cuda", "triton", "paper_dense_argsort")
+STEP_CONTENDERS = ("apt", "prefix", "peft_prefix_sdpa")
+STEP_CALLS = 5  # training steps queued per measurement (tens of ms each)
 MODES = ("fwd", "bwd", "fwd+bwd")
 SLEEP_CYCLES = 400_000_000  # about 0.2 s at the H200's 1.98 GHz: far beyond the host time of a batch of calls
+STEP_SLEEP_CYCLES = 4_000_000_000  # about 2 s: beyond STEP_CALLS steps' host time
 
 
-def split(call, calls: int) -> dict:
+def split(call, calls: int, cycles: int = SLEEP_CYCLES) -> dict:
     """Host and GPU time per call (us) of ``calls`` calls queued behind a held stream, and whether the host
     waited for the GPU while queueing them."""
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.cuda._sleep(cycles)
     start.record()
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -79,17 +84,17 @@ def sync_warnings(call) -> tuple[int, str]:
     return len(msgs), (msgs[0][:200] if msgs else "")
 
 
-def measure(call, calls: int, repeats: int = 3) -> dict:
+def measure(call, calls: int, repeats: int = 3, cycles: int = SLEEP_CYCLES) -> dict:
     for _ in range(3):
         call()
-    runs = [split(call, calls) for _ in range(repeats)]
+    runs = [split(call, calls, cycles) for _ in range(repeats)]
     n_sync, first = sync_warnings(call)
     return dict(host_us=statistics.median(r["host_us"] for r in runs),
                 gpu_us=statistics.median(r["gpu_us"] for r in runs),
                 synced=any(r["synced"] for r in runs), sync_warnings=n_sync, first_sync=first)
 
 
-def _case_rows(case, names, calls, log, device) -> list[dict]:
+def _case_rows(case, names, calls, log, device, cycles: int = SLEEP_CYCLES) -> list[dict]:
     rows = []
     for c in case.contenders:
         if c.name not in names:
@@ -100,7 +105,7 @@ def _case_rows(case, names, calls, log, device) -> list[dict]:
             log(f"  {case.name} {c.name}: skipped ({why})")
             continue
         fns = [c.build(inputs[0])]
-        rows += _mode_rows(case, c.name, MODES, fns, inputs, calls, log, device)
+        rows += _mode_rows(case, c.name, case.modes, fns, inputs, calls, log, device, cycles)
         if case.op == "attention" and c.name == "triton":
             row = dict(op=case.op, case=case.name, contender=c.name, mode="bwd-direct",
                        **measure(_attention_bwd_direct(inputs[0]), calls))
@@ -125,12 +130,12 @@ def _one_stream_rows(case, fns, inputs, calls, log, device) -> list[dict]:
         fused.PREFIX_STREAM = before
 
 
-def _mode_rows(case, contender, modes, fns, inputs, calls, log, device) -> list[dict]:
+def _mode_rows(case, contender, modes, fns, inputs, calls, log, device, cycles: int = SLEEP_CYCLES) -> list[dict]:
     """One measured row per mode of the built callables ``fns`` (as the benchmark harness calls them)."""
     rows = []
     for mode in modes:
         call = harness._mode_calls(case, mode, fns, inputs, device)[0]
-        row = dict(op=case.op, case=case.name, contender=contender, mode=mode, **measure(call, calls))
+        row = dict(op=case.op, case=case.name, contender=contender, mode=mode, **measure(call, calls, cycles=cycles))
         rows.append(row)
         log(_fmt(row))
     return rows
@@ -194,6 +199,8 @@ def main(argv=None) -> None:
     for case in ops_pst.cases(device, quick=False):
         if case.name in PST_CASES:
             rows += _case_rows(case, PST_CONTENDERS, args.calls, print, device)
+    for case in ops_apt_train.cases(device, quick=False):
+        rows += _case_rows(case, STEP_CONTENDERS, STEP_CALLS, print, device, STEP_SLEEP_CYCLES)
     if args.out_dir:
         path = Path(args.out_dir) / f"host-gaps-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

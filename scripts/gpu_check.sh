@@ -80,9 +80,14 @@ if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",attention,"* ]]; then
     python3 -m benchmarks.attention_host --repeats 3 2>&1 | tee "${LOGS}/${NAME}-attn-host.log" || true
 fi
 
+if [ -z "${BENCH_OPS:-}" ] || [[ ",${BENCH_OPS}," == *",apt_train,"* ]]; then
+    echo "== a training step's operations and host time, this machine's CPU (python3 -m benchmarks.step_host)"
+    python3 -m benchmarks.step_host --steps 20 2>&1 | tee "${LOGS}/${NAME}-step-host.log" || true
+fi
+
 if [[ ",${BENCH_OPS:-}," == *",attention,"* ]]; then  # asked for by name (the attention call), not in the tests' call
-    echo "== host and GPU time per call, apart (python3 -m benchmarks.host_gaps: attention, PST, an empty autograd Function)"
-    timeout -s INT -k 10 150 python3 -m benchmarks.host_gaps --out-dir "$LOGS" 2>&1 | tee "${LOGS}/${NAME}-host-gaps.log" || true
+    echo "== host and GPU time per call, apart (python3 -m benchmarks.host_gaps: attention, PST, an empty autograd Function, training steps)"
+    timeout -s INT -k 10 240 python3 -m benchmarks.host_gaps --out-dir "$LOGS" 2>&1 | tee "${LOGS}/${NAME}-host-gaps.log" || true
 fi
 
 # The nvcc lane is left out: the extension build above compiles the same sources for real. Tests run

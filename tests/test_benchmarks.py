@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -331,6 +332,26 @@ def test_attention_host_time_script():
     assert len(lines) == 6 and all(0 < float(line[-1]) < 1e5 for line in lines), run_.stdout
 
 
+@pytest.mark.skipif(not _launch._version_ok(), reason="the stub GPU follows the launch path of Triton 3.6 to 3.x")
+def test_step_host_script():
+    """benchmarks/step_host.py runs (its own process: compiled Triton under a stub GPU) and counts a training
+    step's operations; our two contenders share the adapter across layers (no per-layer select_backward)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_ = subprocess.run([sys.executable, "-m", "benchmarks.step_host", "--steps", "2", "--only", "apt", "prefix",
+                           "--ops"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    rows = [line.split() for line in run_.stdout.splitlines()[2:] if not line.startswith(" ")]
+    assert [r[:2] for r in rows] == [[c, n] for c in ("bert-12L-p16", "llama-8L-p64") for n in ("apt", "prefix")]
+    for r in rows:
+        assert 0 < int(r[3]) < int(r[2]) and 0 < float(r[4]) < 1e6, run_.stdout
+    ops = [line for line in run_.stdout.splitlines() if line.startswith(" ")]
+    selects = [re.search(r"select_backward (\d+)", line) for line in ops]
+    assert len(ops) == 4 and all(m is None or int(m.group(1)) <= 1 for m in selects), ops  # (BERT's pooler: 1)
+
+
 def test_pst_backward_variants_script_needs_cuda(monkeypatch):
     """benchmarks/pst_backward.py (GPU only: gpu_check.sh runs it) imports everywhere and says why it stops."""
     from benchmarks import pst_backward
@@ -443,6 +464,15 @@ def test_host_gaps_script_on_cpu_stand_ins(monkeypatch):
     one = host_gaps._one_stream_rows(case, fns, inputs, 2, lines.append, CPU)
     assert [(r["contender"], r["mode"]) for r in one] == [("triton-one-stream", m) for m in ("bwd", "fwd+bwd")]
     assert seen and not any(seen) and fused.PREFIX_STREAM
+    # training steps: their one mode, behind a longer sleep
+    from benchmarks import ops_apt_train
+
+    slept = []
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append)
+    step_case = ops_apt_train.cases(CPU, quick=True)[0]
+    steps = host_gaps._case_rows(step_case, ("apt", "prefix"), 1, lines.append, CPU, host_gaps.STEP_SLEEP_CYCLES)
+    assert [(r["op"], r["contender"], r["mode"]) for r in steps] == [("apt_train", c, "step") for c in ("apt", "prefix")]
+    assert slept and set(slept) == {host_gaps.STEP_SLEEP_CYCLES}
     monkeypatch.setattr(_FakeEvent, "reached", True)  # the stream passed `start` while the host was queueing
     assert host_gaps.split(lambda: None, 2)["synced"]
     assert "SYNCED" in host_gaps._fmt(dict(rows[0], synced=True))

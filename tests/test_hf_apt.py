@@ -364,6 +364,95 @@ def test_remove_restores_the_model(family):
     assert torch.equal(hidden(model, ids), before)
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert not hasattr(model, "apt_adapter")
+    for module in model.modules():  # every hook and reference apply_apt left is gone (the backbone's too)
+        assert not any(k.startswith("_apt") for k in module.__dict__), type(module).__name__
+        assert not module._forward_pre_hooks and not module._forward_hooks, type(module).__name__
+
+
+def _kernel_counts(fn):
+    """(result of fn(), {aten op: calls} of the non-view ops it dispatched)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.n[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        out = fn()
+    return out, count.n
+
+
+@pytest.mark.parametrize("family,kw", [("bert", {}), ("bert", dict(pool="first")), ("llama", {}),
+                                       ("deberta-v2", {}), ("bert", dict(reparam_hidden=8)),
+                                       ("llama", dict(token_gate=False, layer_gate=False))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_share_the_adapter_per_forward(family, kw, dtype, monkeypatch):
+    """Inside a forward of the model the layers take their prefixes, gate weights and the mask's pooling
+    weights from one cast and unbind per forward (APTAdapter._shared): the same outputs and gradients, bit
+    for bit, as each layer selecting and casting its own (what a layer called alone does), with no
+    select_backward, no per-layer cast and fewer launches; nothing is left on the adapter after the forward,
+    nor after a forward that raised."""
+    from apt_kernels.hf.apt import APTAdapter
+
+    model = build(family, head="cls", **kw).to(dtype)
+    model.apt_adapter.float()  # trainable parameters in float32, the model in dtype: the casts are real ones
+    torch.manual_seed(3)
+    ids = torch.randint(3, 64, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).logits.float().square().sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    (loss, grads), shared = _kernel_counts(step)
+    assert "_forward_cache" not in model.apt_adapter.__dict__
+    monkeypatch.setattr(APTAdapter, "_shared", lambda self, *args: None)
+    (loss_alone, grads_alone), alone = _kernel_counts(step)
+    monkeypatch.undo()
+    assert torch.equal(loss, loss_alone)
+    assert grads.keys() == grads_alone.keys() and any(n.startswith("apt_adapter.") for n in grads)
+    cfg = model.apt_adapter.cfg
+    for n in grads:
+        if cfg.reparam_hidden and "prefix_" in n:  # one MLP for every layer's rows: its weight gradients are
+            # summed in another order than the per-layer evaluations'
+            torch.testing.assert_close(grads[n], grads_alone[n], rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(grads[n], grads_alone[n]), n
+    selected = (0 if cfg.reparam_hidden else 2) + 2 * cfg.token_gate + cfg.layer_gate  # (L, ...) parameters
+    layers = model.apt_adapter.n_layers
+    once = 2 if cfg.reparam_hidden else 0  # the MLP output's keys and values, selected once per forward
+    assert alone["select_backward"] - shared["select_backward"] == selected * layers - once
+    assert sum(shared.values()) <= sum(alone.values()) - 2 * layers
+    with pytest.raises(IndexError):  # the forward fails (an id beyond the vocabulary): the hooks still close it
+        model(input_ids=ids + 1000)
+    assert "_forward_cache" not in model.apt_adapter.__dict__ and "_forward_depth" not in model.apt_adapter.__dict__
+    assert torch.equal(model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss.detach(),
+                       model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss.detach())
+    # what a no-grad stretch of a forward made (a reentrant checkpoint's first pass) is not handed to grad mode
+    from apt_kernels.hf.apt import _close_forward, _open_forward
+
+    _open_forward(model.base_model, (), {})
+    with torch.no_grad():
+        made = model.apt_adapter.layer_prefix(1, dtype)[0]
+    taken = model.apt_adapter.layer_prefix(1, dtype)[0]
+    assert taken is not made
+    taken.float().sum().backward()
+    assert any(p.grad is not None for p in model.apt_adapter.parameters())
+    _close_forward(model.base_model, (), {}, None)
+    assert "_forward_cache" not in model.apt_adapter.__dict__
 
 
 def test_reparametrised_prefixes_per_layer():

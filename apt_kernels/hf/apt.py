@@ -139,21 +139,75 @@ class APTAdapter(nn.Module):
             return kv[0], kv[1]
         return self.prefix_k, self.prefix_v
 
-    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prefix_k, prefix_v) of one layer, each (Hkv, P, D). With the reparametrisation, the MLP's last
-        linear layer is evaluated for this layer's outputs only (its hidden layer, P x reparam_hidden, is
-        recomputed per layer: cheap, and nothing computed in one forward is read by another)."""
+    def _shared(self, key: tuple, make, layer: int | None = None):
+        """``make()``, made once per forward of the model and shared by its layers (``layer``: the value is a
+        tuple of per-layer values, and this layer's is returned); None outside a forward (between the
+        backbone's :func:`_open_forward` and :func:`_close_forward` hooks), and under torch.compile, which
+        needs no sharing to launch few kernels.
+
+        Why: a (L, ...) parameter indexed by each layer costs, per layer, a select and its backward (a zeroed
+        full-size gradient, a copy into it, an add into the accumulated gradient), plus a cast and its
+        backward under autocast; unbound once per forward it costs one cast and one unbind, whose backward
+        is one stack. A short sequence's step pays each of those launches' host time in full (the small Llama
+        step of the H200 run was host-bound: ``python -m benchmarks.step_host`` counts them). Nothing outlives
+        the forward: its autograd graph holds what the layers used."""
+        cache = self.__dict__.get("_forward_cache")
+        if cache is None or torch.compiler.is_compiling():
+            return None
+        key = key + (torch.is_grad_enabled(),)
+        got = cache.get(key)
+        if got is None:
+            got = cache[key] = make()
+        return got if layer is None else got[layer]
+
+    def layer_prefix(self, layer: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix_k, prefix_v) of one layer, each (Hkv, P, D), in ``dtype`` (default: the parameters').
+        With the reparametrisation, the MLP runs once per forward of the model (:meth:`_shared`); a layer
+        called alone evaluates the MLP's last linear layer for its own outputs only (its hidden layer,
+        P x reparam_hidden, recomputed: cheap)."""
+
+        def every_layer():
+            pk, pv = (t if dtype is None else t.to(dtype) for t in self.prefixes())
+            return tuple(zip(pk.unbind(0), pv.unbind(0)))
+
+        shared = self._shared(("prefix", dtype), every_layer, layer)
+        if shared is not None:
+            return shared
         if not self.cfg.reparam_hidden:
-            return self.prefix_k[layer], self.prefix_v[layer]
-        P, L, width = self.cfg.prefix_len, self.n_layers, self.kv_heads * self.head_dim
-        hidden = self.prefix_mlp[1](self.prefix_mlp[0](self.prefix_embedding.weight))  # (P, reparam_hidden)
-        last = self.prefix_mlp[2]
+            pk, pv = self.prefix_k[layer], self.prefix_v[layer]
+        else:
+            P, L, width = self.cfg.prefix_len, self.n_layers, self.kv_heads * self.head_dim
+            hidden = self.prefix_mlp[1](self.prefix_mlp[0](self.prefix_embedding.weight))  # (P, reparam_hidden)
+            last = self.prefix_mlp[2]
 
-        def rows(kv):  # this layer's rows of the keys (kv = 0) or values (1): a slice, no copy
-            start = (kv * L + layer) * width
-            return F.linear(hidden, last.weight[start:start + width], last.bias[start:start + width])
+            def rows(kv):  # this layer's rows of the keys (kv = 0) or values (1): a slice, no copy
+                start = (kv * L + layer) * width
+                return F.linear(hidden, last.weight[start:start + width], last.bias[start:start + width])
 
-        return tuple(rows(kv).view(P, self.kv_heads, self.head_dim).transpose(0, 1) for kv in (0, 1))
+            pk, pv = (rows(kv).view(P, self.kv_heads, self.head_dim).transpose(0, 1) for kv in (0, 1))
+        return (pk, pv) if dtype is None else (pk.to(dtype), pv.to(dtype))
+
+    def _gate_params(self, layer: int, dtype: torch.dtype | None):
+        """(W_i in ``dtype``, b_i, lambda_i) of one layer; those of a gate that is off are None."""
+
+        def every_layer():
+            L, cfg = self.n_layers, self.cfg
+            w = (self.gate_weight if dtype is None else self.gate_weight.to(dtype)).unbind(0) if cfg.token_gate \
+                else (None,) * L
+            b = self.gate_bias.unbind(0) if cfg.token_gate else (None,) * L
+            lam = self.layer_scale.unbind(0) if cfg.layer_gate else (None,) * L
+            return tuple(zip(w, b, lam))
+
+        shared = self._shared(("gate", dtype), every_layer, layer)
+        if shared is not None:
+            return shared
+        w = b = lam = None
+        if self.cfg.token_gate:
+            w, b = self.gate_weight[layer], self.gate_bias[layer]
+            w = w if dtype is None else w.to(dtype)
+        if self.cfg.layer_gate:
+            lam = self.layer_scale[layer]
+        return w, b, lam
 
     def gate(self, layer: int, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """lambda_i * sigmoid(pool(h) W_i + b_i): (B, 1, 1, P) pooled, (B, 1, N, P) per token; None if off.
@@ -163,28 +217,50 @@ class APTAdapter(nn.Module):
         dtype, and only the (B, N, P) logits are pooled, in float32. So no copy of the (B, N, d) hidden states is
         made, neither in float32 nor weighted by the mask (in a bf16 model that copy and its backward cost more
         than the gate's matmul). A half-precision h takes W_i rounded to its dtype with float32 accumulation,
-        what autocast does with a float32 weight; float32 and float64 models compute in W_i's dtype."""
+        what autocast does with a float32 weight; float32 and float64 models compute in W_i's dtype. The
+        pooling weights (or the first tokens' positions) of a mask are computed once per forward and shared by
+        the layers (:meth:`_shared`)."""
         cfg = self.cfg
         g = None
+        half = h.dtype in (torch.float16, torch.bfloat16)
+        w, b, lam = self._gate_params(layer, h.dtype if half else None)
         if cfg.token_gate:
+            n = h.shape[1]
+            masked = keep is not None and keep.shape[-1] >= n
             if cfg.pool == "first":  # the first real token (left padding puts pads first)
-                if keep is None or keep.shape[-1] < h.shape[1]:
+                if not masked:
                     h = h[:, :1]
                 else:
-                    first = keep[:, -h.shape[1]:].to(torch.int8).argmax(1)  # first True (0 for a row of pads)
-                    h = h[torch.arange(h.shape[0], device=h.device), first][:, None]
-            z = _logits(h, self.gate_weight[layer])  # (B, N | 1, P) float32 (W's dtype)
+                    rows, first = self._pooling(keep, n, h.device)
+                    h = h[rows, first][:, None]
+            z = _logits(h, w)  # (B, N | 1, P) float32 (W's dtype)
             if cfg.pool == "mean":  # over real tokens
-                if keep is None or keep.shape[-1] < h.shape[1]:
-                    z = z.mean(1, keepdim=True)
-                else:
-                    w = keep[:, -h.shape[1]:].to(z.dtype)[..., None]
-                    z = (z * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
-            g = torch.sigmoid(z + self.gate_bias[layer])[:, None]  # (B, 1, N|1, P)
+                # (a weighted sum, not a matmul: autocast would run that in half precision)
+                z = (z * self._pooling(keep, n, h.device)).sum(1, keepdim=True) if masked else z.mean(1, keepdim=True)
+            g = torch.sigmoid(z + b)[:, None]  # (B, 1, N|1, P)
         if cfg.layer_gate:
-            lam = self.layer_scale[layer]
             g = lam.reshape(1, 1, 1, 1).expand(1, 1, 1, cfg.prefix_len) if g is None else g * lam
         return g
+
+    def _shared_for(self, obj, key: tuple, make):
+        """``make()``, a function of ``obj`` (a mask), shared per forward as :meth:`_shared` does; ``obj`` is held
+        with it, so that its id stays its own until the forward ends."""
+        got = self._shared(key + (id(obj),), lambda: (obj, make()))
+        return make() if got is None else got[1]
+
+    def _pooling(self, keep: torch.Tensor, n: int, device: torch.device):
+        """What pooling reads of the real tokens ``keep`` (B, >= n) of an n-token h: for "mean", the (B, n, 1)
+        float32 weights 1 / (real tokens) on real tokens, 0 on pads (a row of pads: all 0); for "first", the
+        (batch rows, first real position) indices (0 for a row of pads)."""
+
+        def make():
+            k = keep[:, -n:]
+            if self.cfg.pool == "first":
+                return torch.arange(k.shape[0], device=device), k.to(torch.int8).argmax(1)
+            w = k.to(torch.float32)
+            return (w / w.sum(1, keepdim=True).clamp_min(1.0))[..., None]
+
+        return self._shared_for(keep, ("pool", n), make)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -213,9 +289,9 @@ def apt_attention_forward(module: nn.Module, query, key, value, attention_mask, 
                                      dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
     adapter, layer = state["adapter"], state["layer"]
-    pk, pv = adapter.layer_prefix(layer)
+    pk, pv = adapter.layer_prefix(layer, query.dtype)
     gate = state.pop("gate", None)  # used once: nothing of a forward stays on the module (deepcopy, memory)
-    out = gated_prefix_attention(query, key, value, pk.to(query.dtype), pv.to(query.dtype), gate,
+    out = gated_prefix_attention(query, key, value, pk, pv, gate,
                                  attn_mask=attention_mask, causal=causal, scale=scaling, dropout_p=dropout,
                                  backend=adapter.cfg.backend)
     return out.transpose(1, 2).contiguous(), None
@@ -296,8 +372,8 @@ def _deberta_forward(self, hidden_states, attention_mask, output_attentions=Fals
     backend = "auto"
     if state is not None:
         adapter, layer = state["adapter"], state["layer"]
-        pk, pv = adapter.layer_prefix(layer)
-        pk, pv, gate, backend = pk.to(q.dtype), pv.to(q.dtype), state.pop("gate", None), adapter.cfg.backend
+        pk, pv = adapter.layer_prefix(layer, q.dtype)
+        gate, backend = state.pop("gate", None), adapter.cfg.backend
     out = gated_prefix_attention(q4, k4, v4, pk, pv, gate, attn_mask=mask, scale=1.0 / math.sqrt(D * scale_factor),
                                  dropout_p=getattr(self.dropout, "p", getattr(self.dropout, "drop_prob", 0.0)) if self.training else 0.0, backend=backend)
     out = out.permute(0, 2, 1, 3).reshape(B, N, H * D)
@@ -335,8 +411,31 @@ def _compute_gate(module: nn.Module, args, kwargs) -> None:
                            f"model.set_attn_implementation({ATTN_NAME!r}), or call remove_apt(model) first")
     keep = None
     if adapter.cfg.token_gate and adapter.cfg.pool in ("mean", "first"):
-        keep = _keep_from_mask(args[1] if len(args) > 1 else kwargs.get("attention_mask"))
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if mask is not None:  # the same mask object for every layer of a forward: its diagonal read once
+            keep = adapter._shared_for(mask, ("keep",), lambda: _keep_from_mask(mask))
     state["gate"] = adapter.gate(state["layer"], h, keep)
+
+
+def _open_forward(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of the backbone: a forward of the model begins, its layers share what
+    :meth:`APTAdapter._shared` makes until :func:`_close_forward`. (A nested forward of the same backbone shares
+    the outer one's.)"""
+    adapter = module.__dict__["_apt_adapter_of"]
+    depth = adapter.__dict__.get("_forward_depth", 0)
+    if depth == 0:
+        adapter.__dict__["_forward_cache"] = {}
+    adapter.__dict__["_forward_depth"] = depth + 1
+
+
+def _close_forward(module: nn.Module, args, kwargs, output) -> None:
+    """Forward hook of the backbone (also called when the forward raises): the shared values are dropped."""
+    adapter = module.__dict__["_apt_adapter_of"]
+    depth = adapter.__dict__.get("_forward_depth", 1) - 1
+    adapter.__dict__["_forward_depth"] = depth
+    if depth <= 0:
+        adapter.__dict__.pop("_forward_cache", None)
+        adapter.__dict__.pop("_forward_depth", None)
 
 
 def _check_not_applied(model) -> None:
@@ -425,6 +524,11 @@ def apply_apt(model: nn.Module, prefix_len: int = 16, *, token_gate: bool = True
     model.apt_adapter = adapter  # registered: in parameters(), state_dict() and .to()
 
     patched, hooked = [], []
+    backbone = model.base_model
+    backbone.__dict__["_apt_adapter_of"] = adapter
+    backbone.register_forward_pre_hook(_open_forward, with_kwargs=True)
+    backbone.register_forward_hook(_close_forward, with_kwargs=True, always_call=True)
+    hooked.append(backbone)
     for i, layer in enumerate(layers):
         attn = _get(layer, fam.attention)
         attn.__dict__["_apt_state"] = {"adapter": adapter, "layer": i, "interface": not fam.patch}
@@ -467,10 +571,16 @@ def remove_apt(model: nn.Module) -> nn.Module:
         raise ValueError("this model has no APT applied")
     for module in undo["hooked"]:  # by function, not by handle: handles would point into the original of a copy
         for key, fn in list(module._forward_pre_hooks.items()):
-            if fn in (_compute_gate, _insert_prompt):
+            if fn in (_compute_gate, _insert_prompt, _open_forward):
                 del module._forward_pre_hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key, fn in list(module._forward_hooks.items()):
+            if fn is _close_forward:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
         module.__dict__.pop("_apt_gate_of", None)
+        module.__dict__.pop("_apt_adapter_of", None)
         module.__dict__.pop("_apt_prompt_of", None)
     for attn in undo["patched"]:
         del attn.forward
