@@ -820,3 +820,27 @@ def test_dropout_keep_bits_are_the_documented_stream():
     kept = out * (L * (1.0 - p))
     assert torch.allclose(kept, kept.round(), atol=1e-4)
     assert torch.equal(kept.round().bool().cpu(), u < thr)
+
+
+@pytest.mark.parametrize("needs_grad", ["none", "no_grad", "gate_only"])
+def test_autograd_node_only_where_a_gradient_is_wanted(needs_grad, monkeypatch):
+    """With nothing to differentiate (no input requires grad, or grad mode off) the op runs the forward
+    kernel without an autograd node (its host time is most of a short sequence's forward); the output is
+    the same bits as through the node. An input that requires grad (the gate alone) gets the node."""
+    from apt_kernels.attention import fused
+
+    tensors, keep = make_inputs(**SMALL, gate="token", dtype=torch.float32)
+    tensors = [t.to(DEVICE) for t in tensors]
+    want = ak.gated_prefix_attention(*[t.clone().requires_grad_(True) for t in tensors], attn_mask=keep.to(DEVICE),
+                                     backend="triton").detach()
+    applied = []
+    real = fused._EagerAttention.apply
+    monkeypatch.setattr(fused._EagerAttention, "apply", lambda *a: applied.append(1) or real(*a))
+    if needs_grad == "gate_only":
+        tensors[5].requires_grad_(True)
+    with torch.set_grad_enabled(needs_grad != "no_grad"):
+        if needs_grad == "no_grad":
+            tensors[0].requires_grad_(True)
+        out = ak.gated_prefix_attention(*tensors, attn_mask=keep.to(DEVICE), backend="triton")
+    assert torch.equal(out.detach(), want)
+    assert (out.grad_fn is not None) == (needs_grad == "gate_only") == bool(applied)

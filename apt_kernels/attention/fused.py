@@ -1017,6 +1017,8 @@ def triton_attention(q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, scale
     args = (q, k, v, prefix_k, prefix_v, gate, attn_mask, causal, float(scale), float(dropout_p), seed)
     if torch.compiler.is_compiling():
         out, lse, _ = torch.ops.apt_kernels.gated_prefix_attention_fwd(*args)
-    else:
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
         out, lse = _EagerAttention.apply(*args)
+    else:  # nothing to differentiate (inference, evaluation): the kernel without an autograd node's host time
+        out, lse, _ = attention_forward(*args)
     return (out, lse) if return_lse else out
