@@ -11,8 +11,8 @@ are whose. ``--order FILE`` writes the case names in that order.
 What each case asks:
   * pst-*: are the CUDA C++ histogram and mask passes (about 240 GB/s at 4096 x 11008) bound by latency
     (long-scoreboard stalls, few warps) or by the shared-memory histogram's atomics (MIO / LSU stalls);
-    what the Triton passes and the backward wait on; why 768 x 768 passes took 17-26 us each (CUDA C++, 48
-    blocks then: now 384) and about 52 us (Triton);
+    what the Triton passes and the backward wait on; why 768 x 768 passes took 11-26 us each (CUDA C++, 48
+    blocks then: now 384) and about 13 us each, 52 us for the four (Triton);
   * attn-*: what dropout's Philox draws and their trip through shared memory (the SASS's extra STS / LDS /
     BAR) cost the forward and backward kernels at BERT's shape, against the same case without dropout;
     the decoder shape for the key-side backward.

@@ -1,7 +1,7 @@
 """Host work of one APT training step: ``python -m benchmarks.step_host [--steps 30]``.
 
 The H200 run of 2026-11-22 timed the small Llama step at 40.5 ms (APT) and 28.3 ms (PEFT prefix tuning with
-SDPA) while the kernels of our step summed to about 8 ms: at that size a step is host-bound, and its time is
+SDPA) while the eight heaviest kernel classes of our step summed to 7.6 ms: at that size a step is mostly host time, and it is
 what the host spends issuing it. This script counts that work on any machine, for the models of
 ``benchmarks/ops_apt_train.py`` shrunk to hidden size 64 (same layer counts, head layout, prefix lengths,
 bf16 weights, float32 trainable parameters and autocast as there, but B = 2, N = 64), so that the CPU's own
