@@ -21,12 +21,13 @@ A call is host-bound when its host time exceeds its GPU time: then the wall cloc
 the host time. Rows: our attention (triton) and SDPA on the concatenated prefix at two encoder shapes and a
 decoder one; our attention's backward launcher called directly (``bwd-direct``: no autograd engine); our
 attention with the backward's prefix launch on the caller's stream (``triton-one-stream``; by default it runs
-on a side stream, beside the token launch); PST's CUDA and Triton backends and the paper's path at two
-shapes; an empty autograd Function (``noop``): what one ``torch.autograd.grad`` through a custom Function
-costs the host on CUDA, the device thread's hand-off included; and whole training steps (``apt_train``: APT,
-prefix tuning and PEFT's prefix tuning with SDPA, at both of ``ops_apt_train``'s models), where the H200 run
-timed our small-Llama step at 40 ms, its eight heaviest kernel classes at 7.6 ms. A step's ``sync_warnings`` name the
-synchronising ops inside it (Hugging Face's mask helpers ask ``.all()`` of a padding mask, for one).
+on a side stream, beside the token launch); PST's CUDA and Triton backends (also each selection apart:
+``*_bracket``, ``*_radix``) and the paper's path at three shapes; an empty autograd Function (``noop``): what
+one ``torch.autograd.grad`` through a custom Function costs the host on CUDA, the device thread's hand-off
+included; and whole training steps (``apt_train``: APT, prefix tuning and PEFT's prefix tuning with SDPA, at
+both of ``ops_apt_train``'s models), where the H200 run timed our small-Llama step at 40 ms, its eight
+heaviest kernel classes at 7.6 ms. A step's ``sync_warnings`` name the synchronising ops inside it (Hugging
+Face's mask helpers ask ``.all()`` of a padding mask, for one).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ from . import harness, ops_apt_train, ops_attention, ops_pst
 
 ATTENTION_CASES = ("bert-h12-n512-p64", "bert-h12-n128-p16", "llama-n2048-p64")
 ATTENTION_CONTENDERS = ("triton", "sdpa_concat")
-PST_CASES = ("768x768", "4096x4096")
-PST_CONTENDERS = ("cuda", "triton", "paper_dense_argsort")
+PST_CASES = ("768x768", "768x3072", "4096x4096")
+# the two selections of each fused backend apart: the sampled bracket launches 18 kernels (Triton) where the radix
+# passes launch 7, so a matrix whose passes are short may be host-bound on one and not the other
+PST_CONTENDERS = ("cuda", "triton", "paper_dense_argsort", "cuda_bracket", "cuda_radix", "triton_bracket",
+                  "triton_radix")
 STEP_CONTENDERS = ("apt", "prefix", "peft_prefix_sdpa")
 STEP_CALLS = 5  # training steps queued per measurement (tens of ms each)
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -105,7 +109,7 @@ def _case_rows(case, names, calls, log, device, cycles: int = SLEEP_CYCLES) -> l
             log(f"  {case.name} {c.name}: skipped ({why})")
             continue
         fns = [c.build(inputs[0])]
-        rows += _mode_rows(case, c.name, case.modes, fns, inputs, calls, log, device, cycles)
+        rows += _mode_rows(case, c.name, c.modes or case.modes, fns, inputs, calls, log, device, cycles)
         if case.op == "attention" and c.name == "triton":
             row = dict(op=case.op, case=case.name, contender=c.name, mode="bwd-direct",
                        **measure(_attention_bwd_direct(inputs[0]), calls))

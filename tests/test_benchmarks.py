@@ -464,6 +464,18 @@ def test_host_gaps_script_on_cpu_stand_ins(monkeypatch):
     one = host_gaps._one_stream_rows(case, fns, inputs, 2, lines.append, CPU)
     assert [(r["contender"], r["mode"]) for r in one] == [("triton-one-stream", m) for m in ("bwd", "fwd+bwd")]
     assert seen and not any(seen) and fused.PREFIX_STREAM
+    # PST: the named contenders exist, and a variant is measured in its own modes only
+    from benchmarks import ops_pst
+
+    pst_case = ops_pst.cases(CPU, quick=True)[0]
+    assert set(host_gaps.PST_CONTENDERS) <= {c.name for c in pst_case.contenders}
+    import dataclasses
+
+    torch_pst = [c for c in pst_case.contenders if c.name == "torch"][0]
+    pst_case.contenders.append(dataclasses.replace(torch_pst, name="torch_variant", variant=True, modes=("fwd",)))
+    pst = host_gaps._case_rows(pst_case, ("torch", "torch_variant"), 1, lines.append, CPU)
+    assert [(r["contender"], r["mode"]) for r in pst] == [("torch", m) for m in pst_case.modes] + [
+        ("torch_variant", "fwd")]
     # training steps: their one mode, behind a longer sleep
     from benchmarks import ops_apt_train
 
