@@ -711,29 +711,13 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     do = grad_out
     # The kernels write every element of dq, dk, dv and the prefix buffers (plain stores); only the gate's
     # buffer is accumulated into. With nothing to attend to (no keys at all) the gradients are zero.
-    nothing = q.numel() == 0 or (M == 0 and P == 0)
-    alloc = torch.zeros_like if nothing else torch.empty_like
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)  # each in its input's memory layout (as out: no copies after)
-    dpk_parts = dpv_parts = None
-    gate_h1 = False
-    # the prefix launch's query splits (each writes partial dprefix_k/v, summed below): a prefix has one
-    # or two key tiles per (batch, kv head), too few programs to fill a GPU at decoder batch sizes
-    splits = 1 if nothing or not P else _prefix_splits(cdiv(P, _prefix_width(P)) * B * Hkv, N, q.device)
-    if P:
-        dpk_parts = (torch.zeros if nothing else torch.empty)((splits, B, Hkv, P, D), dtype=torch.float32,
-                                                              device=q.device)
-        dpv_parts = alloc(dpk_parts)
-    # a 1-element stand-in where no gate gradient is made (the token launch, or no gate at all)
-    dg_dummy = dg_buf = q.new_empty((1, 1, 1, 1, 1), dtype=torch.float32)
-    if a.has_gate:
-        gate_h1 = gate.shape[1] == 1
-        # a row-shared gate's gradient is a sum over the query rows: one partial per split
-        dg_splits = splits if a.gate_n1 else 1
-        dg_buf = torch.zeros((dg_splits, B, Hkv if gate_h1 else Hq, 1 if a.gate_n1 else N, P),
-                             dtype=torch.float32, device=q.device)
-    if nothing:
-        return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
-    delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)  # written by the query-side launch
+    if q.numel() == 0 or (M == 0 and P == 0):
+        return _backward_result(torch.zeros_like(q), *_key_side_buffers(a, q, k, v, gate, 1, zero=True)[:5], a,
+                                pk, pv, gate)
+    # The query side first, with only what it needs allocated: the GPU starts on it while the host prepares
+    # the key side (short sequences are host-bound).
+    dq = torch.empty_like(q)  # in q's memory layout (as out: no copy after)
+    delta = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)  # written here, read by the key side
     dlse = stat if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     do_strides = _strides(do)
     prec = _precision(q.dtype)
@@ -741,7 +725,6 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=prec)
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     width = _prefix_width(P)  # the prefix launch's key tiles: no wider than the prefix
-    # first: it writes the rows' delta, which the key-side launches read
     _launch(_bwd_q_kernel, bwd_table, lambda bm, bn: (cdiv(N, bm) * B * Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, do, out, dlse, stat, delta, dq,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
@@ -749,6 +732,10 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
              Hq, N, M, P, a.REP, *tail),
             dict(common, PW=width, HAS_GATE=a.has_gate, GATE_N1=a.gate_n1, HAS_DLSE=grad_lse is not None), q.device,
             tag=tag)
+    # the prefix launch's query splits (each writes partial dprefix_k/v, summed after): a prefix has one or two
+    # key tiles per (batch, kv head), too few programs to fill a GPU at decoder batch sizes
+    splits = _prefix_splits(cdiv(P, width) * B * Hkv, N, q.device) if P else 1
+    dk, dv, dpk_parts, dpv_parts, dg_buf, dg_dummy, gate_h1 = _key_side_buffers(a, q, k, v, gate, splits)
     prefix_table = (_prefix_table(width, prec), ",".join(filter(None, (tag, f"prefix<={width}"))))
     # The prefix launch on a side stream (forked after the query side, which writes delta; joined below): its
     # few programs then share the GPU with the token launch's instead of running alone after them.
@@ -782,6 +769,29 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     if side is not None:  # every tensor the side stream touched outlives this join: no record_stream needed
         main.wait_stream(side)
     return _backward_result(dq, dk, dv, dpk_parts, dpv_parts, dg_buf, a, pk, pv, gate)
+
+
+def _key_side_buffers(a, q, k, v, gate, splits: int, zero: bool = False):
+    """(dk, dv, the dprefix_k and dprefix_v partials of ``splits`` query splits, the gate buffer, a 1-element
+    stand-in, whether the gate is shared by the heads) for the key-side launches; all zeros with ``zero`` (no
+    kernel runs). dk and dv in their inputs' memory layouts (as out: no copies after)."""
+    B, Hq, N, D, Hkv, P = a.B, a.Hq, a.N, a.D, a.Hkv, a.P
+    alloc_like, alloc = (torch.zeros_like, torch.zeros) if zero else (torch.empty_like, torch.empty)
+    dk, dv = alloc_like(k), alloc_like(v)
+    dpk_parts = dpv_parts = None
+    gate_h1 = False
+    if P:
+        dpk_parts = alloc((splits, B, Hkv, P, D), dtype=torch.float32, device=q.device)
+        dpv_parts = alloc_like(dpk_parts)
+    # a 1-element stand-in where no gate gradient is made (the token launch, or no gate at all)
+    dg_dummy = dg_buf = q.new_empty((1, 1, 1, 1, 1), dtype=torch.float32)
+    if a.has_gate:  # (accumulated into: zeroed in any case)
+        gate_h1 = gate.shape[1] == 1
+        # a row-shared gate's gradient is a sum over the query rows: one partial per split
+        dg_splits = splits if a.gate_n1 else 1
+        dg_buf = torch.zeros((dg_splits, B, Hkv if gate_h1 else Hq, 1 if a.gate_n1 else N, P),
+                             dtype=torch.float32, device=q.device)
+    return dk, dv, dpk_parts, dpv_parts, dg_buf, dg_dummy, gate_h1
 
 
 # Whether the backward's prefix launch runs on a side stream (APT_KERNELS_PREFIX_STREAM=0 at import, or
