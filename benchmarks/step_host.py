@@ -13,8 +13,9 @@ arithmetic is small beside the dispatch:
   Triton's launch path stubbed
   (``benchmarks/triton_stub.py``) so that our kernels cost their launch path and nothing else.
 
-Our contenders run the "triton" backend through the stub; PEFT's run SDPA (or eager) on the CPU. Must run
-without ``TRITON_INTERPRET``.
+Our contenders run the "triton" backend through the stub; PEFT's run SDPA on the CPU. ``apt_per_layer`` and
+``prefix_per_layer`` (asked for by name) have each layer select and cast its own slice of the adapter's stacked
+parameters, as before the per-forward sharing of ``APTAdapter._shared``. Must run without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,17 @@ def _contenders(P):
 
         return setup
 
-    return {"apt": lambda m: apply_apt(m, P, backend="triton"),
-            "prefix": lambda m: apply_prefix_tuning(m, P, backend="triton"),
-            "peft_prefix_sdpa": peft("sdpa")}
+    def per_layer(setup):  # each layer selects and casts its own slice (what the per-forward sharing replaced)
+        def build(model):
+            model = setup(model)
+            model.apt_adapter._shared = lambda *args, **kwargs: None
+            return model
+
+        return build
+
+    ours = {"apt": lambda m: apply_apt(m, P, backend="triton"),
+            "prefix": lambda m: apply_prefix_tuning(m, P, backend="triton")}
+    return {**ours, "peft_prefix_sdpa": peft("sdpa"), **{f"{n}_per_layer": per_layer(f) for n, f in ours.items()}}
 
 
 def _step(model, dtype):
@@ -155,7 +164,7 @@ def measure(steps: int = 30, B: int = 2, N: int = 64, only=None, rounds: int = 3
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--only", nargs="*", help="contenders to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="contenders to run (default: all but the *_per_layer ablations)")
     parser.add_argument("--ops", action="store_true", help="also list each step's non-view ops by name")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = parser.parse_args(argv)
@@ -166,7 +175,8 @@ def main(argv=None) -> None:
           f"hidden 64, B=2, N=64, {args.dtype} model under autocast, float32 trainables; our kernels' launches "
           "stubbed)")
     print(f"{'case':14s} {'contender':18s} {'aten ops':>8s} {'non-view':>8s} {'host us':>9s}")
-    for r in measure(args.steps, only=args.only, dtype=getattr(torch, args.dtype)):
+    only = args.only or ("apt", "prefix", "peft_prefix_sdpa")
+    for r in measure(args.steps, only=only, dtype=getattr(torch, args.dtype)):
         if "skipped" in r:
             print(f"{r['case']:14s} {r['contender']:18s} skipped: {r['skipped']}")
             continue
