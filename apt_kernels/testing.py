@@ -8,11 +8,17 @@ A fast path is compared with a float64 run of the reference (the truth). Its err
 
 The floor covers cases where the reference happens to be exact in that dtype (e.g. all-zero rows).
 NaN or infinity where the truth is finite (or the reverse) always fails; equal infinities pass.
+
+:class:`OpCount` counts the aten operations a piece of code dispatches (the tests' and
+``benchmarks/step_host.py``'s census of a training step).
 """
 
 from __future__ import annotations
 
+import collections
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MULTIPLIER = 2.0
 # Floors, relative to the magnitude of the truth: a few units in the last place of each dtype.
@@ -64,3 +70,19 @@ def assert_parity(actual: torch.Tensor, ref_lowp: torch.Tensor, truth: torch.Ten
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a preallocated output with NaN so an element a kernel forgets to write cannot pass."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+class OpCount(TorchDispatchMode):
+    """A dispatch mode counting the aten operations run under it: ``ops`` all of them, ``kernels`` those that
+    are not views, by name (on a GPU each of those is a kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.kernels = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if not func.is_view:
+            self.kernels[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -21,7 +21,6 @@ parameters, as before the per-forward sharing of ``APTAdapter._shared``. Must ru
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import statistics
 import time
@@ -83,26 +82,6 @@ def _step(model, dtype):
     return step
 
 
-class _Count:
-    """A dispatch mode counting aten operations (all, and those that are not views)."""
-
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.ops, self.kernels = 0, collections.Counter()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.ops += 1
-                if not func.is_view:
-                    self.kernels[func.overloadpacket.__name__] += 1
-                return func(*args, **(kwargs or {}))
-
-        return Mode()
-
-
 def measure(steps: int = 30, B: int = 2, N: int = 64, only=None, rounds: int = 3, dtype=None) -> list[dict]:
     """One row per model and contender: the operation census of a step and its host time, the best of
     ``rounds`` medians of ``steps`` steps (the contenders of a model take turns: a slow spell of the machine
@@ -113,6 +92,7 @@ def measure(steps: int = 30, B: int = 2, N: int = 64, only=None, rounds: int = 3
     import torch
 
     from apt_kernels.attention import fused
+    from apt_kernels.testing import OpCount
 
     dtype = dtype or torch.bfloat16
     fused.run = lambda *args: None  # no kernel runs: outputs stay as allocated,
@@ -141,7 +121,7 @@ def measure(steps: int = 30, B: int = 2, N: int = 64, only=None, rounds: int = 3
                 step = _step(model, dtype)
                 for _ in range(3):
                     step(batch)
-                counter = _Count()
+                counter = OpCount()
                 with counter:
                     step(batch)
                 row = dict(case=case, contender=name, ops=counter.ops, kernels=sum(counter.kernels.values()),

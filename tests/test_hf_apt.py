@@ -371,23 +371,11 @@ def test_remove_restores_the_model(family):
 
 def _kernel_counts(fn):
     """(result of fn(), {aten op: calls} of the non-view ops it dispatched)."""
-    import collections
+    from apt_kernels.testing import OpCount
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.n[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as count:
+    with OpCount() as count:
         out = fn()
-    return out, count.n
+    return out, count.kernels
 
 
 @pytest.mark.parametrize("family,kw", [("bert", {}), ("bert", dict(pool="first")), ("llama", {}),
