@@ -11,7 +11,9 @@ GPU decides among the configurations that compile cleanly.
 For each dtype (its dot precision: float32 takes IEEE dots), each feature set of the benchmark shapes and
 each kernel (forward, dq side, key side on tokens and on the prefix), every configuration of that dtype's
 table: registers, stack bytes, shared memory (``*`` marks the fixed choice, ``OVER`` shared memory past
-Hopper's 227 KB, which the autotuner skips). Prints the table and writes it to ``--out`` if given.
+Hopper's 227 KB, which the autotuner skips), and the matrix instructions in the PTX: Hopper's warpgroup MMA
+(``wgmma``) or the Ampere-style ``mma.sync`` it falls back to when a dot's rows are fewer than 64 per
+warpgroup. Prints the table and writes it to ``--out`` if given.
 """
 
 from __future__ import annotations
@@ -97,30 +99,43 @@ def rows(dtypes, sets):
 
     for dt in dtypes:
         prec = DTYPES[dt]
-        fwd_table, bwd_table, _ = f._tables(prec)
+        fwd_table, bwd_table, kv_table, _ = f._tables(prec)
         for name in sets:
             D, pw, consts = FEATURES[name]
             common = dict(D=D, BLOCK_D=f._block_d(D), PREC=prec, **consts)
             kernels = [("fwd", f._fwd_kernel, fwd_table, dict(PW=pw)),
                        ("bwd_q", f._bwd_q_kernel, bwd_table, dict(PW=pw, HAS_DLSE=False)),
-                       ("bwd_kv tokens", f._bwd_kv_kernel, bwd_table,
+                       ("bwd_kv tokens", f._bwd_kv_kernel, kv_table,
                         dict(IS_PREFIX=False, HAS_GATE=False, GATE_H1=True, SPLIT=False))]
             if consts["HAS_GATE"]:
                 kernels.append(("bwd_kv prefix", f._bwd_kv_kernel, f._prefix_table(pw, prec),
                                 dict(IS_PREFIX=True, GATE_H1=True, SPLIT=True)))
             for kname, kern, table, extra in kernels:
-                for i, (m, n, w, st) in enumerate(table[f._dclass(D)]):
-                    k = build(kern, dt, dict(common, BLOCK_M=m, BLOCK_N=n, **extra), dict(num_warps=w, num_stages=st))
+                for i, entry in enumerate(table[f._dclass(D)]):
+                    k = build(kern, dt, dict(common, **f._meta(entry), **extra),
+                              dict(num_warps=entry[2], num_stages=entry[3]))
                     regs, stack = usage(k)
-                    yield dict(dtype=dt, features=name, kernel=kname, config=(m, n, w, st), fixed=i == 0,
-                               regs=regs, stack=stack, shared=k.metadata.shared)
+                    yield dict(dtype=dt, features=name, kernel=kname, config=entry, fixed=i == 0,
+                               regs=regs, stack=stack, shared=k.metadata.shared, mma=mma_counts(k))
+
+
+def mma_counts(kernel) -> tuple[int, int] | None:
+    """(warpgroup MMAs, mma.sync) in a compiled kernel's PTX: Hopper's wgmma needs 64 rows per warpgroup, so a
+    dot whose rows are a 32-wide tile falls back to the Ampere instruction."""
+    ptx = getattr(kernel, "asm", {}).get("ptx")
+    if ptx is None:
+        return None
+    return len(re.findall(r"wgmma\.mma_async", ptx)), len(re.findall(r"\bmma\.sync", ptx))
 
 
 def format_row(r: dict) -> str:
-    m, n, w, st = r["config"]
+    m, n, w, st = r["config"][:4]
+    orient = (" key-major" if r["config"][4] else " query-major") if len(r["config"]) > 4 else ""
     over = "  OVER" if r["shared"] > SHARED_LIMIT else ""
+    mma = f"  wgmma {r['mma'][0]:>3} mma.sync {r['mma'][1]:>3}" if r.get("mma") else ""
     return (f"{r['dtype']:>5} {r['features']:<12} {r['kernel']:<14} {'*' if r['fixed'] else ' '}"
-            f"{m:>4}x{n:<4} w{w} s{st}  regs {r['regs']:>3}  stack {r['stack']:>6} B  shared {r['shared'] // 1024:>4} KB{over}")
+            f"{m:>4}x{n:<4} w{w} s{st}{orient:<12} regs {r['regs']:>3}  stack {r['stack']:>6} B  "
+            f"shared {r['shared'] // 1024:>4} KB{mma}{over}")
 
 
 def main(argv=None) -> None:
@@ -141,7 +156,9 @@ def main(argv=None) -> None:
     meta = metadata("cpu")
     lines = [f"# attention kernels compiled for sm_90 by Triton {triton.__version__} (torch {torch.__version__}), "
              f"{meta.get('date', '')}", "# feature sets: " + "; ".join(f"{s}: {DESCRIBE[s]}" for s in sets),
-             "# '*': the fixed choice (the table's first entry); stack: the spill frame per thread"]
+             "# '*': the fixed choice (the table's first entry); stack: the spill frame per thread; key-major / "
+             "query-major: the key-side backward's score tiles as (keys, queries) or (queries, keys); wgmma / mma.sync: "
+             "Hopper's warpgroup MMAs and the Ampere-style ones in the PTX (FMA loops for float32's IEEE dots)"]
     for line in lines:
         print(line, flush=True)
     for r in rows(dtypes, sets):

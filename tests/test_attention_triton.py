@@ -322,6 +322,51 @@ def test_dropout_is_seeded_statistical_and_differentiable():
         assert abs(fd.item() - (gr * d).sum().item()) <= 2e-2 * max(1.0, abs(fd.item())), NAMES[i + 1]
 
 
+@pytest.mark.skipif(GPU, reason="the interpreter's tile sizes are set here; on a GPU the tables decide")
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("case", [
+    dict(gate="token", mask="bool", causal=False, P=5),
+    dict(gate="example", mask="float", causal=True, P=20),
+    dict(gate="full", mask="bool", causal=True, P=5, dropout=0.3),
+    dict(gate="example", mask="bool", causal=False, P=20, dropout=0.3),
+    dict(gate="none", mask="float", causal=False, P=None),
+])
+def test_key_side_orientations_agree(monkeypatch, tiles, case):
+    """The key-side backward computes its score tiles as (queries, keys) or, KEY_MAJOR, as (keys, queries)
+    (the autotuner picks per shape on a GPU): every gate form, mask, causality, GQA, prefix splits and dropout
+    through both, with key and query tiles of different sizes (16 x 16 tiles would hide a swapped axis).
+    Without dropout each against the float64 reference (the error budget); with dropout the two orientations
+    against each other (the keep bits regenerated transposed: a wrong one changes the gradients at O(1))."""
+    from apt_kernels.attention import fused
+
+    real = fused._blocks
+    case = dict(case)
+    dropout, causal = case.pop("dropout", 0.0), case.pop("causal")
+    mask_kind, gate, P = case.pop("mask"), case.pop("gate"), case.pop("P")
+    tensors, am = make_inputs(B=2, Hq=4, Hkv=2, N=19, M=37, D=24, P=P, gate=gate, mask=mask_kind,
+                              dtype=torch.float64)
+    results = {}
+    for key_major in (False, True):
+        def blocks(D, device, table=None, key_major=key_major):
+            got, launch = real(D, device, table)
+            if "KEY_MAJOR" in got:  # the key-side launches (tokens and prefix)
+                got = dict(got, BLOCK_M=tiles[0], BLOCK_N=tiles[1], KEY_MAJOR=key_major)
+            return got, launch
+
+        monkeypatch.setattr(fused, "_blocks", blocks)
+        if not dropout:
+            check(tensors, am, torch.float32, causal=causal)
+        ts = [None if t is None else t.float().requires_grad_(True) for t in tensors]
+        torch.manual_seed(5)
+        out = ak.gated_prefix_attention(*ts, attn_mask=None if am is None else am.float() if am.is_floating_point()
+                                        else am, causal=causal, dropout_p=dropout, backend="triton")
+        live = [t for t in ts if t is not None]
+        results[key_major] = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), live)
+    names = [n for n, t in zip(NAMES[1:], tensors) if t is not None]
+    for name, a, b in zip(names, results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_dropout_bits_do_not_depend_on_the_tile_sizes(monkeypatch):
     """The forward and the two backward kernels are tuned separately on a GPU, so their key tiles differ:
     the keep bits are a function of (row, column), not of the tiling. Same seed, other tiles: the same
@@ -545,6 +590,32 @@ def test_prefix_launch_on_a_side_stream_gives_the_same_bits_on_gpu(monkeypatch, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # warpgroup MMAs; float32's IEEE tables
+@pytest.mark.parametrize("shape", [dict(B=2, Hq=4, Hkv=2, N=150, M=170, D=64, P=16, gate="example", causal=False),
+                                   dict(B=2, Hq=8, Hkv=2, N=200, M=200, D=128, P=64, gate="token", causal=True)])
+def test_key_major_key_side_tiles_on_gpu(monkeypatch, dtype, shape):
+    """Every key-major entry of the key-side table (not the fixed choice, so the other GPU tests, which run
+    with autotuning off, do not reach them) made the fixed choice in turn, compiled: every output and
+    gradient within budget, for the token and the prefix launch."""
+    from apt_kernels.attention import fused
+
+    shape = dict(shape)
+    gate, causal = shape.pop("gate"), shape.pop("causal")
+    table = fused._tables(fused._precision(dtype))[2]
+    cls = fused._dclass(shape["D"])
+    entries = [e for e in table[cls] if e[4]]
+    assert entries
+    tensors, keep = make_inputs(**shape, gate=gate, dtype=torch.float64)
+    try:
+        for entry in entries:
+            monkeypatch.setitem(table, cls, [entry] + [e for e in table[cls] if e != entry])
+            fused._prefix_table.cache_clear()
+            check(tensors, keep, dtype, causal=causal)
+    finally:
+        fused._prefix_table.cache_clear()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # float32: its own IEEE tables
 @pytest.mark.parametrize("shape", [dict(B=4, Hq=12, Hkv=12, N=128, M=128, D=64, P=16),
                                    dict(B=2, Hq=32, Hkv=8, N=300, M=300, D=128, P=64)])
@@ -569,18 +640,22 @@ VARIANTS = [("bf16", "tf32", 64, 1, True, True, True), ("bf16", "tf32", 128, 2, 
             ("bf16", "tf32", 256, 1, True, True, True), ("fp16", "tf32", 80, 0, True, False, False),
             ("fp32", "ieee", 128, 1, True, True, True)]
 for dt, prec, D, mask_kind, causal, dropout, gate in VARIANTS:
-    fwd_table, bwd_table, _ = f._tables(prec)  # the fixed choices of the dtype's tables
+    fwd_table, bwd_table, kv_table, _ = f._tables(prec)  # the fixed choices of the dtype's tables
     fwd, lf = f._blocks(D, cuda, fwd_table)
     bwd, lb = f._blocks(D, cuda, bwd_table)
+    kv_entries = [f._blocks(D, cuda, kv_table)]  # and the first key-major entry, where the table has one
+    kv_entries += [(dict(BLOCK_D=f._block_d(D), **f._meta(e)), dict(num_warps=e[2], num_stages=e[3]))
+                   for e in kv_table[f._dclass(D)] if e[4]][:1]
     # row-broadcast masks and gates (MASK_N1 / GATE_N1) alternate with full ones across the variants
     common = dict(D=D, MASK_KIND=mask_kind, MASK_N1=D % 128 == 0, CAUSAL=causal, DROPOUT=dropout, PREC=prec)
     # prefix tiles narrower than the key tiles (PW = 16) and as wide (PW = 256, capped at BLOCK_N)
     ks = [build(f._fwd_kernel, dt, dict(common, PW=16 if gate else 256, HAS_GATE=gate, GATE_N1=not causal, **fwd), lf),
           build(f._bwd_q_kernel, dt, dict(common, PW=16, HAS_GATE=gate, GATE_N1=causal, HAS_DLSE=not dropout, **bwd),
                 lb)]
-    for is_prefix in (True, False):
-        ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
-                                                   GATE_N1=not causal, GATE_H1=causal, SPLIT=is_prefix, **bwd), lb))
+    for kv, lk in kv_entries:
+        for is_prefix in (True, False):
+            ks.append(build(f._bwd_kv_kernel, dt, dict(common, IS_PREFIX=is_prefix, HAS_GATE=gate and is_prefix,
+                                                       GATE_N1=not causal, GATE_H1=causal, SPLIT=is_prefix, **kv), lk))
     for k in ks:
         worst = max(worst, k.metadata.shared)
         assert k.metadata.shared <= 227 * 1024, (k.name, dt, D, k.metadata.shared)
@@ -599,25 +674,26 @@ build(f._fwd_kernel, "bf16", dict(D=64, PW=16, MASK_KIND=1, MASK_N1=True, CAUSAL
 bwd, lb = f._blocks(64, cuda, f._BWD_TABLE)
 build(f._bwd_q_kernel, "bf16", dict(D=64, PW=16, MASK_KIND=1, MASK_N1=False, CAUSAL=True, DROPOUT=True,
                                     PREC="tf32", HAS_GATE=True, GATE_N1=True, **bwd, **ones), lb)
+kv, lk = f._blocks(64, cuda, f._KV_TABLE)
 build(f._bwd_kv_kernel, "bf16", dict(D=64, MASK_KIND=1, MASK_N1=True, CAUSAL=True, DROPOUT=True, PREC="tf32",
                                      HAS_GATE=True, IS_PREFIX=True, GATE_N1=True, GATE_H1=True, SPLIT=False, L=1,
-                                     **bwd, **ones), lb)
+                                     **kv, **ones), lk)
 count += 3
 # every autotuning configuration of the two heaviest kernels compiles (bf16, every feature on); float32's
 # (IEEE dots) at head dims 64 and 128, within Hopper's shared memory (the slow 256 class: its fixed choice above)
 dims = {64: 64, 128: 128, 256: 256}
 for dt, prec, classes in (("bf16", "tf32", (64, 128, 256)), ("fp32", "ieee", (64, 128))):
-    fwd_table, bwd_table, _ = f._tables(prec)
+    fwd_table, bwd_table, kv_table, _ = f._tables(prec)
     for table, kern, extra in ((fwd_table, f._fwd_kernel, dict(PW=16)),
-                               (bwd_table, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True, SPLIT=False)),
+                               (kv_table, f._bwd_kv_kernel, dict(IS_PREFIX=False, GATE_H1=True, SPLIT=False)),
                                (f._prefix_table(16, prec), f._bwd_kv_kernel,
                                 dict(IS_PREFIX=True, GATE_H1=True, SPLIT=True))):
         for cls in classes:
-            for m, n, w, st in table[cls]:
-                k = build(kern, dt, dict(D=dims[cls], BLOCK_D=dims[cls], BLOCK_M=m, BLOCK_N=n, MASK_KIND=1,
+            for entry in table[cls]:
+                k = build(kern, dt, dict(D=dims[cls], BLOCK_D=dims[cls], **f._meta(entry), MASK_KIND=1,
                                          MASK_N1=False, CAUSAL=True, DROPOUT=True, PREC=prec, HAS_GATE=True,
-                                         GATE_N1=False, **extra), dict(num_warps=w, num_stages=st))
-                assert prec != "ieee" or k.metadata.shared <= 227 * 1024, (k.name, m, n, w, st, k.metadata.shared)
+                                         GATE_N1=False, **extra), dict(num_warps=entry[2], num_stages=entry[3]))
+                assert prec != "ieee" or k.metadata.shared <= 227 * 1024, (k.name, entry, k.metadata.shared)
                 count += 1
 regs, stack = usage(k)  # the resource report's reading of the last one (an IEEE prefix configuration)
 assert 16 <= regs <= 255 and stack >= 0, (regs, stack)
@@ -628,33 +704,41 @@ print("compiled", count, "max shared", worst, "last", regs, "registers", stack, 
 def test_autotuning_configs_are_pruned_by_head_dim():
     from apt_kernels.attention import fused
 
-    for table, kernel in ((fused._FWD_TABLE, fused._fwd_kernel), (fused._BWD_TABLE, fused._bwd_kv_kernel),
-                          (fused._prefix_table(16), fused._bwd_kv_kernel),
+    for table, kernel in ((fused._FWD_TABLE, fused._fwd_kernel), (fused._BWD_TABLE, fused._bwd_q_kernel),
+                          (fused._KV_TABLE, fused._bwd_kv_kernel), (fused._prefix_table(16), fused._bwd_kv_kernel),
                           (fused._FWD_TABLE_IEEE, fused._fwd_kernel), (fused._BWD_TABLE_IEEE, fused._bwd_q_kernel),
+                          (fused._KV_TABLE_IEEE, fused._bwd_kv_kernel),
                           (fused._prefix_table(32, "ieee"), fused._bwd_kv_kernel)):
         tuned = fused._autotuned(kernel, table)
         tuned.nargs = {}
         for D, cls in ((16, 64), (64, 64), (80, 128), (128, 128), (192, 256), (256, 256)):
             kept = tuned.prune_configs({"D": D})
-            assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] != []
-            assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(table[cls])
+            got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   + ((c.kwargs["KEY_MAJOR"],) if "KEY_MAJOR" in c.kwargs else ()) for c in kept]
+            assert got != [] and set(got) == set(table[cls]) and len(got) == len(table[cls])
+    # the key-side tables hold both orientations where they have tensor-core dots at head dims 64 and 128
+    for table in (fused._KV_TABLE, fused._KV_TABLE_IEEE):
+        for cls in (64, 128):
+            assert {c[4] for c in table[cls]} == {False, True}
 
 
 @pytest.mark.parametrize("dtype,prec", [(torch.float32, "ieee"), (torch.float16, "tf32")])
 def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch, dtype, prec):
-    """The prefix launch of the key-side backward autotunes over its dtype's backward table with key tiles
+    """The prefix launch of the key-side backward autotunes over its dtype's key-side table with key tiles
     clipped to the prefix length's next power of two (at least 16), under its own tag; the token launch
-    over the backward table itself. Float32 (IEEE dots) has tables and autotuners of its own."""
+    over the key-side table itself, the query side over the backward table. Float32 (IEEE dots) has tables
+    and autotuners of its own."""
     from apt_kernels.attention import fused
 
-    fwd_table, bwd_table, tag = fused._tables(prec)
+    fwd_table, bwd_table, kv_table, tag = fused._tables(prec)
     assert (fwd_table is fused._FWD_TABLE_IEEE) == (prec == "ieee") and (bwd_table is fused._BWD_TABLE) == (prec != "ieee")
+    assert kv_table is (fused._KV_TABLE_IEEE if prec == "ieee" else fused._KV_TABLE)
     for width in (16, 32, 64):
         clipped = fused._prefix_table(width, prec)
-        for cls, cfgs in bwd_table.items():
-            assert all(n <= width for _, n, _, _ in clipped[cls])
-            assert {(m, w, st) for m, _, w, st in clipped[cls]} == {(m, w, st) for m, _, w, st in cfgs}
-            assert {(m, min(n, width), w, st) for m, n, w, st in cfgs} == set(clipped[cls])
+        for cls, cfgs in kv_table.items():
+            assert all(n <= width for _, n, _, _, _ in clipped[cls])
+            assert {(m, w, st, km) for m, _, w, st, km in clipped[cls]} == {(m, w, st, km) for m, _, w, st, km in cfgs}
+            assert {(m, min(n, width), w, st, km) for m, n, w, st, km in cfgs} == set(clipped[cls])
     launches = []
     real = fused._launch
     monkeypatch.setattr(fused, "_launch", lambda kernel, table, *a, tag="", **k: launches.append(
@@ -669,7 +753,7 @@ def test_prefix_key_tiles_are_no_wider_than_the_prefix(monkeypatch, dtype, prec)
             ("_fwd_kernel", fwd_table, tag), ("_bwd_q_kernel", bwd_table, tag)]
         kv = [(table, t) for name, table, t in launches if "bwd_kv" in name]
         assert kv == [(fused._prefix_table(width, prec), ",".join(filter(None, (tag, f"prefix<={width}")))),
-                      (bwd_table, tag)]
+                      (kv_table, tag)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an offline sm_90 compile check for the CPU lanes; on a GPU the kernels compile for real")
@@ -687,7 +771,7 @@ def test_kernels_compile_for_sm90():
     if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's NVIDIA toolchain (ptxas) is not available")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "compiled 78 " in res.stdout, res.stdout
+    assert "compiled 98 " in res.stdout, res.stdout
 
 
 def test_double_backward_is_refused():

@@ -391,19 +391,27 @@ def test_kernel_resources_report_walks_each_dtypes_tables(monkeypatch):
     built = []
 
     def fake_build(fn, dt, consts, opts):
-        built.append((fn.__name__, dt, consts["PREC"], consts["BLOCK_M"], consts["BLOCK_N"], opts["num_warps"]))
-        return SimpleNamespace(metadata=SimpleNamespace(shared=1024 * consts["BLOCK_M"] * consts["BLOCK_N"] // 16))
+        built.append((fn.__name__, dt, consts["PREC"], consts["BLOCK_M"], consts["BLOCK_N"], opts["num_warps"],
+                      consts.get("KEY_MAJOR")))
+        return SimpleNamespace(metadata=SimpleNamespace(shared=1024 * consts["BLOCK_M"] * consts["BLOCK_N"] // 16),
+                               asm=dict(ptx="wgmma.mma_async.sync x\nmma.sync.aligned y\nmma.sync.aligned z"))
 
     monkeypatch.setattr(kr, "build", fake_build)
     monkeypatch.setattr(kr, "usage", lambda k: (200, 0 if k.metadata.shared < 300 * 1024 else 64))
     got = list(kr.rows(["fp32", "bf16"], ["enc"]))
-    for dt, prec, (fwd, bwd, _) in (("fp32", "ieee", fused._tables("ieee")), ("bf16", "tf32", fused._tables("tf32"))):
+    for dt, prec, (fwd, bwd, kv, _) in (("fp32", "ieee", fused._tables("ieee")), ("bf16", "tf32", fused._tables("tf32"))):
         mine = [r for r in got if r["dtype"] == dt]
-        for kernel, table in (("fwd", fwd[64]), ("bwd_q", bwd[64]), ("bwd_kv tokens", bwd[64]),
+        for kernel, table in (("fwd", fwd[64]), ("bwd_q", bwd[64]), ("bwd_kv tokens", kv[64]),
                               ("bwd_kv prefix", fused._prefix_table(16, prec)[64])):
             rows = [r for r in mine if r["kernel"] == kernel]
             assert [r["config"] for r in rows] == table and [r["fixed"] for r in rows] == [True] + [False] * (len(table) - 1)
         assert {b[2] for b in built if b[1] == dt} == {prec}
+        # the key-side launches compile in the orientation of each entry; the others have no such constant
+        assert {b[6] for b in built if b[1] == dt and b[0] == "_bwd_kv_kernel"} == {False, True}
+        assert {b[6] for b in built if b[1] == dt and b[0] != "_bwd_kv_kernel"} == {None}
+    assert all(r["mma"] == (1, 2) for r in got)
+    key_major = next(r for r in got if len(r["config"]) > 4 and r["config"][4])
+    assert "key-major" in kr.format_row(key_major) and "wgmma   1 mma.sync   2" in kr.format_row(key_major)
     assert not [r for r in kr.rows(["bf16"], ["enc_plain"]) if r["kernel"] == "bwd_kv prefix"]  # no prefix
     big = next(r for r in got if r["shared"] > kr.SHARED_LIMIT)
     assert _row_shown(kr.format_row(big), big) and "OVER" in kr.format_row(big)
@@ -412,7 +420,7 @@ def test_kernel_resources_report_walks_each_dtypes_tables(monkeypatch):
 
 
 def _row_shown(line: str, row: dict) -> bool:
-    m, n, w, st = row["config"]
+    m, n, w, st = row["config"][:4]
     return f"{m}x{n}" in line and f"w{w} s{st}" in line and f"regs {row['regs']}" in line
 
 

@@ -83,13 +83,37 @@ def _load_rows(base, rows, offs_d, s_row, s_d, row_ok, d_ok):
 
 
 @triton.jit
+def _q_axis(x, KEY_MAJOR: tl.constexpr):
+    """A vector over a score tile's query rows, broadcast along its key axis: (BLOCK_M, 1), or (1, BLOCK_M) in a
+    key-major tile (the key-side backward's, (BLOCK_N, BLOCK_M))."""
+    if KEY_MAJOR:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
+def _k_axis(x, KEY_MAJOR: tl.constexpr):
+    """A vector over a score tile's key columns, broadcast along its query axis: (1, BLOCK_N), or (BLOCK_N, 1)
+    in a key-major tile."""
+    if KEY_MAJOR:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
+
+
+@triton.jit
 def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m, mask_min,
             N, M, qk2, IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
             MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
     """Base-2 scores of a (BLOCK_M, BLOCK_N) tile (``qk2`` is the softmax scale times log2(e): every kernel
     exponentiates with exp2, one multiply fewer per score), -inf where hidden; also the raw scaled dot
-    (base 2 too) and the gate.
+    (base 2 too) and the gate. KEY_MAJOR: the transposed tile, (BLOCK_N, BLOCK_M), as K Q^T (the key-side
+    backward's orientation: its dots then all have the key tile as their rows, with no transposes of
+    register tiles).
     A gate or mask that is the same for every query row (GATE_N1 / MASK_N1: row stride 0, e.g. a (B, M)
     padding mask or a (B, 1, 1, P) gate) is loaded as one row and broadcast: a (BLOCK_M, BLOCK_N) tile of
     addresses would cost registers the dots need (ptxas spills otherwise). Only EDGE tiles (crossing the
@@ -99,26 +123,32 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
     if IS_PREFIX and HAS_GATE and not GATE_N1:
         # loaded before the dot, kept in its dtype until after it: its tile of addresses is dead by then
         # (loaded after, the addresses and the dot's operands were live together: ptxas spilled)
-        g = tl.load(G + gb + gh + offs_m.to(tl.int64)[:, None] * sg_n + offs_n[None, :] * sg_p,
-                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-    raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * qk2
+        g = tl.load(G + gb + gh + _q_axis(offs_m.to(tl.int64) * sg_n, KEY_MAJOR) + _k_axis(offs_n * sg_p, KEY_MAJOR),
+                    mask=_q_axis(m_ok, KEY_MAJOR) & _k_axis(n_ok, KEY_MAJOR), other=0.0)
+    if KEY_MAJOR:
+        raw = tl.dot(k_tile, tl.trans(q), input_precision=PREC) * qk2
+    else:
+        raw = tl.dot(q, tl.trans(k_tile), input_precision=PREC) * qk2
     s = raw
     if IS_PREFIX:
         if HAS_GATE:
             if GATE_N1:
-                g = tl.load(G + gb + gh + offs_n * sg_p, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                g = _k_axis(tl.load(G + gb + gh + offs_n * sg_p, mask=n_ok, other=0.0).to(tl.float32), KEY_MAJOR)
             else:
                 g = g.to(tl.float32)
             s = raw * g
     else:
         if MASK_KIND != 0:
             if MASK_N1:
-                mk = tl.load(Mk + mb + mh + offs_n * sm_m, mask=n_ok, other=1 if MASK_KIND == 1 else 0.0)[None, :]
+                mk = _k_axis(tl.load(Mk + mb + mh + offs_n * sm_m, mask=n_ok, other=1 if MASK_KIND == 1 else 0.0),
+                             KEY_MAJOR)
             else:
                 # int64 rows: a (B, 1, N, M) mask's (N - 1) * M passes 2**31 at N = M = 46342 (long-context
                 # Hugging Face masks that are not plain causal come materialised)
-                mk = tl.load(Mk + mb + mh + offs_m.to(tl.int64)[:, None] * sm_n + offs_n[None, :] * sm_m,
-                             mask=m_ok[:, None] & n_ok[None, :], other=1 if MASK_KIND == 1 else 0.0)
+                mk = tl.load(Mk + mb + mh + _q_axis(offs_m.to(tl.int64) * sm_n, KEY_MAJOR)
+                             + _k_axis(offs_n * sm_m, KEY_MAJOR),
+                             mask=_q_axis(m_ok, KEY_MAJOR) & _k_axis(n_ok, KEY_MAJOR),
+                             other=1 if MASK_KIND == 1 else 0.0)
             if MASK_KIND == 1:
                 s = tl.where(mk != 0, s, float("-inf"))
             else:
@@ -126,9 +156,9 @@ def _scores(q, k_tile, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb
                 sat = tl.where(add < -MASK_LIM, -MASK_LIM, tl.where(add > MASK_LIM, MASK_LIM, add))  # NaN stays
                 s = s + tl.where(add <= mask_min, float("-inf"), sat) * LOG2E
         if CAUSAL and EDGE:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None] + (M - N), s, float("-inf"))
+            s = tl.where(_k_axis(offs_n, KEY_MAJOR) <= _q_axis(offs_m, KEY_MAJOR) + (M - N), s, float("-inf"))
     if EDGE:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        s = tl.where(_k_axis(n_ok, KEY_MAJOR), s, float("-inf"))
     return s, raw, g
 
 
@@ -265,13 +295,13 @@ def _row_stat(Stat, bh, N, offs_m, m_ok):
 
 
 @triton.jit
-def _probs(s2, lse_hi, lse_lo, MASK_KIND: tl.constexpr):
+def _probs(s2, lse_hi, lse_lo, MASK_KIND: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
     """Softmax probabilities of the base-2 score tile s2 given its rows' lse hi + lo: one subtraction (fused
     with the score's scaling where nothing comes between) and one exp2 per score; with a float mask (the only
     way to huge score offsets) a second subtraction, of lo, after hi's exact one."""
     if MASK_KIND == 2:
-        return tl.exp2((s2 - lse_hi[:, None]) - lse_lo[:, None])
-    return tl.exp2(s2 - lse_hi[:, None])
+        return tl.exp2((s2 - _q_axis(lse_hi, KEY_MAJOR)) - _q_axis(lse_lo, KEY_MAJOR))
+    return tl.exp2(s2 - _q_axis(lse_hi, KEY_MAJOR))
 
 
 @triton.jit
@@ -309,10 +339,12 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
                mask_min, seed_lo, seed_hi, keep_thr, inv_keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_PREFIX: tl.constexpr, EDGE: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr,
                MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """dk (unscaled), dv of one key tile accumulated over query tiles lo, lo + BLOCK_M, .. < hi of one query
     head (bases Qh, DOh; row bh of Stat/Delta); for a gated prefix also its dgate, added at ``dg_base``.
-    EDGE: apply the causal select (see ``_scores``)."""
+    EDGE: apply the causal select (see ``_scores``). KEY_MAJOR: the score tiles are (keys, queries), so that
+    dv += P^T dO and dk += dS^T Q take P^T and dS^T as they are (otherwise the (queries, keys) tiles are
+    transposed in registers for those two dots, and their rows are only BLOCK_N = the key tile)."""
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
@@ -322,13 +354,18 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
         s, raw, g = _scores(q, kt, G, offs_m, offs_n, m_ok, n_ok, gb, gh, sg_n, sg_p, Mk, mb, mh, sm_n, sm_m,
                             mask_min, N, M, qk2, IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, EDGE,
-                            PREC)
+                            PREC, KEY_MAJOR)
         # (a prefix launch's rows all see the prefix: no huge offsets, lo is noise there)
-        p = _probs(s, lse_hi, lse_lo, 0 if IS_PREFIX else MASK_KIND)
-        u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
+        p = _probs(s, lse_hi, lse_lo, 0 if IS_PREFIX else MASK_KIND, KEY_MAJOR)
+        if KEY_MAJOR:
+            u = tl.dot(vt, tl.trans(do), input_precision=PREC)  # <v_j, dO_i>
+        else:
+            u = tl.dot(do, tl.trans(vt), input_precision=PREC)  # <dO_i, v_j>
         z = tl.zeros_like(p) + 1.0
         if DROPOUT:
             keep = _dropout_keep(seed_lo, seed_hi, bh, start, col0, 0 if IS_PREFIX else 1, keep_thr, BLOCK_M, BLOCK_N)
+            if KEY_MAJOR:
+                keep = tl.trans(keep)
             z = tl.where(keep, inv_keep, 0.0)
         pz = p * z
         dp = z * u
@@ -336,22 +373,29 @@ def _dkv_tiles(dk, dv, kt, vt, lo, hi, Qh, DOh, G, Mk, DG, sq_n, sq_d, sdo_n, sd
             if HAS_GATE:
                 pz = pz * g
                 dp = dp * g
-        dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        if KEY_MAJOR:
+            dv = tl.dot(pz.to(do.dtype), do, dv, input_precision=PREC)
+        else:
+            dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=PREC)
+        ds = p * (dp - _q_axis(delta, KEY_MAJOR))
         if IS_PREFIX:
             if HAS_GATE:
                 # d out / d G_ij through the score (ds * raw, raw back in natural units) and through the
                 # value (p z <dO, pv>).
                 # Each program owns its (batch, kv head, key tile) slice of the buffer: the
                 # atomics never contend; they only make the read-add-write safe across loops.
-                dgt = tl.where(m_ok[:, None] & n_ok[None, :], ds * (raw * LN2) + p * z * u, 0.0)
+                tile_ok = _q_axis(m_ok, KEY_MAJOR) & _k_axis(n_ok, KEY_MAJOR)
+                dgt = tl.where(tile_ok, ds * (raw * LN2) + p * z * u, 0.0)
                 ds = ds * g
                 if GATE_N1:
-                    tl.atomic_add(DG + dg_base + offs_n * sdg_p, tl.sum(dgt, 0), mask=n_ok)
+                    tl.atomic_add(DG + dg_base + offs_n * sdg_p, tl.sum(dgt, 1 if KEY_MAJOR else 0), mask=n_ok)
                 else:
-                    tl.atomic_add(DG + dg_base + offs_m[:, None] * sdg_n + offs_n[None, :] * sdg_p,
-                                  dgt, mask=m_ok[:, None] & n_ok[None, :])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)  # accumulates in place
+                    tl.atomic_add(DG + dg_base + _q_axis(offs_m * sdg_n, KEY_MAJOR) + _k_axis(offs_n * sdg_p, KEY_MAJOR),
+                                  dgt, mask=tile_ok)
+        if KEY_MAJOR:
+            dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PREC)  # accumulates in place
+        else:
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -365,7 +409,7 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Stat, Delta, DK, DV, DG,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_PREFIX: tl.constexpr, HAS_GATE: tl.constexpr, GATE_N1: tl.constexpr, GATE_H1: tl.constexpr,
                    MASK_KIND: tl.constexpr, MASK_N1: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   PREC: tl.constexpr, SPLIT: tl.constexpr):
+                   PREC: tl.constexpr, SPLIT: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """dK, dV of one key tile (prefix or tokens) of one (batch, kv head); for the prefix also dgate.
     SPLIT (prefix launches only): a program covers one of ``splits`` runs of query tiles and writes its
     partial dK, dV at split stride ``sdk_s``/``sdv_s`` (and a row-shared dgate at ``sdg_s``); the caller
@@ -411,7 +455,8 @@ def _bwd_kv_kernel(Q, K, V, G, Mk, DO, Stat, Delta, DK, DV, DG,
             b * Hq + h, offs_n, offs_d, n_ok,
             d_ok, pid_n * BLOCK_N, N, M, scale * LOG2E, mask_min, seed_lo, seed_hi, keep_thr, inv_keep,
             BLOCK_M, BLOCK_N,
-            IS_PREFIX, CAUSAL and not IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC)
+            IS_PREFIX, CAUSAL and not IS_PREFIX, HAS_GATE, GATE_N1, MASK_KIND, MASK_N1, CAUSAL, DROPOUT, PREC,
+            KEY_MAJOR)
     dk = dk * scale  # once, not per tile: the dot then adds into its accumulator (no extra tile)
     if SPLIT:
         DK += sp * sdk_s
@@ -535,22 +580,56 @@ _FWD_TABLE_IEEE = {64: [(64, 16, 8, 1), (32, 16, 8, 1), (32, 16, 4, 1), (16, 16,
 _BWD_TABLE_IEEE = {64: [(32, 16, 8, 1), (64, 16, 8, 1), (16, 16, 4, 1), (16, 32, 4, 1)],
                    128: [(32, 16, 8, 1), (16, 16, 4, 1), (64, 16, 8, 1), (32, 32, 4, 2)],
                    256: [(32, 16, 8, 1), (16, 16, 4, 1)]}
+# The key-side backward's own tables: the backward's entries, which compute its score tiles as (queries, keys)
+# and transpose P and dS in registers for dV += P^T dO and dK += dS^T Q (last field False), and key-major ones
+# (True): the tiles computed as K Q^T, (keys, queries), so that all four dots take their operands as they
+# are and have the key tile as their rows. Compiled for sm_90 (Triton 3.6), a row dimension of 32 keys
+# cannot use Hopper's warpgroup MMA (64 rows per warpgroup): the backward's fixed choice at head dim 128
+# (64 x 32, 8 warps) issues half of its dots as mma.sync; the key-major 32 x 128 ones issue all four as
+# wgmma, at 244-255 registers and 0-64 bytes of spills per thread at the benchmark feature sets (the
+# FlashAttention-2 Triton tutorial's key-side tiles are 32 x 128 too). Static evidence
+# (`python -m benchmarks.kernel_resources`), not yet timed: the autotuner decides between the two.
+_KEY_MAJOR_EXTRA = {64: [(32, 128, 8, 2), (32, 64, 4, 2)], 128: [(32, 128, 8, 2), (64, 128, 8, 1)], 256: []}
+_KV_TABLE = {cls: [c + (False,) for c in cfgs] + [c + (True,) for c in _KEY_MAJOR_EXTRA[cls]]
+             for cls, cfgs in _BWD_TABLE.items()}
+# IEEE dots (FMA loops) have no row minimum; key-major tiles there compile with fewer spills in some cases
+# (16 x 32, 4 warps: none at head dims 64 and 128, where the query-major one spills 8-216 bytes)
+_KV_TABLE_IEEE = {cls: [c + (False,) for c in cfgs] + ([(16, 32, 4, 1, True)] if cls < 256 else [])
+                  for cls, cfgs in _BWD_TABLE_IEEE.items()}
 _TUNE_KEY = ["D", "PW", "seq_bucket", "CAUSAL", "HAS_GATE", "MASK_KIND", "MASK_N1", "DROPOUT", "IS_PREFIX", "GATE_N1",
              "GATE_H1", "SPLIT"]
 
 
-def _tables(prec: str) -> tuple[dict, dict, str]:
-    """(forward table, backward table, autotuner tag) for the kernels' dot precision."""
-    return (_FWD_TABLE_IEEE, _BWD_TABLE_IEEE, "ieee") if prec == "ieee" else (_FWD_TABLE, _BWD_TABLE, "")
+def _tables(prec: str) -> tuple[dict, dict, dict, str]:
+    """(forward table, query-side backward table, key-side backward table, autotuner tag) for the kernels' dot
+    precision."""
+    if prec == "ieee":
+        return _FWD_TABLE_IEEE, _BWD_TABLE_IEEE, _KV_TABLE_IEEE, "ieee"
+    return _FWD_TABLE, _BWD_TABLE, _KV_TABLE, ""
 
 
 @functools.lru_cache(maxsize=None)
 def _prefix_table(width: int, prec: str = "tf32") -> dict:
-    """The key-side backward's table for prefix tiles: the backward table of ``prec`` with key tiles no
+    """The key-side backward's table for prefix tiles: the key-side table of ``prec`` with key tiles no
     wider than ``width``, the prefix length's next power of two (at least 16). A P = 16 prefix in 64-wide
     tiles would spend 3/4 of that launch on empty columns."""
-    return {cls: list(dict.fromkeys((m, min(n, width), w, st) for m, n, w, st in cfgs))
-            for cls, cfgs in _tables(prec)[1].items()}
+    return {cls: list(dict.fromkeys((m, min(n, width), *rest) for m, n, *rest in cfgs))
+            for cls, cfgs in _tables(prec)[2].items()}
+
+
+def _meta(entry: tuple) -> dict:
+    """The kernel constants of a table entry (BLOCK_M, BLOCK_N, num_warps, num_stages[, KEY_MAJOR])."""
+    meta = dict(BLOCK_M=entry[0], BLOCK_N=entry[1])
+    if len(entry) > 4:
+        meta["KEY_MAJOR"] = entry[4]
+    return meta
+
+
+def _entry(config) -> tuple:
+    """The table entry of an autotuning configuration (the inverse of ``_meta``)."""
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages) + (
+        (kw["KEY_MAJOR"],) if "KEY_MAJOR" in kw else ())
 
 
 def _block_d(D: int) -> int:
@@ -565,12 +644,12 @@ def _dclass(D: int) -> int:
 
 def _blocks(D: int, device: torch.device, table=None):
     """(block sizes, launch options) of the fixed choice: the table's first entry on a GPU, 16 x 16 tiles
-    in the interpreter."""
+    (in the first entry's orientation) in the interpreter."""
     block_d = _block_d(D)
+    entry = (table or _FWD_TABLE)[_dclass(D)][0]
     if not launches.compiled(device):
-        return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16), dict(num_warps=1)
-    m, n, w, st = (table or _FWD_TABLE)[_dclass(D)][0]
-    return dict(BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n), dict(num_warps=w, num_stages=st)
+        return dict(BLOCK_D=block_d, **_meta((16, 16) + entry[2:])), dict(num_warps=1)
+    return dict(BLOCK_D=block_d, **_meta(entry)), dict(num_warps=entry[2], num_stages=entry[3])
 
 
 def _autotuned(kernel, table, reset=()):
@@ -578,10 +657,10 @@ def _autotuned(kernel, table, reset=()):
 
     def prune(configs, nargs, **kwargs):
         want = table[_dclass(kwargs["D"])]
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+        return [c for c in configs if _entry(c) in want]
 
-    return triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                            for m, n, w, st in configs], key=[k for k in _TUNE_KEY if k in kernel.arg_names],
+    return triton.autotune([triton.Config(_meta(c), num_warps=c[2], num_stages=c[3]) for c in configs],
+                           key=[k for k in _TUNE_KEY if k in kernel.arg_names],
                            prune_configs_by={"early_config_prune": prune},
                            reset_to_zero=list(reset))(kernel)
 
@@ -682,7 +761,7 @@ def _attention_forward(q, k, v, pk, pv, gate, mask, causal, scale, dropout_p, se
         lse.fill_(float("-inf"))
         return out, lse, stat
     prec = _precision(q.dtype)
-    table, _, tag = _tables(prec)
+    table, _, _, tag = _tables(prec)
     _launch(_fwd_kernel, table, lambda bm, bn: (cdiv(a.N, bm) * a.B * a.Hq,),
             (q, k, v, a.pk, a.pv, a.gate, a.mask, out, lse, stat,
              *a.q_strides, *a.k_strides, *a.v_strides, *a.pk_strides, *a.pv_strides,
@@ -721,7 +800,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
     dlse = stat if grad_lse is None else grad_lse.float().contiguous()  # a dummy pointer when there is none
     do_strides = _strides(do)
     prec = _precision(q.dtype)
-    _, bwd_table, tag = _tables(prec)
+    _, bwd_table, kv_table, tag = _tables(prec)
     common = dict(D=D, MASK_KIND=a.mask_kind, MASK_N1=a.mask_n1, CAUSAL=causal, DROPOUT=a.dropout, PREC=prec)
     tail = (scale, a.mask_min, a.seed_lo, a.seed_hi, a.keep_thr, a.inv_keep, max(N, M + P))
     width = _prefix_width(P)  # the prefix launch's key tiles: no wider than the prefix
@@ -755,7 +834,7 @@ def _attention_backward(grad_out, grad_lse, q, k, v, pk, pv, gate, mask, out, st
         # prefix: the (splits, B, Hkv, P, D) partials; tokens: dk, dv themselves (split stride 0)
         DKt, DVt = (dpk_parts, dpv_parts) if is_prefix else (dk.unsqueeze(0), dv.unsqueeze(0))
         n_split = splits if is_prefix else 1
-        table, kv_tag = prefix_table if is_prefix else (bwd_table, tag)
+        table, kv_tag = prefix_table if is_prefix else (kv_table, tag)
         with torch.cuda.stream(side) if is_prefix and side is not None else contextlib.nullcontext():
             _launch(_bwd_kv_kernel, table,
                     lambda bm, bn, L=L, n_split=n_split: (n_split * cdiv(L, bn) * B * Hkv,),
