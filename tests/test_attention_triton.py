@@ -326,15 +326,15 @@ def test_dropout_is_seeded_statistical_and_differentiable():
 @pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
 @pytest.mark.parametrize("case", [
     dict(gate="token", mask="bool", causal=False, P=5),
-    dict(gate="example", mask="float", causal=True, P=20),
+    dict(gate="example", mask="float", causal=True, P=20, splits=3),
     dict(gate="full", mask="bool", causal=True, P=5, dropout=0.3),
-    dict(gate="example", mask="bool", causal=False, P=20, dropout=0.3),
+    dict(gate="example", mask="bool", causal=False, P=20, dropout=0.3, splits=3),
     dict(gate="none", mask="float", causal=False, P=None),
 ])
 def test_key_side_orientations_agree(monkeypatch, tiles, case):
     """The key-side backward computes its score tiles as (queries, keys) or, KEY_MAJOR, as (keys, queries)
-    (the autotuner picks per shape on a GPU): every gate form, mask, causality, GQA, prefix splits and dropout
-    through both, with key and query tiles of different sizes (16 x 16 tiles would hide a swapped axis).
+    (the autotuner picks per shape on a GPU): every gate form, mask, causality, GQA, the prefix launch split
+    over query tiles and dropout through both, with key and query tiles of different sizes (16 x 16 tiles would hide a swapped axis).
     Without dropout each against the float64 reference (the error budget); with dropout the two orientations
     against each other (the keep bits regenerated transposed: a wrong one changes the gradients at O(1))."""
     from apt_kernels.attention import fused
@@ -342,6 +342,7 @@ def test_key_side_orientations_agree(monkeypatch, tiles, case):
     real = fused._blocks
     case = dict(case)
     dropout, causal = case.pop("dropout", 0.0), case.pop("causal")
+    monkeypatch.setattr(fused, "PREFIX_SPLITS", case.pop("splits", None))  # the prefix launch split over query tiles
     mask_kind, gate, P = case.pop("mask"), case.pop("gate"), case.pop("P")
     tensors, am = make_inputs(B=2, Hq=4, Hkv=2, N=19, M=37, D=24, P=P, gate=gate, mask=mask_kind,
                               dtype=torch.float64)
