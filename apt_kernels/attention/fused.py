@@ -564,8 +564,12 @@ def _strides(t: torch.Tensor | None, ndim: int = 4):
 _FWD_TABLE = {64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
               128: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
               256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]}
-_BWD_TABLE = {64: [(32, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-              128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)],
+# The query-side backward's (the key side has its own tables below). The last entry of the 64 and 128 classes,
+# 128 query rows by 32 keys on 8 warps (the FlashAttention-2 Triton tutorial's dq tiles), compiles for sm_90
+# to all-wgmma dots without spills: 124 registers at the BERT feature set (two blocks per SM), 255 at the
+# decoder's; added after the H200 run, not yet timed.
+_BWD_TABLE = {64: [(32, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+              128: [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
               256: [(64, 16, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]}
 # For float32's IEEE dots, which Triton lowers to FMA loops holding a whole reduction row of an operand
 # per thread: the tiles above compile for sm_90 to 255 registers and 0.5-16 KB of spills per thread
@@ -580,7 +584,8 @@ _FWD_TABLE_IEEE = {64: [(64, 16, 8, 1), (32, 16, 8, 1), (32, 16, 4, 1), (16, 16,
 _BWD_TABLE_IEEE = {64: [(32, 16, 8, 1), (64, 16, 8, 1), (16, 16, 4, 1), (16, 32, 4, 1)],
                    128: [(32, 16, 8, 1), (16, 16, 4, 1), (64, 16, 8, 1), (32, 32, 4, 2)],
                    256: [(32, 16, 8, 1), (16, 16, 4, 1)]}
-# The key-side backward's own tables: the backward's entries, which compute its score tiles as (queries, keys)
+# The key-side backward's own tables: the entries it shared with the query side until the H200 run (the
+# backward table then, first entry the fixed choice), which compute its score tiles as (queries, keys)
 # and transpose P and dS in registers for dV += P^T dO and dK += dS^T Q (last field False), and key-major ones
 # (True): the tiles computed as K Q^T, (keys, queries), so that all four dots take their operands as they
 # are and have the key tile as their rows. Compiled for sm_90 (Triton 3.6), a row dimension of 32 keys
@@ -589,9 +594,11 @@ _BWD_TABLE_IEEE = {64: [(32, 16, 8, 1), (64, 16, 8, 1), (16, 16, 4, 1), (16, 32,
 # wgmma, at 244-255 registers and 0-64 bytes of spills per thread at the benchmark feature sets (the
 # FlashAttention-2 Triton tutorial's key-side tiles are 32 x 128 too). Static evidence
 # (`python -m benchmarks.kernel_resources`), not yet timed: the autotuner decides between the two.
-_KEY_MAJOR_EXTRA = {64: [(32, 128, 8, 2), (32, 64, 4, 2)], 128: [(32, 128, 8, 2), (64, 128, 8, 1)], 256: []}
-_KV_TABLE = {cls: [c + (False,) for c in cfgs] + [c + (True,) for c in _KEY_MAJOR_EXTRA[cls]]
-             for cls, cfgs in _BWD_TABLE.items()}
+_KV_TABLE = {64: [(32, 64, 4, 2, False), (64, 64, 4, 2, False), (64, 32, 4, 2, False), (128, 64, 8, 2, False),
+                   (32, 128, 8, 2, True), (32, 64, 4, 2, True)],
+             128: [(64, 32, 8, 1, False), (64, 64, 8, 1, False), (32, 32, 4, 2, False), (64, 32, 4, 2, False),
+                   (32, 128, 8, 2, True), (64, 128, 8, 1, True)],
+             256: [(64, 16, 8, 1, False), (32, 32, 8, 1, False), (32, 16, 4, 1, False)]}
 # IEEE dots (FMA loops) have no row minimum; key-major tiles there compile with fewer spills in some cases
 # (16 x 32, 4 warps: none at head dims 64 and 128, where the query-major one spills 8-216 bytes)
 _KV_TABLE_IEEE = {cls: [c + (False,) for c in cfgs] + ([(16, 32, 4, 1, True)] if cls < 256 else [])
