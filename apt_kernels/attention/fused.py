@@ -96,12 +96,8 @@ def _q_axis(x, KEY_MAJOR: tl.constexpr):
 @triton.jit
 def _k_axis(x, KEY_MAJOR: tl.constexpr):
     """A vector over a score tile's key columns, broadcast along its query axis: (1, BLOCK_N), or (BLOCK_N, 1)
-    in a key-major tile."""
-    if KEY_MAJOR:
-        y = x[:, None]
-    else:
-        y = x[None, :]
-    return y
+    in a key-major tile (the other axis of ``_q_axis``)."""
+    return _q_axis(x, not KEY_MAJOR)
 
 
 @triton.jit
